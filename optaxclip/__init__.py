@@ -1,0 +1,38 @@
+"""optaxclip: robust, observable and adaptive gradient clipping for JAX and Optax."""
+
+from optaxclip._block import (
+    ClipByBlockNormState,
+    ClipByBlockRmsState,
+    clip_by_block_norm,
+    clip_by_block_rms,
+)
+from optaxclip._diagnose import Diagnosis, diagnose
+from optaxclip._global import (
+    ClipByGlobalNormState,
+    clip_by_global_norm,
+    clip_tree_by_global_norm,
+)
+from optaxclip._norms import block_norms, global_norm, unitwise_norm
+from optaxclip._stats import ClipStats, stats
+from optaxclip._value import ClipByValueState, clip_by_value
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClipByBlockNormState",
+    "ClipByBlockRmsState",
+    "ClipByValueState",
+    "clip_by_block_norm",
+    "clip_by_block_rms",
+    "clip_by_value",
+    "ClipByGlobalNormState",
+    "ClipStats",
+    "Diagnosis",
+    "diagnose",
+    "block_norms",
+    "clip_by_global_norm",
+    "clip_tree_by_global_norm",
+    "global_norm",
+    "stats",
+    "unitwise_norm",
+]

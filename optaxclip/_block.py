@@ -1,0 +1,205 @@
+"""Per-block clipping: each leaf (a weight matrix, a bias) is clipped on its own."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optaxclip import _stats
+from optaxclip._global import scale_leaf
+from optaxclip._norms import AxisName, Sharded, _flags_for, _leaf_and_global_norms, _vector_norm
+from optaxclip._stats import ClipStats
+from optaxclip._validation import check_float_leaves, check_threshold, threshold_at
+
+__all__ = [
+    "ClipByBlockNormState",
+    "ClipByBlockRmsState",
+    "clip_by_block_norm",
+    "clip_by_block_rms",
+    "clip_blocks",
+]
+
+
+def clip_blocks(
+    updates: Any,
+    bounds_for: Any,
+    prev: ClipStats,
+    threshold: jax.Array,
+    *,
+    axis_name: AxisName = None,
+    sharded: Sharded = None,
+) -> tuple[Any, ClipStats, jax.Array]:
+    """Scales each leaf so that its L2 norm is at most its bound.
+
+    Args:
+      updates: the pytree of updates.
+      bounds_for: ``(leaf_norms, leaves) -> per-leaf bounds`` (a vector).
+      prev: the statistics so far.
+      threshold: the value recorded as ``ClipStats.threshold``.
+      axis_name: mapped axis over which sharded leaves' norms are summed.
+      sharded: which leaves are sharded along ``axis_name``.
+
+    Returns:
+      ``(clipped updates, new stats, per-leaf norms after clipping)``. A leaf whose norm
+      is NaN/inf is left as it is.
+    """
+    check_float_leaves(updates)
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    leaf_norms, norm = _leaf_and_global_norms(
+        leaves, axis_name=axis_name, flags=_flags_for(updates, sharded)
+    )
+    if not leaves:
+        new_stats = _stats.record(
+            prev, norm=norm, clipped_norm=norm, threshold=threshold, clipped=False
+        )
+        return updates, new_stats, leaf_norms
+    bounds = jnp.asarray(bounds_for(leaf_norms, leaves), leaf_norms.dtype)
+    over = jnp.isfinite(leaf_norms) & (leaf_norms > bounds)
+    scales = jnp.where(over, bounds / jnp.where(over, leaf_norms, 1), 1)
+    new_leaves = [scale_leaf(x, scales[i]) for i, x in enumerate(leaves)]
+    out_norms = leaf_norms * scales
+    new_stats = _stats.record(
+        prev,
+        norm=norm,
+        clipped_norm=_vector_norm(out_norms),
+        threshold=threshold,
+        clipped=jnp.any(over),
+    )
+    return jax.tree_util.tree_unflatten(treedef, new_leaves), new_stats, out_norms
+
+
+class ClipByBlockNormState(NamedTuple):
+    """State of :func:`clip_by_block_norm`: only its statistics."""
+
+    stats: ClipStats
+
+
+def clip_by_block_norm(
+    max_norm: Any, *, axis_name: AxisName = None, sharded: Sharded = None
+) -> optax.GradientTransformationExtraArgs:
+    """Caps the L2 norm of each leaf at ``max_norm`` (Keras ``clipnorm``).
+
+    Each leaf ``g_i`` becomes ``g_i * min(1, max_norm / ||g_i||)``: a leaf whose
+    gradient explodes is brought back without shrinking the others. Norms are
+    measured as robustly as :func:`optaxclip.global_norm`; a leaf whose norm is
+    NaN/inf is returned unchanged (and the step counted in ``nonfinite_count``).
+
+    Args:
+      max_norm: the largest L2 norm let through for each leaf: a non-negative scalar or
+        an ``optax.Schedule`` evaluated at this transform's step count.
+      axis_name: inside ``shard_map``/``pmap``, the axis over which sharded leaves are
+        split, so each leaf's norm is that of the whole logical leaf.
+      sharded: which leaves are sharded along ``axis_name``; default all.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state carries a
+      :class:`ClipStats` (``threshold`` is ``max_norm``; ``clipped`` is True when any
+      leaf was scaled).
+
+    References:
+      Pascanu et al., `On the difficulty of training recurrent neural networks
+      <https://arxiv.org/abs/1211.5063>`_, 2013; Chollet et al., Keras optimizers'
+      ``clipnorm`` argument, https://keras.io/api/optimizers/.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip
+      >>> tx = optaxclip.clip_by_block_norm(1.0)
+      >>> grads = {"big": jnp.array([3.0, 4.0]), "small": jnp.array([0.3, 0.4])}
+      >>> clipped, _ = tx.update(grads, tx.init(grads))
+      >>> print(clipped["big"], clipped["small"])
+      [0.6 0.8] [0.3 0.4]
+    """
+    check_threshold("max_norm", max_norm)
+
+    def init_fn(params):
+        del params
+        return ClipByBlockNormState(stats=_stats.init_stats())
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        limit = threshold_at(max_norm, state.stats.count)
+        updates, new_stats, _ = clip_blocks(
+            updates,
+            lambda norms, leaves: jnp.broadcast_to(limit, norms.shape),
+            state.stats,
+            limit,
+            axis_name=axis_name,
+            sharded=sharded,
+        )
+        return updates, ClipByBlockNormState(stats=new_stats)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class ClipByBlockRmsState(NamedTuple):
+    """State of :func:`clip_by_block_rms`: only its statistics."""
+
+    stats: ClipStats
+
+
+def clip_by_block_rms(
+    threshold: Any, *, axis_name: AxisName = None, sharded: Sharded = None
+) -> optax.GradientTransformationExtraArgs:
+    """Caps the root-mean-square of each leaf at ``threshold``.
+
+    Each leaf ``g_i`` with ``n_i`` elements becomes ``g_i / max(1, rms_i / threshold)``
+    where ``rms_i = ||g_i|| / sqrt(n_i)``: the same results as
+    ``optax.clip_by_block_rms``, but with robust norms, no NaN for a zero leaf with
+    ``threshold=0``, and statistics. The RMS makes one bound fit leaves of any size.
+
+    Args:
+      threshold: the largest RMS let through for each leaf: a non-negative scalar or an
+        ``optax.Schedule`` evaluated at this transform's step count.
+      axis_name: inside ``shard_map``/``pmap``, the axis over which sharded leaves are
+        split (the RMS is that of the whole logical leaf).
+      sharded: which leaves are sharded along ``axis_name``; default all. With
+        ``axis_name``, the element count of a sharded leaf is its local size times the
+        axis size.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state carries a
+      :class:`ClipStats` (``threshold`` is the RMS bound).
+
+    References:
+      Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
+      <https://arxiv.org/abs/1804.04235>`_, 2018 (update clipping by block RMS).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip
+      >>> tx = optaxclip.clip_by_block_rms(1.0)
+      >>> grads = {"w": jnp.array([4.0, 4.0, 4.0, 4.0])}  # rms 4
+      >>> clipped, _ = tx.update(grads, tx.init(grads))
+      >>> print(clipped["w"])
+      [1. 1. 1. 1.]
+    """
+    check_threshold("threshold", threshold)
+
+    def init_fn(params):
+        del params
+        return ClipByBlockRmsState(stats=_stats.init_stats())
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        limit = threshold_at(threshold, state.stats.count)
+        flags = _flags_for(updates, sharded)
+
+        def bounds(norms, leaves):
+            sizes = []
+            for x, flag in zip(leaves, flags, strict=True):
+                n = jnp.asarray(x.size, norms.dtype)
+                if axis_name is not None and flag:
+                    n = n * jax.lax.psum(1, axis_name)
+                sizes.append(n)
+            return limit.astype(norms.dtype) * jnp.sqrt(jnp.stack(sizes))
+
+        updates, new_stats, _ = clip_blocks(
+            updates, bounds, state.stats, limit, axis_name=axis_name, sharded=sharded
+        )
+        return updates, ClipByBlockRmsState(stats=new_stats)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

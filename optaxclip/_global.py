@@ -1,0 +1,224 @@
+"""Clipping by global norm (Pascanu et al. 2013), and the mechanics shared with the
+adaptive transforms that end in a global-norm clip (AutoClip, ZClip)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optaxclip import _stats
+from optaxclip._norms import AxisName, Sharded, _flags_for, _leaf_and_global_norms
+from optaxclip._stats import ClipStats
+from optaxclip._validation import (
+    check_choice,
+    check_float_leaves,
+    check_threshold,
+    threshold_at,
+)
+
+__all__ = ["ClipByGlobalNormState", "clip_by_global_norm", "clip_tree_by_global_norm"]
+
+NONFINITE_POLICIES = ("propagate", "zero", "error")
+
+
+def scale_leaf(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """``x * scale`` keeping x's dtype; half-precision leaves multiply in float32.
+
+    A float32 scalar never turns into inf or 0 when cast to fp16 first, which is how
+    Optax zeroes fp16 leaves whose tree has a norm above 65504.
+    """
+    info = jnp.finfo(x.dtype)
+    if info.bits >= 32:
+        return x * scale.astype(info.dtype)
+    return (x.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def scale_for(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(scale, over)``: scale = min(1, threshold / norm), 1 for a NaN/inf or zero norm."""
+    over = jnp.isfinite(norm) & (norm > threshold)
+    safe_norm = jnp.where(over, norm, 1)
+    return jnp.where(over, threshold.astype(norm.dtype) / safe_norm, 1).astype(norm.dtype), over
+
+
+def _raise_nonfinite(who: str, step: Any, norm: Any) -> None:
+    raise FloatingPointError(
+        f"optaxclip.{who}: the gradient's global norm is {float(norm)} at step {int(step)} "
+        "(count from 1). Use nonfinite='propagate' or 'zero', or wrap the optimizer in "
+        "optaxclip.skip_nonfinite, to train through such steps."
+    )
+
+
+def check_finite_at_runtime(who: str, finite: jax.Array, step: jax.Array, norm: jax.Array):
+    """Raises (from inside ``jit``) when ``finite`` is False; free when it is True."""
+    jax.lax.cond(
+        finite,
+        lambda: None,
+        lambda: jax.debug.callback(
+            lambda s, n: _raise_nonfinite(who, s, n), step, norm, ordered=False
+        ),
+    )
+
+
+def clip_with_threshold(
+    updates: Any,
+    norm: jax.Array,
+    threshold: jax.Array,
+    prev: ClipStats,
+    *,
+    nonfinite: str,
+    who: str,
+) -> tuple[Any, ClipStats]:
+    """Scales ``updates`` (whose global norm is ``norm``) down to ``threshold``.
+
+    Applies the ``nonfinite`` policy and records the step in a new ClipStats. The norm
+    is taken as given: this function never reads the updates to measure them again.
+    """
+    finite = jnp.isfinite(norm)
+    scale, over = scale_for(norm, threshold)
+    if nonfinite == "zero":
+        updates = jax.tree.map(
+            lambda x: jnp.where(finite, scale_leaf(x, scale), jnp.zeros_like(x)), updates
+        )
+        clipped = over | ~finite
+        clipped_norm = jnp.where(finite, norm * scale, 0)
+    else:
+        updates = jax.tree.map(lambda x: scale_leaf(x, scale), updates)
+        clipped = over
+        clipped_norm = norm * scale
+        if nonfinite == "error":
+            check_finite_at_runtime(who, finite, prev.count + 1, norm)
+    new_stats = _stats.record(
+        prev, norm=norm, clipped_norm=clipped_norm, threshold=threshold, clipped=clipped
+    )
+    return updates, new_stats
+
+
+def measure(tree: Any, axis_name: AxisName = None, sharded: Sharded = None) -> jax.Array:
+    """Global norm of the updates after checking that every leaf is floating point."""
+    check_float_leaves(tree)
+    leaves = jax.tree_util.tree_leaves(tree)
+    _, norm = _leaf_and_global_norms(leaves, axis_name=axis_name, flags=_flags_for(tree, sharded))
+    return norm
+
+
+class ClipByGlobalNormState(NamedTuple):
+    """State of :func:`clip_by_global_norm`: only its statistics."""
+
+    stats: ClipStats
+
+
+def clip_by_global_norm(
+    max_norm: Any,
+    *,
+    nonfinite: str = "propagate",
+    axis_name: AxisName = None,
+    sharded: Sharded = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Rescales the updates so that their global L2 norm is at most ``max_norm``.
+
+    The update ``g`` becomes ``g * min(1, max_norm / ||g||)``: the direction is kept
+    and only its length shrinks. The norm is measured robustly (see
+    :func:`optaxclip.global_norm`) and the scaling is one float32 multiply per element,
+    so fp16 gradients above 256, float32 gradients above 1e19, bf16 trees with
+    thousands of leaves and mixed-dtype trees are clipped correctly where
+    ``optax.clip_by_global_norm`` returns zeros or a wrong scale. A zero norm gives
+    scale 1 (never NaN), including with ``max_norm=0``. Each leaf keeps its dtype.
+
+    Args:
+      max_norm: the largest global norm let through: a non-negative scalar or an
+        ``optax.Schedule`` evaluated at this transform's step count.
+      nonfinite: what to do when the norm is NaN or inf. ``"propagate"`` returns the
+        updates unchanged (the NaN/inf stays in its own leaf and no other leaf is
+        touched); ``"zero"`` returns zeros; ``"error"`` raises from inside ``jit`` with a
+        message naming the step. Every such step is counted in ``nonfinite_count``.
+      axis_name: inside ``shard_map``/``pmap``, the mapped axis over which the norm
+        is summed (see :func:`optaxclip.global_norm`).
+      sharded: which leaves are sharded along ``axis_name``; default all.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state carries a
+      :class:`ClipStats`.
+
+    References:
+      Pascanu et al., `On the difficulty of training recurrent neural networks
+      <https://arxiv.org/abs/1211.5063>`_, 2013.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip
+      >>> tx = optaxclip.clip_by_global_norm(1.0)
+      >>> grads = {"w": jnp.array([3.0, 4.0])}
+      >>> clipped, state = tx.update(grads, tx.init(grads))
+      >>> print(clipped["w"])
+      [0.6 0.8]
+      >>> half = [jnp.array([300.0, 1.0], jnp.float16)]  # Optax returns zeros here
+      >>> print(tx.update(half, tx.init(half))[0][0])
+      [1.       0.003334]
+    """
+    check_threshold("max_norm", max_norm)
+    check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+
+    def init_fn(params):
+        del params
+        return ClipByGlobalNormState(stats=_stats.init_stats())
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        norm = measure(updates, axis_name, sharded)
+        threshold = threshold_at(max_norm, state.stats.count)
+        updates, new_stats = clip_with_threshold(
+            updates, norm, threshold, state.stats, nonfinite=nonfinite, who="clip_by_global_norm"
+        )
+        return updates, ClipByGlobalNormState(stats=new_stats)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def clip_tree_by_global_norm(
+    tree: Any, max_norm: Any, norm: jax.Array | None = None
+) -> tuple[Any, jax.Array]:
+    """Scales a pytree so that its global L2 norm is at most ``max_norm``.
+
+    The functional form of :func:`clip_by_global_norm`, for code outside an Optax
+    chain: per-example clipping under ``jax.vmap`` (DP-SGD), custom training loops.
+    A NaN/inf norm gives scale 1 (the tree is returned unchanged).
+
+    Args:
+      tree: a pytree of floating point or complex arrays.
+      max_norm: the largest global norm let through (non-negative scalar).
+      norm: the tree's global norm if the caller already has it (saves a pass);
+        computed with :func:`optaxclip.global_norm` when None.
+
+    Returns:
+      ``(clipped_tree, scale)`` where ``scale = min(1, max_norm / norm)`` is a scalar.
+
+    References:
+      Pascanu et al., `On the difficulty of training recurrent neural networks
+      <https://arxiv.org/abs/1211.5063>`_, 2013; Abadi et al., `Deep Learning with
+      Differential Privacy <https://arxiv.org/abs/1607.00133>`_, 2016 (per-example use).
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import optaxclip
+      >>> tree, scale = optaxclip.clip_tree_by_global_norm({"a": jnp.array([6.0, 8.0])}, 5.0)
+      >>> print(tree["a"], scale)
+      [3. 4.] 0.5
+      >>> per_example = jnp.array([[3.0, 4.0], [0.3, 0.4]])
+      >>> clipped, scales = jax.vmap(lambda g: optaxclip.clip_tree_by_global_norm(g, 1.0))(
+      ...     per_example)
+      >>> print(clipped)
+      [[0.6 0.8]
+       [0.3 0.4]]
+    """
+    check_threshold("max_norm", max_norm)
+    if norm is None:
+        norm = measure(tree)
+    else:
+        check_float_leaves(tree)
+        norm = jnp.asarray(norm)
+    scale, _ = scale_for(norm, jnp.asarray(max_norm, jnp.float32))
+    return jax.tree.map(lambda x: scale_leaf(x, scale), tree), scale

@@ -1,0 +1,156 @@
+"""Argument validation and threshold reading shared by every transform.
+
+Concrete hyperparameters are checked when a transform is built, so a bad value fails
+at the line that wrote it, not deep inside XLA. Traced values (a transform rebuilt
+inside ``optax.inject_hyperparams`` under ``jit``) cannot be checked and pass through.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ThresholdLike = Any  # float | Array | optax.Schedule
+
+
+def is_concrete(value: Any) -> bool:
+    """True when ``value`` is a Python/NumPy scalar or a non-traced JAX array."""
+    if isinstance(value, jax.core.Tracer):
+        return False
+    return isinstance(value, (int, float, np.ndarray, np.generic, jax.Array))
+
+
+def _as_float(name: str, value: Any) -> float | None:
+    """The float value of a concrete scalar argument, or None when it is traced."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got the bool {value!r}.")
+    if not is_concrete(value):
+        return None
+    arr = np.asarray(value)
+    if arr.ndim != 0:
+        raise ValueError(f"{name} must be a scalar, got an array of shape {arr.shape}.")
+    # jnp.issubdtype also knows bfloat16 (inject_hyperparams may hand one over).
+    if not jnp.issubdtype(arr.dtype, jnp.number) or jnp.issubdtype(arr.dtype, jnp.complexfloating):
+        raise TypeError(f"{name} must be a real number, got {value!r}.")
+    return float(arr)
+
+
+def check_threshold(name: str, value: ThresholdLike, *, allow_none: bool = False) -> None:
+    """Rejects a negative or NaN threshold; schedules and traced values pass.
+
+    Args:
+      name: the argument's name, used in the error message.
+      value: a scalar, a traced value, an ``optax.Schedule`` or (if allowed) None.
+      allow_none: whether None (meaning "no threshold") is accepted.
+    """
+    if value is None:
+        if allow_none:
+            return
+        raise ValueError(f"{name} must be a non-negative number or a schedule, got None.")
+    if callable(value) and not is_concrete(value):
+        return
+    x = _as_float(name, value)
+    if x is None:
+        return
+    if math.isnan(x) or x < 0:
+        raise ValueError(
+            f"{name} must be a non-negative number (or an optax schedule), got {value!r}."
+        )
+
+
+def check_range(
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Rejects a concrete scalar outside ``[low, high]`` (ends open where asked)."""
+    x = _as_float(name, value)
+    if x is None:
+        return
+    too_low = x <= low if low_open else x < low
+    too_high = x >= high if high_open else x > high
+    if math.isnan(x) or too_low or too_high:
+        interval = ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}.")
+
+
+def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    """Rejects anything but a positive (or, if allowed, zero) Python/NumPy integer."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}.")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {bound} integer, got {value!r}.")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """Rejects a string option that is not one of ``choices``."""
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {options}, got {value!r}.")
+
+
+def check_float_leaves(tree: Any, what: str = "updates") -> None:
+    """Raises TypeError naming the first leaf whose dtype is not floating or complex.
+
+    Runs at trace time on static dtypes, so it costs nothing in the compiled step.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            where = jax.tree_util.keystr(path) or "<root>"
+            raise TypeError(
+                f"{what} leaf {where} has dtype {dtype}; gradient clipping needs floating "
+                "point or complex leaves. Cast it, or leave it out of the optimized tree "
+                "(optax.masked / optax.set_to_zero)."
+            )
+
+
+def threshold_at(value: ThresholdLike, count: jax.Array) -> jax.Array:
+    """The threshold in force at step ``count`` as a float32 scalar.
+
+    A callable is an ``optax.Schedule`` evaluated at the transform's own count.
+    """
+    if callable(value) and not is_concrete(value):
+        value = value(count)
+    return jnp.asarray(value, dtype=jnp.float32)
+
+
+def resolve_per_leaf(option: Any, tree: Any, name: str, default: Any) -> list[Any]:
+    """Expands a per-leaf option into one value per leaf of ``tree``.
+
+    ``option`` is None (``default`` everywhere), a plain value shared by every leaf, a
+    callable ``(path, leaf) -> value``, or a pytree whose structure is a prefix of
+    ``tree`` (each of its leaves covers the subtree beneath it).
+    """
+    with_path = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if option is None:
+        return [default] * len(with_path)
+    if callable(option):
+        return [option(path, leaf) for path, leaf in with_path]
+    if isinstance(option, (bool, int, np.integer, np.bool_)):
+        return [option] * len(with_path)
+    try:
+        subtrees = jax.tree_util.tree_structure(option).flatten_up_to(tree)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"{name} must be a value, a callable (path, leaf) -> value, or a pytree "
+            f"matching the structure of the updates: {err}"
+        ) from err
+    values = jax.tree_util.tree_leaves(option)
+    out: list[Any] = []
+    for value, subtree in zip(values, subtrees, strict=True):
+        out.extend([value] * len(jax.tree_util.tree_leaves(subtree)))
+    return out
+
+
+Schedule = Callable[[jax.Array], jax.Array]

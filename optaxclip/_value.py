@@ -1,0 +1,95 @@
+"""Clipping each element by value."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optaxclip import _stats
+from optaxclip._global import measure
+from optaxclip._norms import _leaf_and_global_norms
+from optaxclip._stats import ClipStats
+from optaxclip._validation import check_threshold, threshold_at
+
+__all__ = ["ClipByValueState", "clip_by_value"]
+
+
+class ClipByValueState(NamedTuple):
+    """State of :func:`clip_by_value`: only its statistics."""
+
+    stats: ClipStats
+
+
+def _clip_leaf(x: jax.Array, limit: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(clipped x, whether any element was over the limit)``."""
+    if jnp.iscomplexobj(x):
+        # Cap the magnitude and keep the phase.
+        real = jnp.finfo(x.dtype).dtype
+        mag = jnp.abs(x)
+        lim = limit.astype(real)
+        over = mag > lim
+        factor = jnp.where(over, lim / jnp.where(over, mag, 1), 1)
+        return x * factor, jnp.any(over)
+    lim = limit.astype(x.dtype)
+    return jnp.clip(x, -lim, lim), jnp.any(jnp.abs(x) > lim)
+
+
+def clip_by_value(max_delta: Any) -> optax.GradientTransformationExtraArgs:
+    """Clamps every element of the updates to ``[-max_delta, max_delta]``.
+
+    Unlike norm clipping this bends the update's direction: large components are cut
+    while small ones pass, so use it when individual coordinates, not the whole step,
+    are the problem. Results equal ``optax.clip`` for real leaves. For complex leaves
+    the magnitude is capped at ``max_delta`` and the phase kept. The limit is cast to
+    each leaf's dtype, so a bf16 leaf is clamped at the bf16 value nearest
+    ``max_delta``. NaN elements stay NaN, in their own leaf.
+
+    Args:
+      max_delta: the largest magnitude let through for each element: a non-negative
+        scalar or an ``optax.Schedule`` evaluated at this transform's step count.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state carries a
+      :class:`ClipStats` (``norm`` and ``clipped_norm`` are global norms before and
+      after; ``clipped`` says whether any element was clamped).
+
+    References:
+      Mikolov, `Statistical Language Models Based on Neural Networks
+      <https://www.fit.vut.cz/study/phd-thesis-file/283/283.pdf>`_, 2012 (value
+      clipping); Pascanu et al., `On the difficulty of training recurrent neural
+      networks <https://arxiv.org/abs/1211.5063>`_, 2013 (why norm clipping keeps the
+      direction).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip
+      >>> tx = optaxclip.clip_by_value(1.0)
+      >>> grads = {"w": jnp.array([3.0, -0.5, -2.0])}
+      >>> clipped, state = tx.update(grads, tx.init(grads))
+      >>> print(clipped["w"], bool(state.stats.clipped))
+      [ 1.  -0.5 -1. ] True
+    """
+    check_threshold("max_delta", max_delta)
+
+    def init_fn(params):
+        del params
+        return ClipByValueState(stats=_stats.init_stats())
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        norm = measure(updates)
+        limit = threshold_at(max_delta, state.stats.count)
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        results = [_clip_leaf(x, limit) for x in leaves]
+        new_leaves = [r[0] for r in results]
+        clipped = jnp.any(jnp.stack([r[1] for r in results])) if results else jnp.array(False)
+        _, clipped_norm = _leaf_and_global_norms(new_leaves)
+        new_stats = _stats.record(
+            state.stats, norm=norm, clipped_norm=clipped_norm, threshold=limit, clipped=clipped
+        )
+        return jax.tree_util.tree_unflatten(treedef, new_leaves), ClipByValueState(new_stats)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,29 @@
+"""Independent float64 NumPy references shared by the tests."""
+
+import jax
+import numpy as np
+
+
+def np64(x):
+    """A leaf as a float64 (complex128 for complex) NumPy array."""
+    x = np.asarray(jax.device_get(x))
+    return x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
+
+
+def norm64(tree):
+    """Global L2 norm in float64, computed without any optaxclip code."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return float(np.sqrt(sum(np.sum(np.abs(np64(x)) ** 2) for x in leaves)))
+
+
+def clip64(tree, max_norm):
+    """The global-norm clip rule in float64: g * min(1, c / ||g||), 1 at ||g|| = 0."""
+    n = norm64(tree)
+    scale = 1.0 if n <= max_norm or n == 0 else max_norm / n
+    return jax.tree.map(lambda x: np64(x) * scale, tree), scale
+
+
+def rel_err(actual, expected):
+    actual, expected = np64(actual), np64(expected)
+    denom = np.maximum(np.abs(expected), np.finfo(np.float64).tiny)
+    return float(np.max(np.abs(actual - expected) / denom)) if actual.size else 0.0

@@ -1,0 +1,288 @@
+"""clip_by_global_norm and clip_tree_by_global_norm."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _reference import clip64, norm64, np64, rel_err
+
+import optaxclip
+
+
+def _tree(seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return {
+        "w": jnp.asarray(rng.normal(size=(8, 4)) * scale, jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(4,)) * scale, jnp.float32),
+        "nested": [jnp.asarray(rng.normal(size=(3,)) * scale, jnp.float32), None],
+    }
+
+
+def _apply(tx, updates, params=None):
+    return tx.update(updates, tx.init(params if params is not None else updates), params)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1.0, 3.0, 100.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_optax_on_finite_float32_trees(max_norm, seed):
+    tree = _tree(seed, scale=0.7)
+    ours, _ = _apply(optaxclip.clip_by_global_norm(max_norm), tree)
+    theirs, _ = _apply(optax.clip_by_global_norm(max_norm), tree)
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        assert rel_err(a, b) <= 1e-6
+
+
+def test_empty_tree_passes_through():
+    out, state = _apply(optaxclip.clip_by_global_norm(1.0), {})
+    assert out == {}
+    assert float(state.stats.norm) == 0.0 and not bool(state.stats.clipped)
+
+
+def test_fp16_gradient_above_256_is_scaled_not_zeroed():
+    g = [jnp.array([300.0, 1.0], jnp.float16)]
+    out, _ = _apply(optaxclip.clip_by_global_norm(1.0), g)
+    expected, _ = clip64(g, 1.0)
+    assert out[0].dtype == jnp.float16
+    np.testing.assert_allclose(np64(out[0]), expected[0], rtol=1e-3)
+    np.testing.assert_allclose(np64(out[0]), [0.99999, 0.00333], atol=1e-5)
+
+
+def test_float32_gradient_above_1e19_is_scaled_not_zeroed():
+    g = {"x": jnp.array([3e19, 4e19], jnp.float32)}
+    out, state = _apply(optaxclip.clip_by_global_norm(1.0), g)
+    np.testing.assert_allclose(out["x"], [0.6, 0.8], rtol=1e-6)
+    assert float(state.stats.norm) == pytest.approx(5e19, rel=1e-6)
+    assert float(state.stats.clipped_norm) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_mixed_tree_keeps_fp16_leaves_nonzero():
+    rng = np.random.default_rng(5)
+    big = rng.normal(size=100)
+    big = big / np.linalg.norm(big) * 1e5
+    g = {
+        "big": jnp.asarray(big, jnp.float32),
+        "half": jnp.asarray(rng.uniform(1, 100, size=10), jnp.float16),
+    }
+    out, _ = _apply(optaxclip.clip_by_global_norm(1.0), g)
+    expected, _ = clip64(g, 1.0)
+    assert out["half"].dtype == jnp.float16
+    assert np.all(np64(out["half"]) != 0)
+    np.testing.assert_allclose(np64(out["half"]), expected["half"], rtol=2e-3)
+    np.testing.assert_allclose(np64(out["big"]), expected["big"], rtol=1e-6)
+
+
+def test_complex_leaves_are_clipped_by_modulus():
+    g = {"z": jnp.array([3 + 4j, 0 + 0j], jnp.complex64), "r": jnp.array([12.0])}
+    out, state = _apply(optaxclip.clip_by_global_norm(1.0), g)
+    expected, _ = clip64(g, 1.0)
+    assert out["z"].dtype == jnp.complex64
+    np.testing.assert_allclose(np64(out["z"]), expected["z"], rtol=1e-6)
+    assert float(state.stats.norm) == pytest.approx(13.0)
+
+
+def test_zero_threshold_with_zero_gradients_gives_zeros_not_nan():
+    g = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2), jnp.bfloat16)}
+    out, state = _apply(optaxclip.clip_by_global_norm(0.0), g)
+    for leaf in jax.tree.leaves(out):
+        assert not np.any(np.isnan(np64(leaf))) and not np.any(np64(leaf))
+    assert not bool(state.stats.clipped)
+
+
+def test_zero_threshold_zeroes_nonzero_gradients():
+    out, _ = _apply(optaxclip.clip_by_global_norm(0.0), [jnp.array([1.0, -2.0])])
+    assert np.array_equal(out[0], [0.0, 0.0])
+
+
+def test_gradient_through_clip_is_finite_at_zero():
+    tx = optaxclip.clip_by_global_norm(1.0)
+
+    def loss(g):
+        out, _ = tx.update({"g": g}, tx.init(None))
+        return jnp.sum(out["g"] ** 2) + jnp.sum(out["g"])
+
+    grad = jax.grad(loss)(jnp.zeros(4))
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_allclose(grad, np.ones(4))  # scale is 1 below the threshold
+
+
+def test_gradient_through_clip_matches_finite_differences_when_clipping():
+    tx = optaxclip.clip_by_global_norm(1.0)
+    w = np.array([0.3, -0.7, 0.2])
+
+    def f(g):
+        return jnp.dot(tx.update([g], tx.init(None))[0][0], jnp.asarray(w, jnp.float32))
+
+    g0 = np.array([3.0, 4.0, 1.0])
+    grad = np.asarray(jax.grad(f)(jnp.asarray(g0, jnp.float32)))
+    n = np.linalg.norm(g0)
+    expected = w / n - g0 * np.dot(w, g0) / n**3  # d/dg of <w, g/|g|>
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), np.float32(-0.5), jnp.array(-2.0)])
+def test_negative_or_nan_threshold_is_rejected_at_construction(bad):
+    with pytest.raises(ValueError, match="max_norm"):
+        optaxclip.clip_by_global_norm(bad)
+
+
+def test_non_scalar_threshold_is_rejected():
+    with pytest.raises(ValueError, match="max_norm"):
+        optaxclip.clip_by_global_norm(jnp.ones(2))
+
+
+def test_bad_nonfinite_policy_is_rejected():
+    with pytest.raises(ValueError, match="nonfinite"):
+        optaxclip.clip_by_global_norm(1.0, nonfinite="skip")
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_integer_and_bool_leaves_raise_type_error_naming_the_leaf(dtype):
+    g = {"ok": jnp.ones(2), "layer": {"count": jnp.ones(2, dtype)}}
+    tx = optaxclip.clip_by_global_norm(1.0)
+    with pytest.raises(TypeError, match=r"\['layer'\]\['count'\]"):
+        tx.update(g, tx.init(g))
+
+
+def test_bf16_gradients_with_strongly_typed_threshold_stay_bf16():
+    g = {"a": jnp.array([30.0, 40.0], jnp.bfloat16)}
+    out, _ = jax.jit(optaxclip.clip_by_global_norm(jnp.float32(1.0)).update)(
+        g, optaxclip.ClipByGlobalNormState(optaxclip._stats.init_stats())
+    )
+    assert out["a"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np64(out["a"]), [0.6, 0.8], rtol=1e-2)
+
+
+def test_propagate_keeps_nan_in_its_own_leaf():
+    g = {"bad": jnp.array([jnp.nan, 1.0]), "good": jnp.array([300.0, 400.0])}
+    out, state = jax.jit(optaxclip.clip_by_global_norm(1.0).update)(
+        g, optaxclip.clip_by_global_norm(1.0).init(g)
+    )
+    assert np.isnan(out["bad"][0]) and float(out["bad"][1]) == 1.0
+    assert np.array_equal(out["good"], g["good"])  # not contaminated, not clipped
+    assert int(state.stats.nonfinite_count) == 1 and not bool(state.stats.clipped)
+
+
+def test_inf_gradient_under_propagate_is_not_turned_into_nan_or_zero():
+    g = [jnp.array([jnp.inf, 2.0]), jnp.array([5.0])]
+    out, _ = _apply(optaxclip.clip_by_global_norm(1.0), g)
+    assert np.array_equal(out[0], [np.inf, 2.0]) and np.array_equal(out[1], [5.0])
+
+
+def test_zero_policy_returns_zeros_on_nonfinite_steps_only():
+    tx = optaxclip.clip_by_global_norm(1.0, nonfinite="zero")
+    bad = {"a": jnp.array([jnp.nan, 1.0], jnp.bfloat16), "b": jnp.array([2.0])}
+    out, state = jax.jit(tx.update)(bad, tx.init(bad))
+    assert all(not np.any(np64(x)) for x in jax.tree.leaves(out))
+    assert out["a"].dtype == jnp.bfloat16
+    assert int(state.stats.nonfinite_count) == 1
+    good = {"a": jnp.array([0.3, 0.4], jnp.bfloat16), "b": jnp.array([0.0])}
+    out, _ = jax.jit(tx.update)(good, state)
+    np.testing.assert_allclose(np64(out["a"]), [0.3, 0.4], rtol=1e-2)
+
+
+def test_error_policy_raises_from_inside_jit_naming_the_step():
+    tx = optaxclip.clip_by_global_norm(1.0, nonfinite="error")
+    update = jax.jit(tx.update)
+    g = [jnp.array([1.0, 2.0])]
+    state = tx.init(g)
+    for _ in range(2):
+        out, state = update(g, state)
+    jax.block_until_ready(out)
+    with pytest.raises(Exception, match=r"non-finite|step 3"):
+        out, state = update([jnp.array([jnp.nan, 2.0])], state)
+        jax.block_until_ready(out)
+
+
+def test_schedule_threshold_is_evaluated_at_the_transform_count():
+    schedule = optax.linear_schedule(1.0, 3.0, transition_steps=2)
+    tx = optaxclip.clip_by_global_norm(schedule)
+    g = [jnp.array([30.0, 40.0])]
+    state = tx.init(g)
+    for expected in [1.0, 2.0, 3.0, 3.0]:
+        out, state = tx.update(g, state)
+        assert float(state.stats.threshold) == pytest.approx(expected)
+        assert float(optaxclip.global_norm(out)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_inject_hyperparams_can_change_the_threshold():
+    tx = optax.inject_hyperparams(optaxclip.clip_by_global_norm)(max_norm=1.0)
+    g = {"a": jnp.array([3.0, 4.0])}
+    state = tx.init(g)
+    update = jax.jit(tx.update)
+    out, state = update(g, state)
+    np.testing.assert_allclose(out["a"], [0.6, 0.8], rtol=1e-6)
+    state.hyperparams["max_norm"] = jnp.asarray(2.5)
+    out, state = update(g, state)
+    np.testing.assert_allclose(out["a"], [1.5, 2.0], rtol=1e-6)
+    with pytest.raises(ValueError, match="max_norm"):
+        optax.inject_hyperparams(optaxclip.clip_by_global_norm)(max_norm=-1.0).init(g)
+
+
+def test_composes_with_optax_wrappers():
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    g = {"w": jnp.full((3, 2), 2.0), "b": jnp.array([3.0, 4.0])}
+    # masked: only the weights are clipped.
+    masked = optax.masked(optaxclip.clip_by_global_norm(1.0), {"w": True, "b": False})
+    out, _ = _apply(masked, g, params)
+    assert np.array_equal(out["b"], g["b"])
+    np.testing.assert_allclose(float(optaxclip.global_norm(out["w"])), 1.0, rtol=1e-6)
+    # partition: a clip inside partition is per group.
+    part = optax.partition(
+        {"tight": optaxclip.clip_by_global_norm(1.0), "loose": optaxclip.clip_by_global_norm(2.0)},
+        {"w": "tight", "b": "loose"},
+    )
+    out, _ = _apply(part, g, params)
+    assert float(optaxclip.global_norm(out["w"])) == pytest.approx(1.0, rel=1e-6)
+    assert float(optaxclip.global_norm(out["b"])) == pytest.approx(2.0, rel=1e-6)
+    # MultiSteps: the accumulated (mean) gradient is clipped once per real step.
+    ms = optax.MultiSteps(optax.chain(optaxclip.clip_by_global_norm(1.0), optax.sgd(1.0)), 2)
+    state = ms.init(params)
+    upd1, state = ms.update(g, state, params)
+    g2 = jax.tree.map(lambda x: -0.5 * x, g)
+    upd2, state = ms.update(g2, state, params)
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, g, g2)
+    expected, _ = clip64(mean, 1.0)
+    assert all(not np.any(x) for x in jax.tree.leaves(upd1))
+    for key in g:
+        np.testing.assert_allclose(np64(upd2[key]), -expected[key], rtol=1e-6)
+
+
+def test_state_is_a_type_stable_scan_carry():
+    tx = optaxclip.clip_by_global_norm(1.0)
+    gs = jnp.asarray(np.random.default_rng(0).normal(size=(50, 5)) * 3, jnp.float32)
+
+    def step(state, g):
+        out, state = tx.update({"g": g}, state)
+        return state, out["g"]
+
+    state, outs = jax.lax.scan(step, tx.init(None), gs)
+    assert int(state.stats.count) == 50
+    expected_clips = sum(np.linalg.norm(np64(g)) > 1.0 for g in gs)
+    assert int(state.stats.clip_count) == expected_clips
+    assert np.all(np.linalg.norm(np64(outs), axis=1) <= 1.0 + 1e-6)
+
+
+def test_clip_tree_by_global_norm_matches_reference_and_accepts_a_known_norm():
+    tree = _tree(7, scale=2.0)
+    out, scale = optaxclip.clip_tree_by_global_norm(tree, 1.0)
+    expected, expected_scale = clip64(tree, 1.0)
+    assert float(scale) == pytest.approx(expected_scale, rel=1e-6)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True):
+        assert rel_err(a, b) <= 1e-6
+    out2, scale2 = optaxclip.clip_tree_by_global_norm(tree, 1.0, norm=norm64(tree) * 2)
+    assert float(scale2) == pytest.approx(expected_scale / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="max_norm"):
+        optaxclip.clip_tree_by_global_norm(tree, -1.0)
+
+
+def test_clip_tree_by_global_norm_per_example_under_vmap():
+    rng = np.random.default_rng(8)
+    batch = {"w": jnp.asarray(rng.normal(size=(6, 4, 3)) * 2, jnp.float32)}
+    out, scales = jax.vmap(lambda g: optaxclip.clip_tree_by_global_norm(g, 1.0))(batch)
+    for i in range(6):
+        expected, s = clip64({"w": batch["w"][i]}, 1.0)
+        assert float(scales[i]) == pytest.approx(s, rel=1e-6)
+        np.testing.assert_allclose(np64(out["w"][i]), expected["w"], rtol=1e-6)
+    assert norm64({"w": out["w"][0]}) <= 1.0 + 1e-6

@@ -1,0 +1,144 @@
+"""global_norm, block_norms and unitwise_norm against float64 NumPy and Optax."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _reference import norm64, np64
+
+import optaxclip
+
+
+def _mixed_tree(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "f32": jnp.asarray(rng.normal(size=(17, 5)), jnp.float32),
+        "bf16": jnp.asarray(rng.normal(size=(64,)) * 30, jnp.bfloat16),
+        "f16": jnp.asarray(rng.normal(size=(3, 4, 5)) * 100, jnp.float16),
+        "c64": jnp.asarray(rng.normal(size=7) + 1j * rng.normal(size=7), jnp.complex64),
+        "none": None,
+    }
+
+
+def test_global_norm_matches_float64_on_mixed_dtypes():
+    tree = _mixed_tree()
+    assert float(optaxclip.global_norm(tree)) == pytest.approx(norm64(tree), rel=1e-6)
+
+
+def test_global_norm_is_float32_whatever_the_leaf_dtype():
+    tree = {"a": jnp.ones(3, jnp.bfloat16), "b": jnp.ones(2, jnp.float16)}
+    assert optaxclip.global_norm(tree).dtype == jnp.float32
+
+
+def test_fp16_values_whose_squares_overflow_fp16_give_the_right_norm():
+    x = [jnp.array([300.0, 400.0], jnp.float16)]
+    assert float(optaxclip.global_norm(x)) == pytest.approx(500.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_float32_values_whose_squares_overflow_float32_give_the_right_norm(split):
+    tree = [jnp.array([3e19]), jnp.array([4e19])] if split else [jnp.array([3e19, 4e19])]
+    tree.append(jnp.array([1.0, -2.0]))
+    assert float(optaxclip.global_norm(tree)) == pytest.approx(norm64(tree), rel=1e-5)
+
+
+def test_bf16_tree_of_2000_leaves_keeps_float64_accuracy():
+    rng = np.random.default_rng(1)
+    tree = [jnp.asarray(rng.normal(size=1000), jnp.bfloat16) for _ in range(2000)]
+    norm = float(jax.jit(optaxclip.global_norm)(tree))
+    assert norm == pytest.approx(norm64(tree), rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "bad, expected",
+    [(jnp.nan, "nan"), (jnp.inf, "inf"), (-jnp.inf, "inf")],
+)
+@pytest.mark.parametrize("big", [False, True])
+def test_nonfinite_input_gives_nonfinite_norm(bad, expected, big):
+    leaf = jnp.array([3e19 if big else 3.0, bad])
+    norm = float(optaxclip.global_norm([leaf, jnp.ones(2)]))
+    assert np.isnan(norm) if expected == "nan" else norm == np.inf
+
+
+def test_empty_and_none_trees_have_zero_norm():
+    assert float(optaxclip.global_norm({})) == 0.0
+    assert float(optaxclip.global_norm({"a": None})) == 0.0
+    assert float(optaxclip.global_norm({"a": None, "b": jnp.array([3.0, 4.0])})) == 5.0
+
+
+def test_gradient_of_norm_is_zero_at_zero_and_exact_when_overflowing():
+    assert np.array_equal(jax.grad(optaxclip.global_norm)(jnp.zeros(3)), np.zeros(3))
+    x = jnp.array([3e19, 4e19])
+    np.testing.assert_allclose(jax.grad(optaxclip.global_norm)(x), [0.6, 0.8], rtol=1e-6)
+    y = jnp.array([3.0, 4.0])
+    np.testing.assert_allclose(jax.grad(optaxclip.global_norm)(y), [0.6, 0.8], rtol=1e-6)
+
+
+def test_global_norm_of_float64_leaves_accumulates_in_float64():
+    with jax.enable_x64(True):
+        x = jnp.array([1.0, 1e-9], jnp.float64)
+        norm = optaxclip.global_norm([x, jnp.ones(1, jnp.float32)])
+        assert norm.dtype == jnp.float64
+        assert float(norm) == pytest.approx(np.sqrt(2.0 + 1e-18), rel=1e-15)
+
+
+def test_block_norms_match_float64_per_leaf():
+    tree = _mixed_tree(2)
+    tree["huge"] = jnp.array([3e19, 4e19])
+    got = optaxclip.block_norms(tree)
+    assert set(got) == {"f32", "bf16", "f16", "c64", "huge", "none"}
+    assert got["none"] is None
+    del got["none"]
+    for key, value in got.items():
+        assert value.dtype == jnp.float32
+        expected = float(np.sqrt(np.sum(np.abs(np64(tree[key])) ** 2)))
+        assert float(value) == pytest.approx(expected, rel=1e-6 if key != "huge" else 1e-5)
+
+
+def test_block_norms_keep_a_nan_in_its_own_leaf():
+    got = optaxclip.block_norms([jnp.array([jnp.nan]), jnp.array([3.0, 4.0])])
+    assert np.isnan(got[0]) and float(got[1]) == 5.0
+
+
+@pytest.mark.parametrize(
+    "shape", [(5,), (1, 5), (4, 3), (2, 4, 3), (3, 3, 2, 4), (2, 2, 2, 3, 4)]
+)
+def test_unitwise_norm_matches_optax_on_its_shapes(shape):
+    x = jnp.asarray(np.random.default_rng(3).normal(size=shape), jnp.float32)
+    expected = optax.transforms.unitwise_norm(x)
+    np.testing.assert_allclose(optaxclip.unitwise_norm(x), expected, rtol=1e-6)
+
+
+def test_unitwise_norm_with_axis_matches_optax():
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 3, 4, 5, 6, 2)), jnp.float32)
+    axis = (0, 2, 4)
+    expected = optax.transforms.unitwise_norm(x, axis=axis)
+    np.testing.assert_allclose(optaxclip.unitwise_norm(x, axis=axis), expected, rtol=1e-6)
+
+
+def test_unitwise_norm_overflow_safe_and_float32_for_half_inputs():
+    x = jnp.array([[3e19, 1.0], [4e19, 1.0]], jnp.float32)
+    np.testing.assert_allclose(optaxclip.unitwise_norm(x)[0], [5e19, np.sqrt(2)], rtol=1e-5)
+    h = jnp.array([[300.0], [400.0]], jnp.float16)
+    out = optaxclip.unitwise_norm(h)
+    assert out.dtype == jnp.float32 and out.shape == h.shape
+    np.testing.assert_allclose(out, [[500.0], [500.0]], rtol=1e-6)
+
+
+def test_unitwise_norm_rank6_without_axis_raises_helpfully():
+    with pytest.raises(ValueError, match="axis"):
+        optaxclip.unitwise_norm(jnp.ones((1, 2, 2, 2, 2, 2)))
+
+
+def test_sharded_argument_shapes_are_checked():
+    tree = {"a": jnp.ones(2), "b": jnp.ones(3)}
+    # Without axis_name the flags change nothing.
+    assert float(optaxclip.global_norm(tree, sharded={"a": True, "b": False})) == pytest.approx(
+        np.sqrt(5)
+    )
+    assert float(
+        optaxclip.global_norm(tree, sharded=lambda path, leaf: leaf.size > 2)
+    ) == pytest.approx(np.sqrt(5))
+    with pytest.raises(ValueError, match="sharded"):
+        optaxclip.global_norm(tree, sharded={"a": True})
