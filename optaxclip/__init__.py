@@ -1,5 +1,7 @@
 """optaxclip: robust, observable and adaptive gradient clipping for JAX and Optax."""
 
+from optaxclip._adagc import AdagcState, adagc
+from optaxclip._autoclip import AutoclipState, autoclip
 from optaxclip._block import (
     ClipByBlockNormState,
     ClipByBlockRmsState,
@@ -15,10 +17,17 @@ from optaxclip._global import (
 from optaxclip._norms import block_norms, global_norm, unitwise_norm
 from optaxclip._stats import ClipStats, stats
 from optaxclip._value import ClipByValueState, clip_by_value
+from optaxclip._zclip import ZclipState, zclip
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdagcState",
+    "AutoclipState",
+    "ZclipState",
+    "adagc",
+    "autoclip",
+    "zclip",
     "ClipByBlockNormState",
     "ClipByBlockRmsState",
     "ClipByValueState",

@@ -1,0 +1,208 @@
+"""AdaGC (Wang et al. 2025): per-tensor clipping against an EMA of each tensor's norm."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optaxclip import _stats
+from optaxclip._global import (
+    NONFINITE_POLICIES,
+    check_finite_at_runtime,
+    scale_for,
+    scale_leaf,
+)
+from optaxclip._norms import (
+    AxisName,
+    Sharded,
+    _flags_for,
+    _leaf_and_global_norms,
+    _vector_norm,
+)
+from optaxclip._stats import ClipStats
+from optaxclip._validation import (
+    check_choice,
+    check_float_leaves,
+    check_positive_int,
+    check_range,
+    check_threshold,
+    threshold_at,
+)
+
+__all__ = ["AdagcState", "adagc"]
+
+
+class AdagcState(NamedTuple):
+    """State of :func:`adagc`.
+
+    Attributes:
+      gamma: one float32 reference norm per leaf of the params tree given to ``init``
+        (+inf while a leaf has not yet had a non-zero norm).
+      stats: the :class:`ClipStats`. ``stats.count - stats.nonfinite_count`` is the
+        number of finite steps seen, which is what the warm-up counts.
+    """
+
+    gamma: jax.Array
+    stats: ClipStats
+
+
+def adagc(
+    *,
+    ratio: Any = 1.04,
+    beta: Any = 0.99,
+    warmup_steps: int = 100,
+    warmup_max_norm: Any = 1.0,
+    eps: Any = 1e-6,
+    nonfinite: str = "propagate",
+    axis_name: AxisName = None,
+    sharded: Sharded = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Clips each tensor against an EMA of its own clipped norm (AdaGC).
+
+    Every leaf ``i`` (a tensor) keeps a reference norm ``gamma_i``. For the first
+    ``warmup_steps`` finite steps the updates are clipped by global norm at
+    ``warmup_max_norm`` and ``gamma_i`` becomes the smallest norm of leaf ``i`` seen
+    after that clip. Afterwards each leaf is clipped on its own:
+    ``h_i = min(1, ratio * gamma_i / (||g_i|| + eps))``, ``g_i <- h_i g_i``, and
+    ``gamma_i <- beta gamma_i + (1 - beta) ||h_i g_i||``. A tensor whose gradient
+    explodes is brought back to a little above its own recent scale, whatever the
+    other tensors do.
+
+    A norm of exactly zero says nothing about a tensor's scale and does not set
+    ``gamma_i`` (with ``gamma_i = 0`` the tensor could never move again, which is what
+    a zero-initialized layer upstream of the warm-up would otherwise get); a leaf with
+    no non-zero norm yet (or whose ``gamma_i`` has decayed to 0 through a long run of
+    zero gradients) passes unclipped and its next non-zero norm starts its EMA, so
+    ``warmup_steps=0`` starts every EMA from the first step.
+
+    ``ClipStats.threshold`` records ``warmup_max_norm`` during warm-up and the largest
+    per-leaf bound ``max_i ratio * gamma_i`` after it; ``clipped`` is True when any
+    leaf was scaled. A NaN/inf global norm is handled by ``nonfinite`` and leaves
+    ``gamma`` as it was (and does not count toward the warm-up).
+
+    Args:
+      ratio: the relative bound ``lambda_rel`` on a tensor's norm against its EMA
+        (positive).
+      beta: EMA decay in (0, 1).
+      warmup_steps: finite steps of global clipping before per-tensor clipping starts
+        (a non-negative int; under ``optax.inject_hyperparams`` list it in
+        ``static_args``).
+      warmup_max_norm: the global-norm threshold during warm-up: a non-negative scalar
+        or an ``optax.Schedule`` evaluated at this transform's step count.
+      eps: added to each tensor's norm in the denominator (non-negative).
+      nonfinite: ``"propagate"`` (updates unchanged), ``"zero"`` (zeros) or ``"error"``
+        (raise from inside ``jit``) when the global norm is NaN/inf.
+      axis_name: inside ``shard_map``/``pmap``, the mapped axis over which the
+        tensors are split: each tensor's norm (and the global norm) is that of the
+        whole logical tensor, so ``gamma`` and every decision are the same on all
+        devices (see :func:`optaxclip.global_norm`).
+      sharded: which leaves are sharded along ``axis_name``; default all.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is an
+      :class:`AdagcState`. ``init`` needs the params (or any tree with the updates'
+      structure) to size ``gamma``.
+
+    References:
+      Wang et al., `AdaGC: Improving Training Stability for Large Language Model
+      Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip
+      >>> tx = optaxclip.adagc(warmup_steps=1, warmup_max_norm=10.0, ratio=1.0, beta=0.5)
+      >>> params = {"a": jnp.zeros(1), "b": jnp.zeros(1)}
+      >>> state = tx.init(params)
+      >>> for a, b in [(2.0, 1.0), (8.0, 1.0), (2.0, 1.0)]:
+      ...     out, state = tx.update({"a": jnp.array([a]), "b": jnp.array([b])}, state)
+      ...     print(round(float(out["a"][0]), 4), round(float(out["b"][0]), 4))
+      2.0 1.0
+      2.0 1.0
+      2.0 1.0
+      >>> print(state.gamma)
+      [2. 1.]
+    """
+    check_range("ratio", ratio, 0.0, float("inf"), low_open=True)
+    check_range("beta", beta, 0.0, 1.0, low_open=True, high_open=True)
+    check_positive_int("warmup_steps", warmup_steps, allow_zero=True)
+    check_threshold("warmup_max_norm", warmup_max_norm)
+    check_threshold("eps", eps)
+    check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+
+    def init_fn(params):
+        size = len(jax.tree_util.tree_leaves(params))
+        return AdagcState(gamma=jnp.full((size,), jnp.inf, jnp.float32), stats=_stats.init_stats())
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        check_float_leaves(updates)
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        if len(leaves) != state.gamma.shape[0]:
+            raise ValueError(
+                f"adagc: the updates have {len(leaves)} leaves but the state was built for "
+                f"{state.gamma.shape[0]}; call init with the params tree the updates match."
+            )
+        leaf_norms, norm = _leaf_and_global_norms(
+            leaves, axis_name=axis_name, flags=_flags_for(updates, sharded)
+        )
+        finite = jnp.isfinite(norm)
+        cap = threshold_at(warmup_max_norm, state.stats.count)
+        if nonfinite == "error":
+            check_finite_at_runtime("adagc", finite, state.stats.count + 1, norm)
+        if not leaves:
+            new_stats = _stats.record(
+                state.stats, norm=norm, clipped_norm=norm, threshold=cap, clipped=False
+            )
+            return updates, AdagcState(gamma=state.gamma, stats=new_stats)
+
+        gamma = state.gamma.astype(leaf_norms.dtype)
+        in_warmup = state.stats.count - state.stats.nonfinite_count < warmup_steps
+
+        # Warm-up: one global clip; gamma tracks the smallest non-zero leaf norm after it.
+        global_scale, global_over = scale_for(norm, cap)
+        warm_norms = leaf_norms * global_scale
+        warm_gamma = jnp.where(warm_norms > 0, jnp.minimum(gamma, warm_norms), gamma)
+
+        # After warm-up: each leaf against ratio * its own EMA.
+        r = jnp.asarray(ratio, leaf_norms.dtype)
+        b = jnp.asarray(beta, leaf_norms.dtype)
+        bound = r * gamma
+        # +inf: no non-zero norm seen yet; 0: decayed away (a gradient exactly zero for
+        # thousands of steps). Either way the leaf passes and its next norm restarts gamma.
+        unset = jnp.isinf(gamma) | (gamma <= 0)
+        h = jnp.minimum(1, bound / (leaf_norms + jnp.asarray(eps, leaf_norms.dtype)))
+        leaf_over = (h < 1) & (leaf_norms > 0) & ~unset
+        h = jnp.where(leaf_over, h, 1)
+        out_norms = h * leaf_norms
+        ema_gamma = jnp.where(
+            unset,
+            jnp.where(out_norms > 0, out_norms, gamma),
+            b * gamma + (1 - b) * out_norms,
+        )
+
+        scales = jnp.where(in_warmup, global_scale, h)
+        over = jnp.where(in_warmup, global_over, jnp.any(leaf_over))
+        threshold = jnp.where(in_warmup, cap, jnp.max(bound))
+        new_gamma = jnp.where(in_warmup, warm_gamma, ema_gamma)
+
+        # A NaN/inf step: the policy decides the updates; gamma stays as it was.
+        scales = jnp.where(finite, scales, 1)
+        over = finite & over
+        new_gamma = jnp.where(finite, new_gamma, gamma)
+        clipped_norm = jnp.where(finite, _vector_norm(leaf_norms * scales), norm)
+        new_leaves = [scale_leaf(x, scales[i]) for i, x in enumerate(leaves)]
+        if nonfinite == "zero":
+            new_leaves = [jnp.where(finite, x, jnp.zeros_like(x)) for x in new_leaves]
+            clipped_norm = jnp.where(finite, clipped_norm, 0)
+            over = over | ~finite
+
+        new_stats = _stats.record(
+            state.stats, norm=norm, clipped_norm=clipped_norm, threshold=threshold, clipped=over
+        )
+        new_state = AdagcState(gamma=new_gamma.astype(jnp.float32), stats=new_stats)
+        return jax.tree_util.tree_unflatten(treedef, new_leaves), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
