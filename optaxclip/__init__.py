@@ -1,6 +1,7 @@
 """optaxclip: robust, observable and adaptive gradient clipping for JAX and Optax."""
 
 from optaxclip._adagc import AdagcState, adagc
+from optaxclip._agc import AdaptiveGradClipState, adaptive_grad_clip
 from optaxclip._autoclip import AutoclipState, autoclip
 from optaxclip._block import (
     ClipByBlockNormState,
@@ -15,6 +16,7 @@ from optaxclip._global import (
     clip_tree_by_global_norm,
 )
 from optaxclip._norms import block_norms, global_norm, unitwise_norm
+from optaxclip._skip import SkipNonfiniteState, SkipSpikesState, skip_nonfinite, skip_spikes
 from optaxclip._stats import ClipStats, stats
 from optaxclip._value import ClipByValueState, clip_by_value
 from optaxclip._zclip import ZclipState, zclip
@@ -28,6 +30,12 @@ __all__ = [
     "adagc",
     "autoclip",
     "zclip",
+    "AdaptiveGradClipState",
+    "adaptive_grad_clip",
+    "SkipNonfiniteState",
+    "SkipSpikesState",
+    "skip_nonfinite",
+    "skip_spikes",
     "ClipByBlockNormState",
     "ClipByBlockRmsState",
     "ClipByValueState",

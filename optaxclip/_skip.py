@@ -1,0 +1,352 @@
+"""Wrappers that skip a bad step altogether: zero updates and the wrapped optimizer's
+state left exactly as it was (a clip would still advance momentum and step counts)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optaxclip import _stats
+from optaxclip._global import measure
+from optaxclip._norms import AxisName, Sharded
+from optaxclip._stats import ClipStats
+from optaxclip._validation import check_positive_int, check_range
+
+__all__ = ["SkipNonfiniteState", "SkipSpikesState", "skip_nonfinite", "skip_spikes"]
+
+_STD_FLOOR = 1e-6
+
+
+def _check_static_int(name: str, value: Any) -> None:
+    """Structural ints (buffer sizes) must be Python ints, not injected arrays."""
+    if isinstance(value, jax.Array):
+        raise TypeError(
+            f"{name} must be a Python int, got {value!r}: it sets the size of the state. "
+            f"Under optax.inject_hyperparams list it in static_args=('{name}', ...)."
+        )
+    check_positive_int(name, value)
+
+
+def _step_or_skip(
+    skip: jax.Array,
+    inner: optax.GradientTransformationExtraArgs,
+    updates: Any,
+    inner_state: Any,
+    params: Any,
+    extra_args: dict[str, Any],
+) -> tuple[Any, Any]:
+    """``inner.update`` when ``skip`` is False; zeros and the untouched state when True.
+
+    A ``lax.cond`` on a scalar: the inner update is not computed on a skipped step, and
+    the state comes back bit for bit (under ``vmap`` with a batched predicate the cond
+    becomes a select, which is bitwise too).
+    """
+
+    def step():
+        return inner.update(updates, inner_state, params, **extra_args)
+
+    out_updates, out_state = jax.eval_shape(step)
+
+    def keep():
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_updates)
+        if jax.tree.structure(out_updates) == jax.tree.structure(updates):
+            # zeros_like keeps a leaf's device-variance under shard_map(check_vma=True),
+            # where a plain zeros is replicated and the two branches' types would differ.
+            zeros = jax.tree.map(
+                lambda u, z: jnp.zeros_like(u, z.dtype) if u.shape == z.shape else z,
+                updates,
+                zeros,
+            )
+        # Same dtype in and out for any type-stable inner state, so this is a no-op that
+        # only settles weak types; it never changes a value.
+        same = jax.tree.map(lambda x, s: jnp.asarray(x, s.dtype), inner_state, out_state)
+        return zeros, same
+
+    return jax.lax.cond(skip, keep, step)
+
+
+class SkipNonfiniteState(NamedTuple):
+    """State of :func:`skip_nonfinite`: the wrapped state and the skip statistics."""
+
+    inner_state: Any
+    stats: ClipStats
+
+
+def skip_nonfinite(
+    inner: optax.GradientTransformation,
+    *,
+    axis_name: AxisName = None,
+    sharded: Sharded = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Skips steps whose gradient contains NaN or inf, leaving ``inner`` untouched.
+
+    When the global norm of the incoming updates is NaN or inf, the step emits zero
+    updates and ``inner``'s state is returned exactly as it was (bit for bit: no step
+    count, momentum or second moment advances), so training continues as if the bad
+    batch had never been seen. Otherwise ``inner.update`` runs as usual, with ``params``
+    and any extra arguments passed through. The decision is one ``lax.cond`` on a
+    scalar, so a skipped step does not compute the inner update.
+
+    Statistics: ``clipped`` is True on a skipped step and ``clip_count`` counts skips
+    (equal to ``nonfinite_count`` here); ``norm`` is the incoming global norm;
+    ``clipped_norm`` is the norm of what was let through to ``inner`` (``norm``, or 0
+    on a skipped step), not of ``inner``'s output, which would cost another pass;
+    ``threshold`` is ``inf`` (every finite norm passes).
+
+    Args:
+      inner: the optimizer (or any gradient transformation) to protect.
+      axis_name: inside ``shard_map``/``pmap``, the mapped axis over which the norm is
+        summed, so every device takes the same decision.
+      sharded: which leaves are sharded along ``axis_name``; default all.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state
+      :class:`SkipNonfiniteState` ``(inner_state, stats)``.
+
+    References:
+      Micikevicius et al., `Mixed Precision Training
+      <https://arxiv.org/abs/1710.03740>`_, 2018 (skipping steps whose gradients
+      overflowed, as dynamic loss scaling does).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import optaxclip
+      >>> tx = optaxclip.skip_nonfinite(optax.adam(0.1))
+      >>> params = {"w": jnp.array([1.0, 2.0])}
+      >>> state = tx.init(params)
+      >>> u, state = tx.update({"w": jnp.array([jnp.nan, 1.0])}, state, params)
+      >>> print(u["w"], int(state.inner_state[0].count), int(state.stats.clip_count))
+      [0. 0.] 0 1
+      >>> u, state = tx.update({"w": jnp.array([1.0, 1.0])}, state, params)
+      >>> print(u["w"], int(state.inner_state[0].count))
+      [-0.1 -0.1] 1
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        return SkipNonfiniteState(inner_state=inner.init(params), stats=_stats.init_stats())
+
+    def update_fn(updates, state, params=None, **extra_args):
+        norm = measure(updates, axis_name, sharded)
+        skip = ~jnp.isfinite(norm)
+        out, inner_state = _step_or_skip(
+            skip, inner, updates, state.inner_state, params, extra_args
+        )
+        new_stats = _stats.record(
+            state.stats,
+            norm=norm,
+            clipped_norm=jnp.where(skip, 0, norm),
+            threshold=jnp.inf,
+            clipped=skip,
+        )
+        return out, SkipNonfiniteState(inner_state=inner_state, stats=new_stats)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _spike_threshold(
+    history: jax.Array, size: jax.Array, num_sigmas: Any, min_history: int
+) -> jax.Array:
+    """mean + num_sigmas * max(std, 1e-6) of the ``size`` valid entries, inf if too few.
+
+    Entries are divided by their largest magnitude first, so that a huge (finite) norm
+    in the window cannot overflow the variance to inf.
+    """
+    valid = jnp.arange(history.shape[0]) < size
+    n = jnp.maximum(size, 1).astype(jnp.float32)
+    big = jnp.max(jnp.where(valid, jnp.abs(history), 0), initial=0.0)
+    unit = jnp.where(big > 0, big, 1)
+    x = jnp.where(valid, history / unit, 0)
+    mean = jnp.sum(x) / n
+    var = jnp.sum(jnp.where(valid, jnp.square(x - mean), 0)) / n
+    std = jnp.maximum(unit * jnp.sqrt(var), _STD_FLOOR)
+    threshold = unit * mean + jnp.asarray(num_sigmas, jnp.float32) * std
+    return jnp.where(size >= min_history, threshold, jnp.inf).astype(jnp.float32)
+
+
+class SkipSpikesState(NamedTuple):
+    """State of :func:`skip_spikes`.
+
+    Attributes:
+      inner_state: the wrapped optimizer's state.
+      stats: the skip statistics (``threshold`` is the norm threshold).
+      norm_history: ring buffer of the last ``window`` finite global norms (float32).
+      loss_history: ring buffer of the matching losses (float32; empty unless
+        ``use_loss=True``).
+      loss_threshold: the loss threshold in force this step (inf before
+        ``min_history`` entries, and always inf without ``use_loss``).
+      size: how many entries of the buffers are filled (at most ``window``).
+      head: where the next entry goes.
+    """
+
+    inner_state: Any
+    stats: ClipStats
+    norm_history: jax.Array
+    loss_history: jax.Array
+    loss_threshold: jax.Array
+    size: jax.Array
+    head: jax.Array
+
+
+def skip_spikes(
+    inner: optax.GradientTransformation,
+    *,
+    window: int = 128,
+    num_sigmas: Any = 6.0,
+    min_history: int = 64,
+    use_loss: bool = False,
+    axis_name: AxisName = None,
+    sharded: Sharded = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Skips steps whose gradient norm (or loss) spikes far above its recent history.
+
+    Keeps the last ``window`` global norms ``h`` in a ring buffer. Once ``min_history``
+    entries exist, a step with norm ``g > mean(h) + num_sigmas * max(std(h), 1e-6)``
+    (population std) is skipped: zero updates and ``inner``'s state left exactly as it
+    was. Every finite step's norm is appended, skipped or not, so a lasting shift in
+    scale becomes the new baseline after a few steps instead of freezing training. A
+    NaN/inf norm is always skipped and is not appended.
+
+    With ``use_loss=True`` the ``loss=`` extra argument of ``update`` is watched too,
+    with its own buffer and the same rule: a step is skipped when its norm **or** its
+    loss spikes (either signals a bad batch, and the norm check is free). A NaN/inf
+    loss is skipped as well, and a step with a non-finite norm or loss appends to
+    neither buffer (they stay in step). Under ``shard_map`` pass a loss that is
+    already averaged over devices, so every device takes the same decision.
+
+    Statistics: ``clipped`` is True on a skipped step and ``clip_count`` counts skips;
+    ``threshold`` is the norm threshold in force (inf before ``min_history`` entries);
+    the loss threshold is ``state.loss_threshold``; ``clipped_norm`` is the norm let
+    through to ``inner`` (0 on a skipped step); ``nonfinite_count`` counts non-finite
+    gradient norms only.
+
+    Args:
+      inner: the optimizer (or any gradient transformation) to protect.
+      window: how many recent values the mean and std are taken over (a positive
+        Python int).
+      num_sigmas: how many standard deviations above the mean count as a spike
+        (positive; a scalar, so it can be injected with ``optax.inject_hyperparams``).
+      min_history: how many values must be buffered before spikes are detected
+        (a Python int in ``[1, window]``); before that only NaN/inf steps are skipped.
+      use_loss: also watch the ``loss`` passed as ``tx.update(..., loss=loss)``.
+      axis_name: inside ``shard_map``/``pmap``, the mapped axis over which the norm is
+        summed, so every device takes the same decision.
+      sharded: which leaves are sharded along ``axis_name``; default all.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`SkipSpikesState`.
+
+    References:
+      Chowdhery et al., `PaLM: Scaling Language Modeling with Pathways
+      <https://arxiv.org/abs/2204.02311>`_, 2022 (skipping batches around loss
+      spikes); Molybog et al., `A Theory on Adam Instability in Large-Scale Machine
+      Learning <https://arxiv.org/abs/2304.09871>`_, 2023 (skipping on gradient-norm
+      spikes).
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import optaxclip
+      >>> tx = optaxclip.skip_spikes(optax.sgd(1.0), window=4, min_history=4, num_sigmas=3.0)
+      >>> params = {"w": jnp.zeros(1)}
+      >>> state, update = tx.init(params), jax.jit(tx.update)
+      >>> for g in [1.0, 1.1, 0.9, 1.0, 50.0, 1.05]:
+      ...     u, state = update({"w": jnp.array([g])}, state, params)
+      ...     print(g, bool(state.stats.clipped), round(float(state.stats.threshold), 3))
+      1.0 False inf
+      1.1 False inf
+      0.9 False inf
+      1.0 False inf
+      50.0 True 1.212
+      1.05 False 76.903
+    """
+    _check_static_int("window", window)
+    _check_static_int("min_history", min_history)
+    if min_history > window:
+        raise ValueError(
+            f"min_history must lie in [1, window], got min_history={min_history} with "
+            f"window={window}; lower min_history or raise window."
+        )
+    check_range("num_sigmas", num_sigmas, 0.0, math.inf, low_open=True)
+    if not isinstance(use_loss, (bool, np.bool_)):
+        raise TypeError(f"use_loss must be a bool, got {use_loss!r}.")
+    inner = optax.with_extra_args_support(inner)
+    loss_len = window if use_loss else 0
+
+    def init_fn(params):
+        return SkipSpikesState(
+            inner_state=inner.init(params),
+            stats=_stats.init_stats(),
+            norm_history=jnp.zeros((window,), jnp.float32),
+            loss_history=jnp.zeros((loss_len,), jnp.float32),
+            loss_threshold=jnp.asarray(jnp.inf, jnp.float32),
+            size=jnp.zeros((), jnp.int32),
+            head=jnp.zeros((), jnp.int32),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if use_loss:
+            if extra_args.get("loss") is None:
+                raise ValueError(
+                    "skip_spikes(use_loss=True) needs the loss: call "
+                    "tx.update(updates, state, params, loss=loss)."
+                )
+            loss = jnp.asarray(extra_args["loss"])
+            if loss.ndim != 0:
+                raise ValueError(
+                    f"skip_spikes: loss must be a scalar, got an array of shape {loss.shape}."
+                )
+            loss = loss.astype(jnp.float32)
+        norm = measure(updates, axis_name, sharded)
+        value = norm.astype(jnp.float32)
+        norm_threshold = _spike_threshold(state.norm_history, state.size, num_sigmas, min_history)
+        finite = jnp.isfinite(value)
+        spike = value > norm_threshold
+        if use_loss:
+            loss_threshold = _spike_threshold(
+                state.loss_history, state.size, num_sigmas, min_history
+            )
+            finite = finite & jnp.isfinite(loss)
+            spike = spike | (loss > loss_threshold)
+        else:
+            loss_threshold = state.loss_threshold
+        skip = ~finite | spike
+
+        out, inner_state = _step_or_skip(
+            skip, inner, updates, state.inner_state, params, extra_args
+        )
+
+        # Only finite values enter the history; spikes do (a lasting shift becomes the
+        # new baseline).
+        def append(buffer, x):
+            return jnp.where(finite, buffer.at[state.head].set(x), buffer)
+
+        norm_history = append(state.norm_history, value)
+        loss_history = append(state.loss_history, loss) if use_loss else state.loss_history
+        head = jnp.where(finite, (state.head + 1) % window, state.head).astype(jnp.int32)
+        size = jnp.where(finite, jnp.minimum(state.size + 1, window), state.size)
+        new_stats = _stats.record(
+            state.stats,
+            norm=norm,
+            clipped_norm=jnp.where(skip, 0, norm),
+            threshold=norm_threshold,
+            clipped=skip,
+        )
+        return out, SkipSpikesState(
+            inner_state=inner_state,
+            stats=new_stats,
+            norm_history=norm_history,
+            loss_history=loss_history,
+            loss_threshold=jnp.asarray(loss_threshold, jnp.float32),
+            size=size.astype(jnp.int32),
+            head=head,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
