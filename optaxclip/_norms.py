@@ -59,19 +59,24 @@ def safe_sqrt(s: jax.Array) -> jax.Array:
 
 
 def _reduce_over_devices(
-    values: jax.Array, flags: Sequence[bool], axis_name: AxisName, op: Callable
+    values: Sequence[jax.Array], flags: Sequence[bool], axis_name: AxisName, op: Callable
 ) -> jax.Array:
-    """Applies a cross-device reduction to the entries of ``values`` whose leaf is sharded.
+    """Stacks per-leaf scalars, reducing across devices those whose leaf is sharded.
 
     Replicated leaves (flag False) already hold the whole value on every device and
-    are counted once. All flagged entries travel in one collective.
+    are counted once. All flagged entries travel in one collective. The replicated
+    entries are kept out of it (not stacked with the sharded ones first), so that
+    under ``shard_map(check_vma=True)`` the result is device-invariant and a
+    replicated leaf scaled by it can still be returned with a replicated out_spec.
     """
     if axis_name is None or not any(flags):
-        return values
-    if all(flags):
-        return op(values, axis_name)
-    mask = jnp.asarray(flags)
-    return jnp.where(mask, op(values, axis_name), values)
+        return jnp.stack(values)
+    sharded_at = [i for i, flag in enumerate(flags) if flag]
+    reduced = op(jnp.stack([values[i] for i in sharded_at]), axis_name)
+    out = list(values)
+    for j, i in enumerate(sharded_at):
+        out[i] = reduced[j]
+    return jnp.stack(out)
 
 
 def _vector_norm(v: jax.Array) -> jax.Array:
@@ -103,7 +108,7 @@ def _leaf_and_global_norms(
     if not leaves:
         return jnp.zeros((0,), acc), jnp.zeros((), acc)
     flags = list(flags) or [True] * len(leaves)
-    sums = jnp.stack([jnp.sum(_abs_sq(x, acc)) for x in leaves])
+    sums = [jnp.sum(_abs_sq(x, acc)) for x in leaves]
     sums = _reduce_over_devices(sums, flags, axis_name, jax.lax.psum)
     total = jnp.sum(sums)
 
@@ -113,13 +118,13 @@ def _leaf_and_global_norms(
     def overflowed(operands):
         # Rescale each leaf by its largest magnitude: (x / m)^2 <= 1 cannot overflow.
         xs = operands
-        maxes = jnp.stack([jnp.max(_abs(x, acc)) for x in xs])
+        maxes = [jnp.max(_abs(x, acc)) for x in xs]
         maxes = _reduce_over_devices(maxes, flags, axis_name, jax.lax.pmax)
         usable = jnp.isfinite(maxes) & (maxes > 0)
         denoms = jax.lax.stop_gradient(jnp.where(usable, maxes, 1))  # see _vector_norm
-        scaled = jnp.stack(
-            [jnp.sum(_abs_sq(_divide(x, d, acc), acc)) for x, d in zip(xs, denoms, strict=True)]
-        )
+        scaled = [
+            jnp.sum(_abs_sq(_divide(x, d, acc), acc)) for x, d in zip(xs, denoms, strict=True)
+        ]
         scaled = _reduce_over_devices(scaled, flags, axis_name, jax.lax.psum)
         # A NaN/inf leaf keeps its plain (NaN/inf) sum: no masking of bad input.
         leaf_norms = jnp.where(usable, denoms * safe_sqrt(scaled), safe_sqrt(sums))

@@ -10,7 +10,13 @@ import optax
 
 from optaxclip import _stats
 from optaxclip._global import measure
-from optaxclip._norms import _leaf_and_global_norms
+from optaxclip._norms import (
+    AxisName,
+    Sharded,
+    _flags_for,
+    _leaf_and_global_norms,
+    _reduce_over_devices,
+)
 from optaxclip._stats import ClipStats
 from optaxclip._validation import check_threshold, threshold_at
 
@@ -37,7 +43,9 @@ def _clip_leaf(x: jax.Array, limit: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(x, -lim, lim), jnp.any(jnp.abs(x) > lim)
 
 
-def clip_by_value(max_delta: Any) -> optax.GradientTransformationExtraArgs:
+def clip_by_value(
+    max_delta: Any, *, axis_name: AxisName = None, sharded: Sharded = None
+) -> optax.GradientTransformationExtraArgs:
     """Clamps every element of the updates to ``[-max_delta, max_delta]``.
 
     Unlike norm clipping this bends the update's direction: large components are cut
@@ -50,6 +58,11 @@ def clip_by_value(max_delta: Any) -> optax.GradientTransformationExtraArgs:
     Args:
       max_delta: the largest magnitude let through for each element: a non-negative
         scalar or an ``optax.Schedule`` evaluated at this transform's step count.
+      axis_name: inside ``shard_map``/``pmap``, the mapped axis over which the
+        statistics (norms, whether anything was clamped) are combined, so that every
+        device records the same values. The clamping itself is elementwise and needs
+        no communication.
+      sharded: which leaves are sharded along ``axis_name``; default all.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state carries a
@@ -80,13 +93,18 @@ def clip_by_value(max_delta: Any) -> optax.GradientTransformationExtraArgs:
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        norm = measure(updates)
+        norm = measure(updates, axis_name, sharded)
         limit = threshold_at(max_delta, state.stats.count)
         leaves, treedef = jax.tree_util.tree_flatten(updates)
+        flags = _flags_for(updates, sharded)
         results = [_clip_leaf(x, limit) for x in leaves]
         new_leaves = [r[0] for r in results]
-        clipped = jnp.any(jnp.stack([r[1] for r in results])) if results else jnp.array(False)
-        _, clipped_norm = _leaf_and_global_norms(new_leaves)
+        if results:
+            over = [r[1].astype(jnp.int32) for r in results]
+            clipped = jnp.any(_reduce_over_devices(over, flags, axis_name, jax.lax.pmax) > 0)
+        else:
+            clipped = jnp.array(False)
+        _, clipped_norm = _leaf_and_global_norms(new_leaves, axis_name=axis_name, flags=flags)
         new_stats = _stats.record(
             state.stats, norm=norm, clipped_norm=clipped_norm, threshold=limit, clipped=clipped
         )

@@ -1,0 +1,164 @@
+"""optaxclip on 8 devices: jit over a mesh, shard_map and pmap give the single-device
+answer, decisions agree across devices, and only scalars are communicated.
+
+JAX fixes the device count when it initialises, and this pytest process already has one
+device, so the checks run once, in a subprocess with 8 simulated CPU devices
+(``tests/multidevice_checks.py``, which documents each check); each test below asserts
+on one entry of the JSON report it prints. Under pytest-xdist the workers share one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import pytest
+
+import optaxclip
+
+SCRIPT = pathlib.Path(__file__).with_name("multidevice_checks.py")
+TIMEOUT_S = 900  # a guard against hangs; the checks take about a minute on 2 cores
+
+ALL_TRANSFORMS = [
+    "clip_by_global_norm",
+    "clip_by_value",
+    "clip_by_block_norm",
+    "clip_by_block_rms",
+    "adaptive_grad_clip",
+    "autoclip_window",
+    "autoclip_sketch",
+    "zclip",
+    "adagc",
+    "skip_nonfinite",
+    "skip_spikes",
+]
+PMAP_TRANSFORMS = [
+    "clip_by_global_norm",
+    "clip_by_block_rms",
+    "adaptive_grad_clip",
+    "autoclip_window",
+    "zclip",
+    "adagc",
+    "skip_nonfinite",
+    "skip_spikes",
+]
+
+
+def _run_checks() -> dict:
+    env = dict(os.environ)
+    # 8 simulated devices; the other two flags only make XLA's CPU code generation
+    # cheaper (compiling dominates the run), and both runs compared use the same code.
+    env["XLA_FLAGS"] = (
+        "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+        "--xla_llvm_disable_expensive_passes=true"
+    )
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("JAX_ENABLE_X64", None)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"{SCRIPT.name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return _run_checks()
+    # Under xdist, the first worker to get here runs the checks; the others wait for
+    # its result in the session's shared temporary directory.
+    shared = tmp_path_factory.getbasetemp().parent
+    result, lock = shared / "multidevice.json", shared / "multidevice.lock"
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not result.exists() and time.monotonic() < deadline:
+            time.sleep(1)
+        return json.loads(result.read_text())
+    data = _run_checks()
+    tmp = result.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.rename(result)
+    return data
+
+
+def _assert_ok(report: dict, name: str) -> None:
+    assert name in report, f"{name} was not reported; got {sorted(report)}"
+    assert report[name]["ok"], report[name]["detail"]
+
+
+@pytest.mark.parametrize("transform", ALL_TRANSFORMS)
+def test_jit_over_a_2x4_mesh_matches_one_device(report, transform):
+    # FSDP- and tensor-parallel-sharded gradients, several steps (adaptive states
+    # exercised): updates, statistics and state equal the single-device run, and the
+    # updates keep the parameters' shardings.
+    _assert_ok(report, f"mesh_jit/{transform}")
+
+
+@pytest.mark.parametrize("transform", ALL_TRANSFORMS)
+def test_shard_map_with_axis_name_matches_one_device(report, transform):
+    # Leaves split along different axes, others replicated; statistics and adaptive
+    # state declared replicated, which shard_map(check_vma=True) verifies.
+    _assert_ok(report, f"shard_map/{transform}")
+
+
+def test_shard_map_without_axis_name_each_shard_uses_its_own_norm(report):
+    # The control: without axis_name the answer is per-shard and differs.
+    _assert_ok(report, "shard_map/without_axis_name_each_shard_uses_its_own_norm")
+
+
+def test_shard_map_tuple_axis_name_over_a_2x4_mesh(report):
+    _assert_ok(report, "shard_map/tuple_axis_name_over_a_2x4_mesh")
+
+
+@pytest.mark.parametrize("transform", PMAP_TRANSFORMS)
+def test_pmap_with_axis_name_matches_one_device(report, transform):
+    # Outputs not tied to a split leaf must also be equal on all 8 devices.
+    _assert_ok(report, f"pmap/{transform}")
+
+
+def test_nan_on_one_shard_skips_on_every_device_under_jit(report):
+    _assert_ok(report, "mesh_jit/nan_on_one_shard_skips_everywhere")
+
+
+def test_nan_on_one_shard_skips_on_every_device_under_shard_map(report):
+    # And without axis_name only the device holding the NaN would skip.
+    _assert_ok(report, "shard_map/nan_on_one_shard_skips_on_every_device")
+
+
+def test_sharded_clip_by_global_norm_step_all_reduces_scalars_only(report):
+    # The compiled program has no all-gather (or other gradient-sized collective), and
+    # its all-reduces carry at most one scalar per leaf.
+    _assert_ok(report, "hlo/clip_by_global_norm_all_reduces_scalars_only")
+
+
+# In-process checks of the arguments (no devices needed).
+
+
+def test_agc_axis_name_and_sharded_axis_come_together():
+    with pytest.raises(ValueError, match="sharded_axis"):
+        optaxclip.adaptive_grad_clip(0.1, axis_name="x")
+    with pytest.raises(ValueError, match="axis_name"):
+        optaxclip.adaptive_grad_clip(0.1, sharded_axis=0)
+
+
+def test_agc_sharded_axis_rejects_bools_and_out_of_range_axes_naming_the_leaf():
+    with pytest.raises(TypeError, match="sharded_axis"):
+        optaxclip.adaptive_grad_clip(0.1, axis_name="x", sharded_axis=True)
+    tx = optaxclip.adaptive_grad_clip(0.1, axis_name="x", sharded_axis={"w": 2, "b": None})
+    params = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
+    with pytest.raises(ValueError, match=r"sharded_axis \['w'\] is 2"):
+        tx.update(params, tx.init(params), params)
