@@ -177,8 +177,8 @@ class SkipSpikesState(NamedTuple):
       inner_state: the wrapped optimizer's state.
       stats: the skip statistics (``threshold`` is the norm threshold).
       norm_history: ring buffer of the last ``window`` finite global norms (float32).
-      loss_history: ring buffer of the matching losses (float32; empty unless
-        ``use_loss=True``).
+      loss_history: ring buffer of the matching losses (float32; a single unused slot
+        unless ``use_loss=True``).
       loss_threshold: the loss threshold in force this step (inf before
         ``min_history`` entries, and always inf without ``use_loss``).
       size: how many entries of the buffers are filled (at most ``window``).
@@ -278,7 +278,9 @@ def skip_spikes(
     if not isinstance(use_loss, (bool, np.bool_)):
         raise TypeError(f"use_loss must be a bool, got {use_loss!r}.")
     inner = optax.with_extra_args_support(inner)
-    loss_len = window if use_loss else 0
+    # One unused slot rather than none without use_loss: Orbax refuses to save
+    # zero-size arrays, and the state must checkpoint.
+    loss_len = window if use_loss else 1
 
     def init_fn(params):
         return SkipSpikesState(

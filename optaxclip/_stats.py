@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -102,6 +103,14 @@ def _find_clip_stats(node: Any, parts: tuple[str, ...], out: list) -> None:
     if isinstance(node, ClipStats):
         out.append(("/".join(parts), node))
         return
+    if isinstance(node, Mapping) and set(node.keys()) == set(ClipStats._fields):
+        # A ClipStats turned into a dict of its fields, as in Flax NNX's
+        # `nnx.state(optimizer)` (an nnx.State) or a checkpoint restored without a target.
+        # Its class and the transform's state class are gone; "stats" is plumbing.
+        if parts and parts[-1] == "stats":
+            parts = parts[:-1]
+        out.append(("/".join(parts), ClipStats(**{f: node[f] for f in ClipStats._fields})))
+        return
     own = _state_name(node)
     if own is not None:
         parts = (*parts, own)
@@ -117,9 +126,9 @@ def _flat(s: ClipStats) -> dict[str, jax.Array]:
     # jnp.asarray unwraps mutable containers such as Flax NNX's OptArray: returning the
     # live Variable would make every logged step alias the optimizer's latest value.
     out = {k: jnp.asarray(v) for k, v in s._asdict().items()}
-    out["clip_rate"] = s.clip_count.astype(jnp.float32) / jnp.maximum(s.count, 1).astype(
-        jnp.float32
-    )
+    out["clip_rate"] = out["clip_count"].astype(jnp.float32) / jnp.maximum(
+        out["count"], 1
+    ).astype(jnp.float32)
     return out
 
 
@@ -127,12 +136,15 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     """Every :class:`ClipStats` in an optimizer state, as flat scalars for logging.
 
     Looks through any nesting of states (``optax.chain``, ``inject_hyperparams``,
-    ``MultiSteps``, ``masked``, ``partition``, optaxclip's own wrappers, Flax NNX
-    optimizer state) and is safe to call inside ``jax.jit``. With a single ClipStats the
-    keys are its field names plus ``clip_rate`` (``clip_count / max(count, 1)``). With
-    several, each key is prefixed by where its ClipStats sits: chain positions,
-    dict keys and the transform's name, for example ``"0/clip_by_global_norm/norm"``
-    (fields that only hold an inner state, like ``inner_state``, are left out).
+    ``MultiSteps``, ``masked``, ``partition``, optaxclip's own wrappers, a Flax NNX
+    optimizer or its ``opt_state``) and is safe to call inside ``jax.jit``. It also reads
+    states whose NamedTuples became dicts (``nnx.state(optimizer)``, a checkpoint
+    restored without a target); names then give positions instead of transforms.
+    With a single ClipStats the keys are its field names plus ``clip_rate``
+    (``clip_count / max(count, 1)``). With several, each key is prefixed by where its
+    ClipStats sits: chain positions, dict keys and the transform's name, for example
+    ``"0/clip_by_global_norm/norm"`` (fields that only hold an inner state, like
+    ``inner_state``, are left out).
 
     Args:
       opt_state: any optimizer state, or pytree containing one.

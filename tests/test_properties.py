@@ -8,8 +8,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 import numpy as np
+import optax
 from _reference import norm64, np64
 from hypothesis import given
 from hypothesis import strategies as st
