@@ -10,11 +10,13 @@ the input still gives a NaN or inf norm.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optaxclip._validation import resolve_per_leaf
 
@@ -32,12 +34,16 @@ def accumulation_dtype(leaves: Sequence[jax.Array]) -> jnp.dtype:
     return jnp.dtype(jnp.float32)
 
 
-def _abs_sq(x: jax.Array, acc: jnp.dtype) -> jax.Array:
-    """|x|^2 elementwise in the accumulation dtype (upcast before squaring)."""
+def _abs_sq(x: jax.Array, acc: jnp.dtype, scale: Any = None) -> jax.Array:
+    """|scale * x|^2 elementwise in the accumulation dtype (upcast before scaling)."""
     if jnp.iscomplexobj(x):
         re, im = jnp.real(x).astype(acc), jnp.imag(x).astype(acc)
+        if scale is not None:
+            re, im = re * scale, im * scale
         return re * re + im * im
     y = x.astype(acc)
+    if scale is not None:
+        y = y * scale
     return y * y
 
 
@@ -91,10 +97,204 @@ def _vector_norm(v: jax.Array) -> jax.Array:
     return jnp.where(ok, denom * safe_sqrt(jnp.sum(jnp.square(v / denom))), big)
 
 
+# Compile time grows with the number of kernels, and a reduction per leaf is one
+# kernel per leaf (three on XLA:CPU below 4096 elements, with the squares written out
+# to memory). So leaves with fewer than _SMALL elements are copied, as they are, into
+# a few shared [rows, width] buckets (one zero-padded row per leaf) whose row sums of
+# squares are the per-leaf sums, while bigger leaves keep a reduction each (one fused
+# read, nothing copied). The rescaled pass, which runs only when the plain sums
+# overflowed, also buckets the big leaves that share a size, so that it adds a few
+# dozen kernels instead of one per leaf. A bucket holds at most about 1/_BUCKETS of
+# the tree's elements and the buckets run one after another, so the extra memory
+# stays a few percent of the tree.
+_SMALL = 4096
+_BUCKETS = 32
+_BUCKET_MIN = 1 << 14  # elements
+_SHARED_LENGTH = 8  # this many small leaves of one size get rows of exactly that size
+
+
+def _padded_width(n: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, ... (2^k or 3 * 2^k) that is >= n."""
+    k = max(0, (n - 1).bit_length())
+    if k >= 2 and 3 << (k - 2) >= n:
+        return 3 << (k - 2)
+    return 1 << k
+
+
+def _is_known_unsharded(x: jax.Array) -> bool:
+    """True when x's type says it is whole on every device (explicit or manual axes)."""
+    typeof = getattr(jax, "typeof", None)
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    if typeof is None or axis_type is None:
+        return False
+    try:
+        sharding = typeof(x).sharding
+        mesh = sharding.mesh
+        if mesh.empty:
+            return False
+        if all(t in (axis_type.Explicit, axis_type.Manual) for t in mesh.axis_types):
+            return all(p is None for p in sharding.spec)
+    except Exception:  # noqa: BLE001 - a JAX without this information
+        return False
+    return False
+
+
+def _concatenable(leaves: Sequence[jax.Array], axis_name: AxisName) -> list[bool]:
+    """Which leaves may be copied into a shared bucket without any data movement.
+
+    Inside ``shard_map``/``pmap`` (``axis_name`` given) and on a single device every
+    leaf is local. Under plain ``jit`` with several devices GSPMD may have sharded a
+    leaf, and concatenating it would make XLA all-gather it, so there only leaves
+    whose type says they are replicated are bucketed; the others keep their own
+    reduction, which partitions into local sums and an all-reduce of scalars.
+    """
+    if axis_name is not None or jax.device_count() == 1:
+        return [True] * len(leaves)
+    return [_is_known_unsharded(x) for x in leaves]
+
+
+def _sums_of_squares(
+    xs: Sequence[jax.Array],
+    acc: jnp.dtype,
+    concatenable: Sequence[bool],
+    *,
+    scale: float | None = None,
+    bucket_big: bool = False,
+    plain: dict[int, jax.Array] | None = None,
+) -> tuple[jax.Array, dict[int, jax.Array]]:
+    """The sum of |scale * x|^2 of each array, a vector in the order of ``xs``.
+
+    Also returns the sums of the arrays reduced on their own (by index): the rescaled
+    pass gets those of the plain pass as ``plain`` (see ``own`` below).
+    """
+    sizes = [math.prod(np.shape(x)) for x in xs]
+    # The rescaled pass copies (nearly) everything, in bigger buckets: fewer kernels.
+    bucket_size = max(_BUCKET_MIN, sum(sizes) // (_BUCKETS // 2 if bucket_big else _BUCKETS))
+    counts: dict[tuple[str, int], int] = {}
+    for x, size in zip(xs, sizes, strict=True):
+        key = (jnp.dtype(x.dtype).name, size)
+        counts[key] = counts.get(key, 0) + 1
+    direct: list[int] = []
+    buckets: dict[tuple[str, int], list[int]] = {}
+    for i, (x, size) in enumerate(zip(xs, sizes, strict=True)):
+        if size == 0:
+            continue
+        key = (jnp.dtype(x.dtype).name, size)
+        if not concatenable[i]:
+            direct.append(i)
+        elif size < _SMALL:
+            width = size if counts[key] >= _SHARED_LENGTH else _padded_width(size)
+            buckets.setdefault((key[0], width), []).append(i)
+        elif bucket_big and size <= bucket_size and counts[key] > 1:
+            buckets.setdefault(key, []).append(i)
+        else:
+            direct.append(i)
+
+    def own(witness: jax.Array) -> jax.Array | None:
+        # XLA:CPU writes out in full a scalar broadcast that several reductions share,
+        # so each reduction gets a scale of its own, tied to a scalar it alone reads
+        # (and halved where that is NaN, when its sum is NaN anyway). The witness is
+        # the plain sum for a leaf reduced on its own (indexing a sharded leaf would
+        # gather it) and the first element for a bucket (local by construction).
+        if scale is None:
+            return None
+        bad = jnp.isnan(witness)
+        return jax.lax.select(bad, jnp.asarray(scale / 2, acc), jnp.asarray(scale, acc))
+
+    parts: list[jax.Array] = []
+    owners: list[int] = []  # the leaf of each entry of concatenate(parts)
+    own_sums: dict[int, jax.Array] = {}
+    for i in direct:
+        witness = None if plain is None else plain[i]
+        own_sums[i] = jnp.sum(_abs_sq(xs[i], acc, own(witness) if scale else None))
+    if direct:
+        parts.append(jnp.stack([own_sums[i] for i in direct]))
+        owners.extend(direct)
+    previous = None
+    for (_, width), members in sorted(buckets.items()):
+        rows_per_bucket = max(1, bucket_size // width)
+        for start in range(0, len(members), rows_per_bucket):
+            rows = members[start : start + rows_per_bucket]
+            dtype = xs[rows[0]].dtype
+            block = []
+            for i in rows:
+                block.append(xs[i].reshape(-1))
+                if sizes[i] < width:
+                    block.append(np.zeros((width - sizes[i],), dtype))
+            if previous is not None:
+                # The previous bucket's first sum rides along as an extra row that is
+                # dropped: the buckets then run one after another, sharing one buffer.
+                link = jax.lax.stop_gradient(previous[0]).astype(dtype)
+                block.append(jnp.broadcast_to(link, (width,)))
+            flat = jnp.concatenate(block) if len(block) > 1 else block[0]
+            sums = jnp.sum(_abs_sq(flat.reshape(-1, width), acc, own(flat[0])), axis=1)
+            previous = sums
+            parts.append(sums)
+            owners.extend(rows + [-1] * (sums.shape[0] - len(rows)))  # -1: the link row
+
+    n = len(xs)
+    if not parts:
+        return jnp.zeros((n,), acc), own_sums
+    values = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+    if owners == list(range(n)):
+        return values, own_sums
+    position = {i: k for k, i in enumerate(owners) if i >= 0}
+    if len(position) < n:  # empty leaves read a zero
+        values = jnp.concatenate([values, jnp.zeros((1,), acc)])
+    index = [position.get(i, values.shape[0] - 1) for i in range(n)]
+    return values[np.array(index, np.int32)], own_sums
+
+
+def _sums_over_devices(
+    xs: Sequence[jax.Array],
+    acc: jnp.dtype,
+    flags: Sequence[bool],
+    axis_name: AxisName,
+    concatenable: Sequence[bool],
+    **how: Any,
+) -> tuple[jax.Array, dict[int, jax.Array]]:
+    """Per-leaf sums of squares, ``psum``-ed over ``axis_name`` for the sharded leaves.
+
+    Sharded and replicated leaves are summed in separate buckets and only the
+    sharded ones enter the (single) collective, so that under
+    ``shard_map(check_vma=True)`` a replicated leaf's sum stays device-invariant.
+    """
+    if axis_name is None or all(flags) or not any(flags):
+        sums, own = _sums_of_squares(xs, acc, concatenable, **how)
+        if axis_name is not None and all(flags):
+            sums = jax.lax.psum(sums, axis_name)
+        return sums, own
+    groups = [[i for i, f in enumerate(flags) if f], [i for i, f in enumerate(flags) if not f]]
+    plain = how.pop("plain", None)
+    results, own = [], {}
+    for g in groups:
+        local_plain = plain and {k: plain[i] for k, i in enumerate(g) if i in plain}
+        sums, local = _sums_of_squares(
+            [xs[i] for i in g], acc, [concatenable[i] for i in g], plain=local_plain, **how
+        )
+        results.append(sums)
+        own.update({g[k]: v for k, v in local.items()})
+    values = jnp.concatenate([jax.lax.psum(results[0], axis_name), results[1]])
+    index = np.empty(len(xs), np.int32)
+    index[groups[0] + groups[1]] = np.arange(len(xs))
+    return values[index], own
+
+
+# Multiplying by a power of two is exact, after it no finite float32 (float64) value
+# overflows when squared and summed, and a sum that overflowed unscaled stays far
+# above the smallest normal number.
+_RESCALE = {32: 2.0**-96, 64: 2.0**-768}
+
+
 def _leaf_and_global_norms(
     leaves: Sequence[jax.Array], *, axis_name: AxisName = None, flags: Sequence[bool] = ()
 ) -> tuple[jax.Array, jax.Array]:
     """Per-leaf L2 norms (a vector) and the global L2 norm, computed in one pass.
+
+    The float32 (float64) sums of squares come first; only when their total is not
+    finite does a second pass run (behind a ``lax.cond``), multiplying each leaf by a
+    fixed power of two before squaring, so that a leaf whose sum overflowed gets its
+    right, finite norm while a NaN/inf input still gives NaN/inf.
 
     Args:
       leaves: the arrays (no None).
@@ -108,30 +308,29 @@ def _leaf_and_global_norms(
     if not leaves:
         return jnp.zeros((0,), acc), jnp.zeros((), acc)
     flags = list(flags) or [True] * len(leaves)
-    sums = [jnp.sum(_abs_sq(x, acc)) for x in leaves]
-    sums = _reduce_over_devices(sums, flags, axis_name, jax.lax.psum)
+    concatenable = _concatenable(leaves, axis_name)
+    sums, plain = _sums_over_devices(leaves, acc, flags, axis_name, concatenable)
     total = jnp.sum(sums)
+    rescale = _RESCALE[jnp.finfo(acc).bits]
 
+    # Both branches return (sums, total, factor) with norm = sqrt(sum) * factor: the
+    # common one passes its inputs through, so it compiles to nothing, and the
+    # square roots below are shared (each distinct scalar kernel costs compile time).
     def common(operands):
-        return safe_sqrt(sums), safe_sqrt(total)
+        return sums, total, jnp.ones((), acc)
 
     def overflowed(operands):
-        # Rescale each leaf by its largest magnitude: (x / m)^2 <= 1 cannot overflow.
-        xs = operands
-        maxes = [jnp.max(_abs(x, acc)) for x in xs]
-        maxes = _reduce_over_devices(maxes, flags, axis_name, jax.lax.pmax)
-        usable = jnp.isfinite(maxes) & (maxes > 0)
-        denoms = jax.lax.stop_gradient(jnp.where(usable, maxes, 1))  # see _vector_norm
-        scaled = [
-            jnp.sum(_abs_sq(_divide(x, d, acc), acc)) for x, d in zip(xs, denoms, strict=True)
-        ]
-        scaled = _reduce_over_devices(scaled, flags, axis_name, jax.lax.psum)
-        # A NaN/inf leaf keeps its plain (NaN/inf) sum: no masking of bad input.
-        leaf_norms = jnp.where(usable, denoms * safe_sqrt(scaled), safe_sqrt(sums))
-        finite = jnp.all(jnp.isfinite(leaf_norms))
-        return leaf_norms, jnp.where(finite, _vector_norm(leaf_norms), safe_sqrt(total))
+        how = dict(scale=rescale, bucket_big=True, plain=plain)
+        scaled, _ = _sums_over_devices(operands, acc, flags, axis_name, concatenable, **how)
+        return scaled, jnp.sum(scaled), jnp.asarray(1 / rescale, acc)
 
-    return jax.lax.cond(jnp.isfinite(total), common, overflowed, list(leaves))
+    sums2, total2, factor = jax.lax.cond(jnp.isfinite(total), common, overflowed, list(leaves))
+    # Leaves whose plain sum is finite keep it (rescaling flushes their smallest squares
+    # to zero). The rescaled total is accurate: it is only used when the plain one
+    # overflowed, next to which the flushed squares are negligible. NaN/inf inputs
+    # give NaN/inf either way.
+    leaf_norms = jnp.where(jnp.isfinite(sums), safe_sqrt(sums), safe_sqrt(sums2) * factor)
+    return leaf_norms, safe_sqrt(total2) * factor
 
 
 def _flags_for(tree: Any, sharded: Sharded) -> list[bool]:

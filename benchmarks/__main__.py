@@ -1,0 +1,77 @@
+"""``python -m benchmarks [--quick]``: measure optaxclip against Optax, write the report.
+
+Sections: the step time, compile time and temp memory of chain(clip, optimizer) for
+optaxclip.clip_by_global_norm, optax.clip_by_global_norm and a bare one-norm clip,
+against the optimizer alone (adamw and sgd; 10, 100 and 2000 leaves; 1M and 20M
+parameters), with the machine's read-once bound; and the step time of the adaptive
+transforms against clip_by_global_norm, including AutoClip late in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__.split("\n\n")[0],
+        epilog="Results: <out>/[quick_]results.{json,md} and PNG plots.",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a smaller grid and fewer repeats (~1 minute)"
+    )
+    parser.add_argument(
+        "--only",
+        choices=("clip", "adaptive"),
+        action="append",
+        help="run only these sections (repeatable); default: all",
+    )
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=HERE / "results", help="output directory"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    # Imported here so that --help answers without starting JAX.
+    from benchmarks import _cases, _harness, _report
+
+    sections = args.only or ["clip", "adaptive"]
+    plan = _cases.Plan.make(args.quick)
+    notes: list[str] = []
+
+    def log(message: str) -> None:
+        notes.append(message)
+        print(f"note: {message}", file=sys.stderr, flush=True)
+
+    command = "python -m benchmarks" + (" --quick" if args.quick else "")
+    if args.only:
+        command += "".join(f" --only {s}" for s in args.only)
+    results: dict = {
+        "meta": {"command": command, "machine": _harness.machine_info(), "plan": repr(plan)},
+        "clip": {"step": [], "compile": [], "memory": []},
+        "adaptive": None,
+    }
+    start = time.perf_counter()
+    if "clip" in sections:
+        results["clip"] = _cases.clip_benchmarks(plan, log)
+    if "adaptive" in sections:
+        results["adaptive"] = _cases.adaptive_benchmarks(plan, log)
+    results["meta"]["duration_s"] = time.perf_counter() - start
+    results["meta"]["notes"] = notes
+    prefix = "quick_" if args.quick else ""
+    written = _report.write(results, args.out, prefix)
+    print(_report.markdown(results))
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Turns the measurements into results.json, a markdown report and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+
+M = 1_000_000
+CLIPS = ("optaxclip", "optax", "bare")
+
+
+def _p(n: int) -> str:
+    return f"{n // M}M" if n % M == 0 else f"{n / M:.1f}M"
+
+
+def _find(entries: list[dict], **key: Any) -> dict | None:
+    for e in entries:
+        if all(e.get(k) == v for k, v in key.items()):
+            return e
+    return None
+
+
+def targets(results: dict) -> list[dict]:
+    """The issue's targets, each with what was measured and whether it is met."""
+    out = []
+    step, comp, mem = results["clip"]["step"], results["clip"]["compile"], results["clip"]["memory"]
+    e = _find(step, optimizer="adamw", leaves=100, params=20 * M)
+    if e:
+        oc = e["candidates"]["optaxclip"]["ratio_vs_alone"]
+        out.append(
+            {
+                "target": "step: chain(clip_by_global_norm, adamw) <= 1.15x adamw "
+                "(20M, 100 leaves)",
+                "measured": f"{oc:.3f}x",
+                "met": oc <= 1.15,
+            }
+        )
+        if "optax" in e["candidates"]:
+            ox = e["candidates"]["optax"]["ratio_vs_alone"]
+            out.append(
+                {
+                    "target": "step: overhead at least 10% below Optax's (20M, 100 leaves)",
+                    "measured": f"+{100 * (oc - 1):.1f}% vs Optax +{100 * (ox - 1):.1f}%",
+                    "met": (oc - 1) <= 0.9 * (ox - 1),
+                }
+            )
+    for params in sorted({c["params"] for c in comp if c["leaves"] == 2000}):
+        c = _find(comp, optimizer="sgd", leaves=2000, params=params)
+        if c:
+            r = c["candidates"]["optaxclip"]["ratio_vs_alone"]
+            text = f"{r:.2f}x"
+            if "optax" in c["candidates"]:
+                text += f" (Optax {c['candidates']['optax']['ratio_vs_alone']:.1f}x)"
+            out.append(
+                {
+                    "target": f"compile: chain(clip, sgd) <= 2x sgd (2000 leaves, {_p(params)})",
+                    "measured": text,
+                    "met": r <= 2.0,
+                }
+            )
+    worse = []
+    checked = 0
+    for c in comp:
+        if c["leaves"] <= 100 and "optax" in c["candidates"]:
+            checked += 1
+            mine = c["candidates"]["optaxclip"]["median_total_s"]
+            theirs = c["candidates"]["optax"]["median_total_s"]
+            if mine > theirs:
+                worse.append(
+                    f"{c['optimizer']}/{c['leaves']}/{_p(c['params'])}: "
+                    f"{mine:.2f}s vs {theirs:.2f}s"
+                )
+    if checked:
+        out.append(
+            {
+                "target": "compile: no worse than Optax at 10 and 100 leaves",
+                "measured": "; ".join(worse) if worse else f"all {checked} configs",
+                "met": not worse,
+            }
+        )
+    if mem:
+        worst = max(mem, key=lambda m: m["extra_pct_of_grad"]["optaxclip"])
+        pct = worst["extra_pct_of_grad"]["optaxclip"]
+        out.append(
+            {
+                "target": "memory: extra temp from clipping <= 10% of the gradient's bytes",
+                "measured": f"max {pct:.1f}% ({worst['optimizer']}, {worst['leaves']} leaves, "
+                f"{_p(worst['params'])})",
+                "met": pct <= 10.0,
+            }
+        )
+    ad = results.get("adaptive")
+    if ad:
+        for name, c in ad["candidates"].items():
+            if name == "clip_by_global_norm":
+                continue
+            r = c["ratio_vs_clip_by_global_norm"]
+            out.append(
+                {
+                    "target": f"adaptive: {name} <= 1.05x clip_by_global_norm",
+                    "measured": f"{r:.3f}x",
+                    "met": r <= 1.05,
+                }
+            )
+        late = ad.get("autoclip_late", {}).get("autoclip (sketch)")
+        if late:
+            r = late["ratio_late_vs_first"]
+            out.append(
+                {
+                    "target": f"AutoClip sketch at step {late['late_step']:,} within 5% of step 1",
+                    "measured": f"{r:.3f}x",
+                    "met": abs(r - 1) <= 0.05,
+                }
+            )
+    return out
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    m = meta["machine"]
+    lines = [
+        "# optaxclip benchmarks",
+        "",
+        f"`{meta['command']}` on {m['processor']} ({m['cpu_count']} cores), backend "
+        f"{m['backend']}, JAX {m['jax']}, Optax {m['optax']}, {m['date']}; "
+        f"{meta['duration_s'] / 60:.1f} min; load average at start "
+        f"{', '.join(f'{x:.1f}' for x in m['load_average'] or [])}.",
+        "",
+        "Every number is a median over repeats in which the candidates took turns, and "
+        "every ratio is taken within a repeat. Leaves are float32 vectors of equal size; "
+        "*bare* is the cheapest possible clip (one float32 norm, one scalar multiply, "
+        "no robustness), *read once* a jitted pass that only sums each gradient leaf: "
+        "1 + its ratio is the floor for any clip that must read the gradient before "
+        "scaling it.",
+        "",
+    ]
+    step = results["clip"]["step"]
+    if step:
+        lines += [
+            "## Step time (ratio to the optimizer alone)",
+            "",
+            "| optimizer | leaves | params | alone | optaxclip | Optax | bare | read once "
+            "(JAX) | read once (NumPy) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for e in step:
+            c = e["candidates"]
+
+            def r(name, c=c):
+                return f"{c[name]['ratio_vs_alone']:.3f}x" if name in c else "-"
+
+            lines.append(
+                f"| {e['optimizer']} | {e['leaves']} | {_p(e['params'])} | "
+                f"{1e3 * c['alone']['median_s']:.1f} ms | {r('optaxclip')} | {r('optax')} | "
+                f"{r('bare')} | +{c['read_jax']['ratio_vs_alone']:.3f} | "
+                f"+{c['read_numpy']['ratio_vs_alone']:.3f} |"
+            )
+        lines.append("")
+    comp = results["clip"]["compile"]
+    if comp:
+        lines += [
+            "## Compile time (lower + compile, seconds; ratio to the optimizer alone)",
+            "",
+            "| optimizer | leaves | params | alone | optaxclip | Optax | bare | samples |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for e in comp:
+            c = e["candidates"]
+
+            def s(name, c=c):
+                if name not in c:
+                    return "skipped"
+                return f"{c[name]['median_total_s']:.2f} ({c[name]['ratio_vs_alone']:.1f}x)"
+
+            n = len(c["alone"]["samples"])
+            lines.append(
+                f"| {e['optimizer']} | {e['leaves']} | {_p(e['params'])} | "
+                f"{c['alone']['median_total_s']:.2f} | {s('optaxclip')} | {s('optax')} | "
+                f"{s('bare')} | {n} |"
+            )
+        lines.append("")
+    mem = results["clip"]["memory"]
+    if mem:
+        lines += [
+            "## Memory (XLA temp buffers beyond the optimizer's, % of the gradient's bytes)",
+            "",
+            "| optimizer | leaves | params | gradient | optaxclip | Optax | bare |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for e in mem:
+            x = e["extra_pct_of_grad"]
+
+            def pc(name, x=x):
+                return f"{x[name]:.2f}%" if name in x else "-"
+
+            lines.append(
+                f"| {e['optimizer']} | {e['leaves']} | {_p(e['params'])} | "
+                f"{e['grad_bytes'] / 2**20:.0f} MiB | {pc('optaxclip')} | {pc('optax')} | "
+                f"{pc('bare')} |"
+            )
+        lines.append("")
+    ad = results.get("adaptive")
+    if ad:
+        lines += [
+            f"## Adaptive transforms (adamw, {ad['leaves']} leaves, {_p(ad['params'])})",
+            "",
+            "| transform | step | ratio to clip_by_global_norm |",
+            "|---|---:|---:|",
+        ]
+        for name, c in ad["candidates"].items():
+            lines.append(
+                f"| {name} | {1e3 * c['median_s']:.1f} ms | "
+                f"{c['ratio_vs_clip_by_global_norm']:.3f}x |"
+            )
+        for name in ad.get("missing", []):
+            lines.append(f"| {name} | not available | - |")
+        for name, late in ad.get("autoclip_late", {}).items():
+            late_s = late["median_s"][f"step {late['late_step']}"]
+            lines.append(
+                f"| {name}, step {late['late_step']:,} vs step 1 | {1e3 * late_s:.1f} ms | "
+                f"{late['ratio_late_vs_first']:.3f}x (of step 1) |"
+            )
+        lines.append("")
+    tg = results.get("targets", [])
+    if tg:
+        lines += ["## Targets", "", "| target | measured | met |", "|---|---|:-:|"]
+        for t in tg:
+            lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |")
+        lines.append("")
+    notes = results["meta"].get("notes", [])
+    if notes:
+        lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def plots(results: dict, out: pathlib.Path, prefix: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    step = results["clip"]["step"]
+    if step:
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(step)), 4))
+        labels = [f"{e['optimizer']}\n{e['leaves']}L {_p(e['params'])}" for e in step]
+        x = np.arange(len(step))
+        width = 0.25
+        for k, name in enumerate(CLIPS):
+            vals = [e["candidates"].get(name, {}).get("ratio_vs_alone", np.nan) for e in step]
+            ax.bar(x + (k - 1) * width, vals, width, label=name)
+        floor = [1 + e["candidates"]["read_jax"]["ratio_vs_alone"] for e in step]
+        ax.scatter(x, floor, color="k", marker="_", s=400, zorder=3, label="1 + read once")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.set_ylabel("step time / optimizer alone")
+        ax.set_ylim(bottom=0.9)
+        ax.legend(fontsize=8)
+        ax.set_title("Step time of chain(clip, optimizer)")
+        fig.tight_layout()
+        path = out / f"{prefix}step_time.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(str(path))
+    comp = results["clip"]["compile"]
+    if comp:
+        groups = sorted({(e["optimizer"], e["params"]) for e in comp})
+        fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.6), squeeze=False)
+        for ax, (opt, params) in zip(axes[0], groups, strict=True):
+            es = sorted(
+                (e for e in comp if e["optimizer"] == opt and e["params"] == params),
+                key=lambda e: e["leaves"],
+            )
+            for name in ("alone",) + CLIPS:
+                pts = [
+                    (e["leaves"], e["candidates"][name]["median_total_s"])
+                    for e in es
+                    if name in e["candidates"]
+                ]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("leaves")
+            ax.set_ylabel("lower + compile [s]")
+            ax.set_title(f"{opt}, {_p(params)} params", fontsize=10)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"{prefix}compile_time.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(str(path))
+    ad = results.get("adaptive")
+    if ad and ad["candidates"]:
+        names = list(ad["candidates"])
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        vals = [ad["candidates"][n]["ratio_vs_clip_by_global_norm"] for n in names]
+        ax.barh(names, vals)
+        ax.axvline(1.0, color="gray", lw=0.8)
+        ax.axvline(1.05, color="r", lw=0.8, ls="--", label="1.05x")
+        ax.set_xlabel("step time / clip_by_global_norm")
+        ax.set_xlim(left=min(0.9, min(vals) - 0.02))
+        ax.legend(fontsize=8)
+        ax.set_title(f"Adaptive transforms (adamw, {ad['leaves']} leaves, {_p(ad['params'])})")
+        fig.tight_layout()
+        path = out / f"{prefix}adaptive.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+def write(results: dict, out: pathlib.Path, prefix: str) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    results["targets"] = targets(results)
+    json_path = out / f"{prefix}results.json"
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=float))
+    tmp.replace(json_path)
+    md_path = out / f"{prefix}results.md"
+    md_path.write_text(markdown(results))
+    return [str(json_path), str(md_path)] + plots(results, out, prefix)
