@@ -1,6 +1,9 @@
 """Independent float64 NumPy references shared by the tests."""
 
+import math
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -27,3 +30,26 @@ def rel_err(actual, expected):
     actual, expected = np64(actual), np64(expected)
     denom = np.maximum(np.abs(expected), np.finfo(np.float64).tiny)
     return float(np.max(np.abs(actual - expected) / denom)) if actual.size else 0.0
+
+
+# Shared by the adaptive tests that drive a transform with a chosen norm sequence.
+RNG = np.random.default_rng(0)
+# A fixed direction with unit global norm: step t's gradient is DIRECTION * norms[t].
+DIRECTION = {
+    "w": RNG.normal(size=(3, 4)).astype(np.float32),
+    "b": RNG.normal(size=(4,)).astype(np.float32),
+}
+_SCALE = math.sqrt(sum(float(np.sum(x.astype(np.float64) ** 2)) for x in DIRECTION.values()))
+DIRECTION = jax.tree.map(lambda x: jnp.asarray(x / _SCALE), DIRECTION)
+
+
+def norms64(tree):
+    """Each leaf's L2 norm in float64 NumPy (eager optaxclip norms would compile op by op)."""
+    return [
+        float(np.linalg.norm(np.asarray(x, np.complex128).ravel())) for x in jax.tree.leaves(tree)
+    ]
+
+
+def scaled(s):
+    """The gradient tree DIRECTION * s (global norm s)."""
+    return jax.tree.map(lambda d: d * s, DIRECTION)

@@ -8,29 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _reference import DIRECTION, norms64, scaled
 
 import optaxclip
-
-RNG = np.random.default_rng(0)
-# A fixed direction with unit global norm: step t's gradient is DIRECTION * norms[t].
-DIRECTION = {
-    "w": RNG.normal(size=(3, 4)).astype(np.float32),
-    "b": RNG.normal(size=(4,)).astype(np.float32),
-}
-_SCALE = math.sqrt(sum(float(np.sum(x.astype(np.float64) ** 2)) for x in DIRECTION.values()))
-DIRECTION = jax.tree.map(lambda x: jnp.asarray(x / _SCALE), DIRECTION)
-
-
-def norms64(tree):
-    """Each leaf's L2 norm in float64 NumPy (eager optaxclip norms would compile op by op)."""
-    return [
-        float(np.linalg.norm(np.asarray(x, np.complex128).ravel())) for x in jax.tree.leaves(tree)
-    ]
-
-
-def scaled(s):
-    """The gradient tree DIRECTION * s (global norm s)."""
-    return jax.tree.map(lambda d: d * s, DIRECTION)
 
 
 def spiky_norms(steps: int, seed: int) -> np.ndarray:
