@@ -2,17 +2,17 @@
 
 Every norm in optaxclip goes through :func:`_leaf_and_global_norms`. The common case
 costs one read of each leaf: the float32 (float64 when a leaf is float64) sum of
-squares. Only when that sum is not finite does a ``lax.cond`` branch run, which
-rescales each leaf by its largest magnitude so that values beyond ~1.8e19 (whose
-squares overflow float32) still give the right, finite norm, while a NaN or inf in
-the input still gives a NaN or inf norm.
+squares. Only when that sum is not finite does a ``lax.cond`` branch run, which sums
+the squares of each leaf times a fixed power of two, so that values beyond ~1.8e19
+(whose squares overflow float32) still give the right, finite norm, while a NaN or
+inf in the input still gives a NaN or inf norm.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -102,15 +102,26 @@ def _vector_norm(v: jax.Array) -> jax.Array:
 # to memory). So leaves with fewer than _SMALL elements are copied, as they are, into
 # a few shared [rows, width] buckets (one zero-padded row per leaf) whose row sums of
 # squares are the per-leaf sums, while bigger leaves keep a reduction each (one fused
-# read, nothing copied). The rescaled pass, which runs only when the plain sums
-# overflowed, also buckets the big leaves that share a size, so that it adds a few
-# dozen kernels instead of one per leaf. A bucket holds at most about 1/_BUCKETS of
-# the tree's elements and the buckets run one after another, so the extra memory
-# stays a few percent of the tree.
+# read, nothing copied). A bucket holds at most about 1/_BUCKETS of the tree's
+# elements and the buckets run one after another, so the extra memory stays a few
+# percent of the tree.
+#
+# The overflow rescue of a bucket is computed with its plain sums, from the same
+# buffer while it is in cache: a second (rescaled) reduction of a few dozen small
+# buckets costs little time and, unlike a rare branch that copies the buckets again,
+# almost no compile time. The leaves reduced on their own are rescued behind a
+# lax.cond that runs only when the plain total is not finite (a second read of a big
+# leaf would cost a pass); when there are many of them it buckets those that share a
+# size, so that it adds a few dozen kernels instead of one per leaf.
 _SMALL = 4096
 _BUCKETS = 32
 _BUCKET_MIN = 1 << 14  # elements
 _SHARED_LENGTH = 8  # this many small leaves of one size get rows of exactly that size
+_STACK = 64  # the sums of the leaves reduced on their own are stacked this many at a time
+# Multiplying by a power of two is exact, after it no finite float32 (float64) value
+# overflows when squared and summed, and a sum that overflowed unscaled stays far
+# above the smallest normal number.
+_RESCALE = {32: 2.0**-96, 64: 2.0**-768}
 
 
 def _padded_width(n: int) -> int:
@@ -153,96 +164,148 @@ def _concatenable(leaves: Sequence[jax.Array], axis_name: AxisName) -> list[bool
     return [_is_known_unsharded(x) for x in leaves]
 
 
-def _sums_of_squares(
-    xs: Sequence[jax.Array],
-    acc: jnp.dtype,
-    concatenable: Sequence[bool],
-    *,
-    scale: float | None = None,
-    bucket_big: bool = False,
-    plain: dict[int, jax.Array] | None = None,
-) -> tuple[jax.Array, dict[int, jax.Array]]:
-    """The sum of |scale * x|^2 of each array, a vector in the order of ``xs``.
+def _layout(
+    xs: Sequence[jax.Array], sizes: list[int], concatenable: Sequence[bool], copy_big: bool
+) -> tuple[list[int], list[tuple[int, list[int]]], int]:
+    """(arrays reduced on their own, buckets as (row width, rows), bucket size).
 
-    Also returns the sums of the arrays reduced on their own (by index): the rescaled
-    pass gets those of the plain pass as ``plain`` (see ``own`` below).
+    Empty arrays are in neither list.
     """
-    sizes = [math.prod(np.shape(x)) for x in xs]
-    # The rescaled pass copies (nearly) everything, in bigger buckets: fewer kernels.
-    bucket_size = max(_BUCKET_MIN, sum(sizes) // (_BUCKETS // 2 if bucket_big else _BUCKETS))
+    # The rescue copies big leaves too, in bigger buckets: fewer kernels.
+    bucket_size = max(_BUCKET_MIN, sum(sizes) // (_BUCKETS // 2 if copy_big else _BUCKETS))
     counts: dict[tuple[str, int], int] = {}
     for x, size in zip(xs, sizes, strict=True):
         key = (jnp.dtype(x.dtype).name, size)
         counts[key] = counts.get(key, 0) + 1
     direct: list[int] = []
-    buckets: dict[tuple[str, int], list[int]] = {}
+    groups: dict[tuple[str, int], list[int]] = {}
     for i, (x, size) in enumerate(zip(xs, sizes, strict=True)):
+        key = (jnp.dtype(x.dtype).name, size)
         if size == 0:
             continue
-        key = (jnp.dtype(x.dtype).name, size)
         if not concatenable[i]:
             direct.append(i)
         elif size < _SMALL:
             width = size if counts[key] >= _SHARED_LENGTH else _padded_width(size)
-            buckets.setdefault((key[0], width), []).append(i)
-        elif bucket_big and size <= bucket_size and counts[key] > 1:
-            buckets.setdefault(key, []).append(i)
+            groups.setdefault((key[0], width), []).append(i)
+        elif copy_big and size <= bucket_size and counts[key] > 1:
+            groups.setdefault(key, []).append(i)
         else:
             direct.append(i)
+    buckets = []
+    for (_, width), members in sorted(groups.items()):
+        per_bucket = max(1, bucket_size // width)
+        for k in range(0, len(members), per_bucket):
+            buckets.append((width, members[k : k + per_bucket]))
+    return direct, buckets, bucket_size
 
-    def own(witness: jax.Array) -> jax.Array | None:
-        # XLA:CPU writes out in full a scalar broadcast that several reductions share,
-        # so each reduction gets a scale of its own, tied to a scalar it alone reads
-        # (and halved where that is NaN, when its sum is NaN anyway). The witness is
-        # the plain sum for a leaf reduced on its own (indexing a sharded leaf would
-        # gather it) and the first element for a bucket (local by construction).
-        if scale is None:
-            return None
-        bad = jnp.isnan(witness)
-        return jax.lax.select(bad, jnp.asarray(scale / 2, acc), jnp.asarray(scale, acc))
 
-    parts: list[jax.Array] = []
-    owners: list[int] = []  # the leaf of each entry of concatenate(parts)
-    own_sums: dict[int, jax.Array] = {}
-    for i in direct:
-        witness = None if plain is None else plain[i]
-        own_sums[i] = jnp.sum(_abs_sq(xs[i], acc, own(witness) if scale else None))
-    if direct:
-        parts.append(jnp.stack([own_sums[i] for i in direct]))
-        owners.extend(direct)
-    previous = None
-    for (_, width), members in sorted(buckets.items()):
-        rows_per_bucket = max(1, bucket_size // width)
-        for start in range(0, len(members), rows_per_bucket):
-            rows = members[start : start + rows_per_bucket]
-            dtype = xs[rows[0]].dtype
-            block = []
-            for i in rows:
-                block.append(xs[i].reshape(-1))
-                if sizes[i] < width:
-                    block.append(np.zeros((width - sizes[i],), dtype))
-            if previous is not None:
-                # The previous bucket's first sum rides along as an extra row that is
-                # dropped: the buckets then run one after another, sharing one buffer.
-                link = jax.lax.stop_gradient(previous[0]).astype(dtype)
-                block.append(jnp.broadcast_to(link, (width,)))
-            flat = jnp.concatenate(block) if len(block) > 1 else block[0]
-            sums = jnp.sum(_abs_sq(flat.reshape(-1, width), acc, own(flat[0])), axis=1)
-            previous = sums
-            parts.append(sums)
-            owners.extend(rows + [-1] * (sums.shape[0] - len(rows)))  # -1: the link row
+def _own_scale(witness: jax.Array, scale: float, acc: jnp.dtype) -> jax.Array:
+    """``scale`` as a scalar that XLA cannot see through, tied to ``witness``.
 
+    A constant would not do: XLA rewrites (c x)^2 as x^2 c^2, and c^2 is 0 in float32.
+    A scalar shared by several reductions would not do either: XLA:CPU writes its
+    broadcast out in full. So each reduction gets its own, halved where the witness
+    (a value only that reduction reads) is NaN; the caller divides by the same value.
+    """
+    bad = jnp.isnan(witness)
+    return jax.lax.select(bad, jnp.asarray(scale / 2, acc), jnp.asarray(scale, acc))
+
+
+class _Sums(NamedTuple):
+    """Per-array sums of squares, in the order of the arrays.
+
+    ``plain``: sum |x|^2. ``scaled``: sum |c x|^2 with c = _RESCALE for bucketed arrays
+    (0 for the others, whose rescue runs apart), None when nothing is bucketed and in
+    the rescue pass. ``own``: the plain sums of the arrays reduced on their own, by
+    index.
+
+    Every rescaled sum is read as if c were _RESCALE. :func:`_own_scale` halves c only
+    in a reduction whose witness is NaN: a leaf reduced on its own whose sum is NaN
+    anyway, or a bucket whose first leaf holds a NaN (the total is then NaN, and
+    another leaf of that bucket whose plain sum overflowed would read a norm half its
+    size in that NaN step).
+    """
+
+    plain: jax.Array
+    scaled: jax.Array | None
+    own: dict[int, jax.Array]
+
+
+def _square_sums(
+    xs: Sequence[jax.Array],
+    acc: jnp.dtype,
+    concatenable: Sequence[bool],
+    *,
+    scale: float | None = None,
+    copy_big: bool = False,
+    witnesses: dict[int, jax.Array] | None = None,
+) -> _Sums:
+    """The sums of squares of each array (``scale * x`` when ``scale`` is given).
+
+    Without ``scale`` (the common pass) the buckets also give their rescaled sums. With
+    it (the rescue of the arrays reduced on their own), ``witnesses`` holds their plain
+    sums, which tie each reduction to a scale of its own (see :func:`_own_scale`).
+    """
+    sizes = [math.prod(np.shape(x)) for x in xs]
+    direct, buckets, _ = _layout(xs, sizes, concatenable, copy_big)
+    rescale = _RESCALE[jnp.finfo(acc).bits]
     n = len(xs)
-    if not parts:
-        return jnp.zeros((n,), acc), own_sums
-    values = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-    if owners == list(range(n)):
-        return values, own_sums
-    position = {i: k for k, i in enumerate(owners) if i >= 0}
-    if len(position) < n:  # empty leaves read a zero
-        values = jnp.concatenate([values, jnp.zeros((1,), acc)])
-    index = [position.get(i, values.shape[0] - 1) for i in range(n)]
-    return values[np.array(index, np.int32)], own_sums
+    plain_parts: list[jax.Array] = []
+    scaled_parts: list[jax.Array] = []
+    owners: list[int] = []  # the array of each entry of concatenate(parts); -1: none
+    own: dict[int, jax.Array] = {}
+    for i in direct:
+        c = None if scale is None else _own_scale(witnesses[i], scale, acc)
+        own[i] = jnp.sum(_abs_sq(xs[i], acc, c))
+    for k in range(0, len(direct), _STACK):
+        # A concatenation of thousands of scalars compiles superlinearly slowly, so
+        # they are stacked a few dozen at a time; the max (a no-op on sums of squares
+        # that keeps NaN) stops XLA from merging the stacks back into one.
+        group = direct[k : k + _STACK]
+        stacked = jnp.stack([own[i] for i in group])
+        plain_parts.append(jnp.maximum(stacked, 0) if len(direct) > 4 * _STACK else stacked)
+        scaled_parts.append(jnp.zeros((len(group),), acc))
+        owners.extend(group)
+    link = None
+    for width, rows in buckets:
+        dtype = xs[rows[0]].dtype
+        block = []
+        for i in rows:
+            block.append(xs[i].reshape(-1))
+            if sizes[i] < width:
+                block.append(np.zeros((width - sizes[i],), dtype))
+        if link is not None:
+            # An extra row, dropped, that depends on the previous bucket's result: the
+            # buckets then run one after another, sharing one buffer.
+            block.append(jnp.broadcast_to(link.astype(dtype), (width,)))
+        flat = jnp.concatenate(block) if len(block) > 1 else block[0]
+        y = flat.reshape(-1, width)
+        if scale is None:
+            sums = jnp.sum(_abs_sq(y, acc), axis=1)
+            c = _own_scale(flat[0], rescale, acc)  # local by construction
+            scaled_parts.append(jnp.sum(_abs_sq(y, acc, c), axis=1))
+        else:
+            sums = jnp.sum(_abs_sq(y, acc, _own_scale(flat[0], scale, acc)), axis=1)
+        link = jax.lax.stop_gradient(sums[0])
+        plain_parts.append(sums)
+        owners.extend(rows + [-1] * (y.shape[0] - len(rows)))
+
+    def arrange(parts: list[jax.Array], empty: float) -> jax.Array:
+        if not parts:
+            return jnp.full((n,), empty, acc)
+        values = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+        if owners == list(range(n)):
+            return values
+        position = {i: k for k, i in enumerate(owners) if i >= 0}
+        if len(position) < n:  # empty arrays read this entry
+            values = jnp.concatenate([values, jnp.full((1,), empty, acc)])
+        index = [position.get(i, values.shape[0] - 1) for i in range(n)]
+        return values[np.array(index, np.int32)]
+
+    if scale is not None or not buckets:  # rescaled sums in plain; nothing bucketed
+        return _Sums(arrange(plain_parts, 0), None, own)
+    return _Sums(arrange(plain_parts, 0), arrange(scaled_parts, 0), own)
 
 
 def _sums_over_devices(
@@ -252,38 +315,46 @@ def _sums_over_devices(
     axis_name: AxisName,
     concatenable: Sequence[bool],
     **how: Any,
-) -> tuple[jax.Array, dict[int, jax.Array]]:
-    """Per-leaf sums of squares, ``psum``-ed over ``axis_name`` for the sharded leaves.
+) -> _Sums:
+    """:func:`_square_sums`, ``psum``-ed over ``axis_name`` for the sharded arrays.
 
-    Sharded and replicated leaves are summed in separate buckets and only the
+    Sharded and replicated arrays are summed in separate buckets and only the
     sharded ones enter the (single) collective, so that under
     ``shard_map(check_vma=True)`` a replicated leaf's sum stays device-invariant.
     """
+
+    def reduce(sums: _Sums) -> _Sums:
+        if sums.scaled is None:
+            return sums._replace(plain=jax.lax.psum(sums.plain, axis_name))
+        both = jax.lax.psum(jnp.stack([sums.plain, sums.scaled]), axis_name)
+        return sums._replace(plain=both[0], scaled=both[1])
+
     if axis_name is None or all(flags) or not any(flags):
-        sums, own = _sums_of_squares(xs, acc, concatenable, **how)
-        if axis_name is not None and all(flags):
-            sums = jax.lax.psum(sums, axis_name)
-        return sums, own
+        sums = _square_sums(xs, acc, concatenable, **how)
+        return reduce(sums) if axis_name is not None and all(flags) else sums
     groups = [[i for i, f in enumerate(flags) if f], [i for i, f in enumerate(flags) if not f]]
-    plain = how.pop("plain", None)
-    results, own = [], {}
-    for g in groups:
-        local_plain = plain and {k: plain[i] for k, i in enumerate(g) if i in plain}
-        sums, local = _sums_of_squares(
-            [xs[i] for i in g], acc, [concatenable[i] for i in g], plain=local_plain, **how
+    witnesses = how.pop("witnesses", None)
+    parts, own = [], {}
+    for k, g in enumerate(groups):
+        local = witnesses and {j: witnesses[i] for j, i in enumerate(g) if i in witnesses}
+        sums = _square_sums(
+            [xs[i] for i in g], acc, [concatenable[i] for i in g], witnesses=local, **how
         )
-        results.append(sums)
-        own.update({g[k]: v for k, v in local.items()})
-    values = jnp.concatenate([jax.lax.psum(results[0], axis_name), results[1]])
+        parts.append(reduce(sums) if k == 0 else sums)
+        own.update({g[j]: v for j, v in sums.own.items()})
     index = np.empty(len(xs), np.int32)
     index[groups[0] + groups[1]] = np.arange(len(xs))
-    return values[index], own
 
+    def join(a: jax.Array | None, b: jax.Array | None, fill: float) -> jax.Array | None:
+        if a is None and b is None:
+            return None
+        a = jnp.full((len(groups[0]),), fill, acc) if a is None else a
+        b = jnp.full((len(groups[1]),), fill, acc) if b is None else b
+        return jnp.concatenate([a, b])[index]
 
-# Multiplying by a power of two is exact, after it no finite float32 (float64) value
-# overflows when squared and summed, and a sum that overflowed unscaled stays far
-# above the smallest normal number.
-_RESCALE = {32: 2.0**-96, 64: 2.0**-768}
+    return _Sums(
+        join(parts[0].plain, parts[1].plain, 0), join(parts[0].scaled, parts[1].scaled, 0), own
+    )
 
 
 def _leaf_and_global_norms(
@@ -292,9 +363,11 @@ def _leaf_and_global_norms(
     """Per-leaf L2 norms (a vector) and the global L2 norm, computed in one pass.
 
     The float32 (float64) sums of squares come first; only when their total is not
-    finite does a second pass run (behind a ``lax.cond``), multiplying each leaf by a
-    fixed power of two before squaring, so that a leaf whose sum overflowed gets its
-    right, finite norm while a NaN/inf input still gives NaN/inf.
+    finite does a second pass run over the leaves reduced on their own (behind a
+    ``lax.cond``), multiplying them by a fixed power of two before squaring (the
+    bucketed small leaves got that rescaled sum in the first pass), so that a leaf
+    whose sum overflowed gets its right, finite norm while a NaN/inf input still gives
+    NaN/inf.
 
     Args:
       leaves: the arrays (no None).
@@ -305,32 +378,53 @@ def _leaf_and_global_norms(
       ``(leaf_norms, norm)`` in the accumulation dtype.
     """
     acc = accumulation_dtype(leaves)
-    if not leaves:
+    n = len(leaves)
+    if not n:
         return jnp.zeros((0,), acc), jnp.zeros((), acc)
-    flags = list(flags) or [True] * len(leaves)
+    flags = list(flags) or [True] * n
     concatenable = _concatenable(leaves, axis_name)
-    sums, plain = _sums_over_devices(leaves, acc, flags, axis_name, concatenable)
-    total = jnp.sum(sums)
+    first = _sums_over_devices(leaves, acc, flags, axis_name, concatenable)
+    total = jnp.sum(first.plain)
     rescale = _RESCALE[jnp.finfo(acc).bits]
+    pending = sorted(first.own)  # the leaves reduced on their own
 
-    # Both branches return (sums, total, factor) with norm = sqrt(sum) * factor: the
-    # common one passes its inputs through, so it compiles to nothing, and the
-    # square roots below are shared (each distinct scalar kernel costs compile time).
+    # Both branches give (a, g): where a leaf's plain sum is not finite, its norm is
+    # sqrt(a) / rescale; g is the norm. The norm reaches the caller only through the
+    # cond: XLA then cannot copy the sum over all leaves into every kernel that reads
+    # it (on thousands of leaves that made compile time grow with the square of their
+    # number).
+    bucketed = first.scaled is not None
+    unscale = jnp.asarray(1 / rescale, acc)
+
     def common(operands):
-        return sums, total, jnp.ones((), acc)
+        return (first.scaled if bucketed else first.plain), safe_sqrt(total)
 
     def overflowed(operands):
-        how = dict(scale=rescale, bucket_big=True, plain=plain)
-        scaled, _ = _sums_over_devices(operands, acc, flags, axis_name, concatenable, **how)
-        return scaled, jnp.sum(scaled), jnp.asarray(1 / rescale, acc)
+        alt = first.scaled
+        if pending:
+            how = dict(
+                scale=rescale,
+                copy_big=True,
+                witnesses={k: first.own[i] for k, i in enumerate(pending)},
+            )
+            sub = [operands[i] for i in pending]
+            sub_flags, sub_ok = [flags[i] for i in pending], [concatenable[i] for i in pending]
+            rescued = _sums_over_devices(sub, acc, sub_flags, axis_name, sub_ok, **how).plain
+            if len(pending) == n:
+                alt = rescued
+            else:
+                index = np.arange(n)
+                index[pending] = n + np.arange(len(pending))
+                alt = jnp.concatenate([alt, rescued])[index]
+        # The rescaled total is accurate: it is only used when the plain one
+        # overflowed, next to which the squares that rescaling flushes to zero are
+        # negligible.
+        return alt, safe_sqrt(jnp.sum(alt)) * jnp.asarray(1 / rescale, acc)
 
-    sums2, total2, factor = jax.lax.cond(jnp.isfinite(total), common, overflowed, list(leaves))
-    # Leaves whose plain sum is finite keep it (rescaling flushes their smallest squares
-    # to zero). The rescaled total is accurate: it is only used when the plain one
-    # overflowed, next to which the flushed squares are negligible. NaN/inf inputs
-    # give NaN/inf either way.
-    leaf_norms = jnp.where(jnp.isfinite(sums), safe_sqrt(sums), safe_sqrt(sums2) * factor)
-    return leaf_norms, safe_sqrt(total2) * factor
+    alt, norm = jax.lax.cond(jnp.isfinite(total), common, overflowed, list(leaves))
+    finite = jnp.isfinite(first.plain)
+    leaf_norms = jnp.where(finite, safe_sqrt(first.plain), safe_sqrt(alt) * unscale)
+    return leaf_norms, norm
 
 
 def _flags_for(tree: Any, sharded: Sharded) -> list[bool]:

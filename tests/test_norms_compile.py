@@ -1,0 +1,221 @@
+"""The fast-compiling norm: buckets of small leaves, a rescue pass behind lax.cond.
+
+``_leaf_and_global_norms`` copies leaves of fewer than 4096 elements into a few shared
+buckets (so that thousands of leaves compile to a few dozen kernels) and rescues
+overflowed sums with a rescaled pass. These tests pin that this changes nothing a
+user can see: per-leaf and global norms equal a float64 NumPy reference on trees of
+1 to 3000 leaves of mixed sizes and dtypes, with overflow and NaN/inf; gradients are
+right; and on 8 devices under plain ``jit`` the program gathers no gradient and
+all-reduces only scalars or short vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _reference import np64
+
+import optaxclip
+from optaxclip._norms import _SMALL, _leaf_and_global_norms
+
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.complex64)
+# Sizes below and above the bucketing limit (4096), repeated ones (rows of exactly
+# that size) and scattered ones (zero-padded rows), empty and scalar leaves.
+SIZES = (1, 2, 3, 7, 64, 100, 500, 1000, 4095, 5000, 20000)
+
+
+def _tree(n_leaves: int, seed: int) -> list[jax.Array]:
+    rng = np.random.default_rng(seed)
+    leaves = []
+    for i in range(n_leaves):
+        size = int(SIZES[i % len(SIZES)] if n_leaves < 100 else rng.choice(SIZES[:-2]))
+        dtype = DTYPES[i % len(DTYPES)]
+        shape = (size,) if i % 3 else (1, size)
+        values = rng.standard_normal(shape) * rng.choice([1e-3, 1.0, 30.0])
+        if dtype == jnp.complex64:
+            values = values + 1j * rng.standard_normal(shape)
+        leaves.append(jnp.asarray(values, dtype))
+    if n_leaves >= 10:
+        leaves[3] = jnp.zeros((0,), jnp.float32)
+        leaves[5] = jnp.asarray(rng.standard_normal(()), jnp.float32)
+    return leaves
+
+
+def _reference(leaves: list[jax.Array]) -> tuple[np.ndarray, float]:
+    per_leaf = np.array([np.sqrt(np.sum(np.abs(np64(x)) ** 2)) for x in leaves])
+    with np.errstate(invalid="ignore", over="ignore"):
+        return per_leaf, float(np.sqrt(np.sum(per_leaf**2)))
+
+
+def _set(leaves: list[jax.Array], index: int, values: list[float]) -> list[jax.Array]:
+    """A copy of ``leaves`` whose leaf ``index`` starts with ``values``."""
+    out = list(leaves)
+    flat = np64(out[index]).reshape(-1)
+    flat[: len(values)] = values
+    out[index] = jnp.asarray(flat.reshape(out[index].shape), out[index].dtype)
+    return out
+
+
+def _small_f32_leaf(leaves: list[jax.Array]) -> int:
+    return next(
+        i
+        for i, x in enumerate(leaves)
+        if x.dtype == jnp.float32 and 2 <= x.size < _SMALL and i != 5
+    )
+
+
+norms = jax.jit(lambda leaves: _leaf_and_global_norms(leaves))
+
+
+@pytest.mark.parametrize("n_leaves", [1, 10, 300, 3000])
+def test_bucketed_norms_match_float64_on_mixed_trees(n_leaves):
+    leaves = _tree(n_leaves, seed=n_leaves)
+    cases = {"plain": leaves}
+    if n_leaves > 1:
+        small = _small_f32_leaf(leaves)
+        cases["overflow in a small leaf"] = _set(leaves, small, [3e19, 4e19])
+        cases["nan"] = _set(leaves, small, [np.nan])
+        cases["inf"] = _set(leaves, small, [np.inf])
+    big = [i for i, x in enumerate(leaves) if x.size >= _SMALL and x.dtype == jnp.float32]
+    if big:
+        cases["overflow in a big leaf"] = _set(leaves, big[0], [3e19, 4e19])
+    for name, tree in cases.items():
+        got_leaves, got = norms(tree)
+        got_leaves = np.asarray(got_leaves, np.float64)
+        want_leaves, want = _reference(tree)
+        assert got_leaves.dtype == np.float64 and got_leaves.shape == (len(tree),)
+        if name in ("nan", "inf"):
+            assert np.isnan(float(got)) if name == "nan" else float(got) == np.inf, name
+            np.testing.assert_array_equal(np.isnan(got_leaves), np.isnan(want_leaves))
+            np.testing.assert_array_equal(np.isinf(got_leaves), np.isinf(want_leaves))
+            ok = np.isfinite(want_leaves)
+            np.testing.assert_allclose(got_leaves[ok], want_leaves[ok], rtol=1e-5)
+        else:
+            np.testing.assert_allclose(got_leaves, want_leaves, rtol=1e-5, err_msg=name)
+            assert float(got) == pytest.approx(want, rel=1e-5), name
+
+
+def test_gradient_through_buckets_and_rescue_is_x_over_norm():
+    leaves = [x for x in _tree(200, seed=3) if x.dtype == jnp.float32 and x.size]
+    grad = jax.jit(jax.grad(lambda t: _leaf_and_global_norms(t)[1]))
+    for tree in (leaves, _set(leaves, _small_f32_leaf(leaves), [3e19, 4e19])):
+        _, norm = _reference(tree)
+        for g, x in zip(grad(tree), tree, strict=True):
+            np.testing.assert_allclose(g, np64(x) / norm, rtol=1e-5, atol=1e-30)
+    zero = grad([jnp.zeros_like(x) for x in leaves])
+    assert not any(np.any(g) for g in zero)
+
+
+def test_thousands_of_small_leaves_compile_to_few_kernels():
+    leaves = [jnp.ones((500,), jnp.float32) for _ in range(2000)]
+    text = jax.jit(optaxclip.global_norm).lower(leaves).compile().as_text()
+    kernels = len(re.findall(r"=\s*\S+\s+(?:fusion|reduce|concatenate)\(", text))
+    # One concatenation and one reduction per bucket, not one reduction per leaf.
+    assert kernels < 400, kernels
+    assert float(jax.jit(optaxclip.global_norm)(leaves)) == pytest.approx(1000.0)
+
+
+# ---------------------------------------------------------------------------------------
+# 8 simulated devices (in a subprocess: this process already has one).
+
+_SHARDED_CHECK = textwrap.dedent(
+    """
+    import json, re
+    import numpy as np
+    import jax, jax.numpy as jnp
+    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+    import optaxclip
+
+    rng = np.random.default_rng(0)
+    shapes, specs = {}, {}
+    for layer in range(12):  # FSDP over data, tensor-parallel over model
+        shapes[f"l{layer}/w_in"], specs[f"l{layer}/w_in"] = (16, 64), P("data", "model")
+        shapes[f"l{layer}/w_out"], specs[f"l{layer}/w_out"] = (64, 16), P("model", "data")
+        shapes[f"l{layer}/bias"], specs[f"l{layer}/bias"] = (64,), P("model")
+        shapes[f"l{layer}/scale"], specs[f"l{layer}/scale"] = (16,), P()
+    shapes["embed"], specs["embed"] = (5000, 8), P(("data", "model"))
+    shapes["temperature"], specs["temperature"] = (), P()
+    tree = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    tree["l3/w_in"][0, :2] = [3e19, 4e19]  # the rescue pass must stay sharded too
+    leaves64 = {k: v.astype(np.float64) for k, v in tree.items()}
+    want = float(np.sqrt(sum(np.sum(v**2) for v in leaves64.values())))
+    want_blocks = {k: float(np.sqrt(np.sum(v**2))) for k, v in leaves64.items()}
+    collective = re.compile(
+        r"=\\s*(.+?)\\s+(all-reduce|all-gather|all-to-all|collective-permute|"
+        r"reduce-scatter)(?:-start)?\\("
+    )
+    report = {}
+    for kind in ("Auto", "Explicit"):
+        mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"),
+                    axis_types=(getattr(AxisType, kind),) * 2)
+        shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+        grads = jax.device_put(tree, shardings)
+        tx = optaxclip.clip_by_global_norm(1.0)
+        programs = {
+            "global_norm": (jax.jit(optaxclip.global_norm), (grads,)),
+            "block_norms": (jax.jit(optaxclip.block_norms), (grads,)),
+            "clip_by_global_norm": (jax.jit(tx.update), (grads, tx.init(grads))),
+        }
+        for name, (fn, args) in programs.items():
+            text = fn.lower(*args).compile().as_text()
+            found = collective.findall(text)
+            sizes = [
+                int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+                for shape, op in found if op == "all-reduce"
+                for dims in re.findall(r"\\[([\\d,]*)\\]", shape)
+            ]
+            report[f"{kind}/{name}"] = {
+                "other": [f"{op} of {shape}" for shape, op in found if op != "all-reduce"],
+                "all_reduces": sum(op == "all-reduce" for _, op in found),
+                "largest_all_reduce": max(sizes, default=0),
+            }
+        got = float(jax.jit(optaxclip.global_norm)(grads))
+        blocks = jax.jit(optaxclip.block_norms)(grads)
+        report[f"{kind}/values"] = {
+            "norm_rel_err": abs(got - want) / want,
+            "block_rel_err": max(abs(float(blocks[k]) - v) / v for k, v in want_blocks.items()),
+        }
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def sharded_report():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    done = subprocess.run(
+        [sys.executable, "-c", _SHARDED_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mesh_kind", ["Auto", "Explicit"])
+@pytest.mark.parametrize("program", ["global_norm", "block_norms", "clip_by_global_norm"])
+def test_sharded_norm_gathers_nothing_and_all_reduces_scalars(sharded_report, mesh_kind, program):
+    entry = sharded_report[f"{mesh_kind}/{program}"]
+    assert entry["other"] == [], entry["other"]
+    assert entry["all_reduces"] > 0, "the program is not sharded"
+    # A partial sum per leaf at most (50 leaves), never a gradient-sized buffer.
+    assert entry["largest_all_reduce"] <= 50, entry
+
+
+@pytest.mark.parametrize("mesh_kind", ["Auto", "Explicit"])
+def test_sharded_norms_equal_float64(sharded_report, mesh_kind):
+    values = sharded_report[f"{mesh_kind}/values"]
+    assert values["norm_rel_err"] < 1e-5 and values["block_rel_err"] < 1e-5, values
