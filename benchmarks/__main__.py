@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
 
     def log(message: str) -> None:
-        notes.append(message)
-        print(f"note: {message}", file=sys.stderr, flush=True)
+        if message not in notes:
+            notes.append(message)
+            print(f"note: {message}", file=sys.stderr, flush=True)
 
     command = "python -m benchmarks" + (" --quick" if args.quick else "")
     if args.only:

@@ -1,15 +1,19 @@
-"""The benchmark entry point answers --help without running anything heavy."""
+"""`python -m benchmarks --help` answers (the benchmarks themselves are not tests)."""
 
+import pathlib
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_benchmarks_help_lists_the_quick_option():
-    out = subprocess.run(
+def test_benchmarks_help_runs_without_starting_jax():
+    done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--help"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    assert "--quick" in out.stdout and "python -m benchmarks" in out.stdout
+    assert done.returncode == 0, done.stderr
+    assert "--quick" in done.stdout and "usage" in done.stdout
