@@ -63,6 +63,19 @@ def _step_or_skip(
     return jax.tree.map(zero, out_updates), jax.tree.map(keep, inner_state, out_state)
 
 
+def _measure_apart(updates: Any, axis_name: AxisName, sharded: Sharded) -> jax.Array:
+    """The global norm of ``updates``, with squares of its own.
+
+    The inner optimizer sees these very updates, and AdamW squares them too: XLA would
+    compute the squares once for both and write them out in full (an extra write and
+    read of the gradient, ~15% of an AdamW step). The barriers are free (no copy) and
+    keep the norm's squares inside its own reductions; there is one per leaf so that
+    under ``shard_map`` each leaf keeps its own device-variance.
+    """
+    apart = jax.tree.map(jax.lax.optimization_barrier, updates)
+    return measure(apart, axis_name, sharded)
+
+
 class SkipNonfiniteState(NamedTuple):
     """State of :func:`skip_nonfinite`: the wrapped state and the skip statistics."""
 
@@ -127,7 +140,7 @@ def skip_nonfinite(
         return SkipNonfiniteState(inner_state=inner.init(params), stats=_stats.init_stats())
 
     def update_fn(updates, state, params=None, **extra_args):
-        norm = measure(updates, axis_name, sharded)
+        norm = _measure_apart(updates, axis_name, sharded)
         skip = ~jnp.isfinite(norm)
         out, inner_state = _step_or_skip(
             skip, inner, updates, state.inner_state, params, extra_args
@@ -300,7 +313,7 @@ def skip_spikes(
                     f"skip_spikes: loss must be a scalar, got an array of shape {loss.shape}."
                 )
             loss = loss.astype(jnp.float32)
-        norm = measure(updates, axis_name, sharded)
+        norm = _measure_apart(updates, axis_name, sharded)
         value = norm.astype(jnp.float32)
         norm_threshold = _spike_threshold(state.norm_history, state.size, num_sigmas, min_history)
         finite = jnp.isfinite(value)
