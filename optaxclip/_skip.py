@@ -97,7 +97,9 @@ def skip_nonfinite(
     batch had never been seen. Otherwise ``inner.update`` runs as usual, with ``params``
     and any extra arguments passed through. The decision is a select on a scalar that
     XLA fuses into the optimizer's own kernels, so the wrapper costs no extra pass over
-    the parameters (a skipped step computes the inner update and discards it).
+    the parameters (a skipped step computes the inner update and discards it, so an
+    inner clip with ``nonfinite="error"`` still raises on a step this wrapper skips:
+    inside it, leave the clip's ``nonfinite`` at ``"propagate"``).
 
     Statistics: ``clipped`` is True on a skipped step and ``clip_count`` counts skips
     (equal to ``nonfinite_count`` here); ``norm`` is the incoming global norm;
