@@ -400,7 +400,9 @@ def _leaf_and_global_norms(
         return (first.scaled if bucketed else first.plain), safe_sqrt(total)
 
     def overflowed(operands):
-        alt = first.scaled
+        # Nothing bucketed: zeros stand for the leaves that are neither reduced on their
+        # own nor bucketed (the empty ones, whose plain sum is 0 and finite).
+        alt = first.scaled if bucketed else jnp.zeros((n,), acc)
         if pending:
             how = dict(
                 scale=rescale,

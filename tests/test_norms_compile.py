@@ -104,6 +104,41 @@ def test_bucketed_norms_match_float64_on_mixed_trees(n_leaves):
             assert float(got) == pytest.approx(want, rel=1e-5), name
 
 
+@pytest.mark.parametrize(
+    "sizes",
+    [(0,), (0, 5000), (0, 5000, 6000), (0, 50), (0, 0, 5000, 50)],
+    ids=["empty", "empty+big", "empty+two big", "empty+small", "empties+big+small"],
+)
+@pytest.mark.parametrize("overflow", [False, True])
+def test_empty_leaves_beside_any_mix_of_big_and_small_leaves(sizes, overflow):
+    rng = np.random.default_rng(len(sizes))
+    tree = [jnp.asarray(rng.standard_normal(size), jnp.float32) for size in sizes]
+    if overflow and max(sizes) > 0:
+        tree = _set(tree, int(np.argmax(sizes)), [3e19, -4e19])
+    got_leaves, got = norms(tree)
+    want_leaves, want = _reference(tree)
+    np.testing.assert_allclose(np.asarray(got_leaves, np.float64), want_leaves, rtol=1e-5)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_hundreds_of_big_leaves_keep_nan_inf_and_overflow():
+    # Over 256 leaves reduced on their own: their sums are stacked in groups.
+    rng = np.random.default_rng(7)
+    tree = [jnp.asarray(rng.standard_normal(_SMALL + 8 * i), jnp.float32) for i in range(300)]
+    for name, values in {"plain": None, "overflow": [3e19, 4e19], "nan": [np.nan]}.items():
+        case = tree if values is None else _set(tree, 271, values)
+        got_leaves, got = norms(case)
+        want_leaves, want = _reference(case)
+        got_leaves = np.asarray(got_leaves, np.float64)
+        np.testing.assert_array_equal(np.isnan(got_leaves), np.isnan(want_leaves))
+        ok = ~np.isnan(want_leaves)
+        np.testing.assert_allclose(got_leaves[ok], want_leaves[ok], rtol=1e-5, err_msg=name)
+        if name == "nan":
+            assert np.isnan(float(got))
+        else:
+            assert float(got) == pytest.approx(want, rel=1e-5), name
+
+
 def test_gradient_through_buckets_and_rescue_is_x_over_norm():
     leaves = [x for x in _tree(200, seed=3) if x.dtype == jnp.float32 and x.size]
     grad = jax.jit(jax.grad(lambda t: _leaf_and_global_norms(t)[1]))
