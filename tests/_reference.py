@@ -1,10 +1,14 @@
-"""Independent float64 NumPy references shared by the tests."""
+"""Independent float64 NumPy references shared by the tests, and the scaffolding the
+adaptive tests share to drive a transform with a chosen sequence of norms."""
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import optaxclip
 
 
 def np64(x):
@@ -53,3 +57,23 @@ def norms64(tree):
 def scaled(s):
     """The gradient tree DIRECTION * s (global norm s)."""
     return jax.tree.map(lambda d: d * s, DIRECTION)
+
+
+def scan_steps(tx, norms):
+    """Feeds DIRECTION * norms[t] through ``tx`` in a lax.scan (trace it under jit).
+
+    Returns the final state and, per step, the measured norm, the output's norm, the
+    threshold and the clip decision.
+    """
+
+    def step(state, s):
+        out, state = tx.update(scaled(s), state, DIRECTION)
+        st = optaxclip.stats(state)  # also finds it inside inject_hyperparams
+        return state, (st["norm"], optaxclip.global_norm(out), st["threshold"], st["clipped"])
+
+    return jax.lax.scan(step, tx.init(DIRECTION), norms)
+
+
+def run_scan(tx, norms):
+    final, per_step = jax.jit(functools.partial(scan_steps, tx))(norms)
+    return final, [np.asarray(x) for x in per_step]

@@ -37,6 +37,17 @@ STEPS = 7
 # Global-norm scale of each step: a spike at step 5 exercises the adaptive rules.
 STEP_SCALES = (1.0, 1.3, 0.8, 1.1, 9.0, 1.0, 1.2)
 NAN_STEP = 3  # the step whose gradient holds one NaN (in one device's shard)
+# The transforms checked under pmap (test_multidevice.py reports one test each).
+PMAP_TRANSFORMS = (
+    "clip_by_global_norm",
+    "clip_by_block_rms",
+    "adaptive_grad_clip",
+    "autoclip_window",
+    "zclip",
+    "adagc",
+    "skip_nonfinite",
+    "skip_spikes",
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -444,16 +455,7 @@ def check_pmap() -> dict[str, list[str]]:
 
         return jax.tree_util.tree_map_with_path(one, tree)
 
-    names = [
-        "clip_by_global_norm",
-        "clip_by_block_rms",
-        "adaptive_grad_clip",
-        "autoclip_window",
-        "zclip",
-        "adagc",
-        "skip_nonfinite",
-        "skip_spikes",
-    ]
+    names = PMAP_TRANSFORMS
     split = {"w": 0, "v": 0, "b": None}  # both split along a unit axis: psum per unit
     with_axis = transforms(
         axis_name="i", sharded=mapped, agc={"axis_name": "i", "sharded_axis": split}

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _reference import DIRECTION, norms64, scaled
+from _reference import DIRECTION, norms64, run_scan, scaled, scan_steps
 
 import optaxclip
 from optaxclip._autoclip import SKETCH_SLOTS
@@ -25,26 +25,6 @@ def spiky_norms(steps: int, seed: int) -> np.ndarray:
     norms[[2, steps // 8, steps // 8 + 1, steps // 2]] = np.nan
     norms[[7, 3 * steps // 4]] = np.inf
     return norms.astype(np.float32)
-
-
-def scan_steps(tx, norms):
-    """Feeds DIRECTION * norms[t] through ``tx`` in a lax.scan (trace it under jit).
-
-    Returns the final state and, per step, the measured norm, the output's norm, the
-    threshold and the clip decision.
-    """
-
-    def step(state, s):
-        out, state = tx.update(scaled(s), state, DIRECTION)
-        st = optaxclip.stats(state)  # also finds it inside inject_hyperparams
-        return state, (st["norm"], optaxclip.global_norm(out), st["threshold"], st["clipped"])
-
-    return jax.lax.scan(step, tx.init(DIRECTION), norms)
-
-
-def run_scan(tx, norms):
-    final, per_step = jax.jit(functools.partial(scan_steps, tx))(norms)
-    return final, [np.asarray(x) for x in per_step]
 
 
 def autoclip_reference(norms, percentile, history, warmup_steps, max_norm):

@@ -18,6 +18,7 @@ import time
 
 import jax.numpy as jnp
 import pytest
+from multidevice_checks import PMAP_TRANSFORMS
 
 import optaxclip
 
@@ -32,16 +33,6 @@ ALL_TRANSFORMS = [
     "adaptive_grad_clip",
     "autoclip_window",
     "autoclip_sketch",
-    "zclip",
-    "adagc",
-    "skip_nonfinite",
-    "skip_spikes",
-]
-PMAP_TRANSFORMS = [
-    "clip_by_global_norm",
-    "clip_by_block_rms",
-    "adaptive_grad_clip",
-    "autoclip_window",
     "zclip",
     "adagc",
     "skip_nonfinite",

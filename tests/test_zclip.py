@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _reference import DIRECTION, norms64, scaled
+from _reference import DIRECTION, norms64, run_scan, scaled, scan_steps
 
 import optaxclip
 
@@ -67,26 +67,6 @@ def zclip_reference(norms, *, alpha, z_thresh, max_norm, warmup_steps, mode, cli
         rows.append((t, t / g if over else 1.0, over, spike))
     t, scale, clipped, spikes = (np.array(c) for c in zip(*rows, strict=True))
     return t, scale, clipped, spikes, (mean, var)
-
-
-def scan_steps(tx, norms):
-    """Feeds DIRECTION * norms[t] through ``tx`` in a lax.scan (trace it under jit).
-
-    Returns the final state and, per step, the measured norm, the output's norm, the
-    threshold and the clip decision.
-    """
-
-    def step(state, s):
-        out, state = tx.update(scaled(s), state, DIRECTION)
-        st = optaxclip.stats(state)  # also finds it inside inject_hyperparams
-        return state, (st["norm"], optaxclip.global_norm(out), st["threshold"], st["clipped"])
-
-    return jax.lax.scan(step, tx.init(DIRECTION), norms)
-
-
-def run_scan(tx, norms):
-    final, per_step = jax.jit(functools.partial(scan_steps, tx))(norms)
-    return final, [np.asarray(x) for x in per_step]
 
 
 CONFIGS = [
