@@ -166,8 +166,8 @@ def _concatenable(leaves: Sequence[jax.Array], axis_name: AxisName) -> list[bool
 
 def _layout(
     xs: Sequence[jax.Array], sizes: list[int], concatenable: Sequence[bool], copy_big: bool
-) -> tuple[list[int], list[tuple[int, list[int]]], int]:
-    """(arrays reduced on their own, buckets as (row width, rows), bucket size).
+) -> tuple[list[int], list[tuple[int, list[int]]]]:
+    """(arrays reduced on their own, buckets as (row width, rows)).
 
     Empty arrays are in neither list.
     """
@@ -197,7 +197,7 @@ def _layout(
         per_bucket = max(1, bucket_size // width)
         for k in range(0, len(members), per_bucket):
             buckets.append((width, members[k : k + per_bucket]))
-    return direct, buckets, bucket_size
+    return direct, buckets
 
 
 def _own_scale(witness: jax.Array, scale: float, acc: jnp.dtype) -> jax.Array:
@@ -206,7 +206,8 @@ def _own_scale(witness: jax.Array, scale: float, acc: jnp.dtype) -> jax.Array:
     A constant would not do: XLA rewrites (c x)^2 as x^2 c^2, and c^2 is 0 in float32.
     A scalar shared by several reductions would not do either: XLA:CPU writes its
     broadcast out in full. So each reduction gets its own, halved where the witness
-    (a value only that reduction reads) is NaN; the caller divides by the same value.
+    (a value only that reduction reads) is NaN (see :class:`_Sums` for why reading
+    every rescaled sum as if it used ``scale`` is right).
     """
     bad = jnp.isnan(witness)
     return jax.lax.select(bad, jnp.asarray(scale / 2, acc), jnp.asarray(scale, acc))
@@ -248,7 +249,7 @@ def _square_sums(
     sums, which tie each reduction to a scale of its own (see :func:`_own_scale`).
     """
     sizes = [math.prod(np.shape(x)) for x in xs]
-    direct, buckets, _ = _layout(xs, sizes, concatenable, copy_big)
+    direct, buckets = _layout(xs, sizes, concatenable, copy_big)
     rescale = _RESCALE[jnp.finfo(acc).bits]
     n = len(xs)
     plain_parts: list[jax.Array] = []
@@ -421,7 +422,7 @@ def _leaf_and_global_norms(
         # The rescaled total is accurate: it is only used when the plain one
         # overflowed, next to which the squares that rescaling flushes to zero are
         # negligible.
-        return alt, safe_sqrt(jnp.sum(alt)) * jnp.asarray(1 / rescale, acc)
+        return alt, safe_sqrt(jnp.sum(alt)) * unscale
 
     alt, norm = jax.lax.cond(jnp.isfinite(total), common, overflowed, list(leaves))
     finite = jnp.isfinite(first.plain)
