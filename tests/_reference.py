@@ -77,3 +77,25 @@ def scan_steps(tx, norms):
 def run_scan(tx, norms):
     final, per_step = jax.jit(functools.partial(scan_steps, tx))(norms)
     return final, [np.asarray(x) for x in per_step]
+
+
+def jit_steps(tx, norms):
+    """Feeds DIRECTION * norms[t] through a jitted ``tx.update``, one call per step.
+
+    Returns how many times the update was traced, and per step the threshold and the
+    measured norm from the transform's ``state.stats``.
+    """
+    traces = []
+
+    def update(grads, state):
+        traces.append(1)
+        return tx.update(grads, state)
+
+    update = jax.jit(update)
+    state = tx.init(DIRECTION)
+    thresholds, measured = [], []
+    for s in norms:
+        _, state = update(scaled(s), state)
+        thresholds.append(float(state.stats.threshold))
+        measured.append(float(state.stats.norm))
+    return len(traces), thresholds, measured

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _reference import DIRECTION, norms64, run_scan, scaled, scan_steps
+from _reference import DIRECTION, jit_steps, norms64, run_scan, scaled, scan_steps
 
 import optaxclip
 
@@ -138,20 +138,8 @@ def test_jitted_update_compiles_once_and_follows_the_rule():
     norms = spiky_norms(50, seed=2)
     kwargs = {**DEFAULTS, "warmup_steps": 5, "max_norm": 3.0}
     tx = optaxclip.zclip(**kwargs)
-    traces = []
-
-    def update(grads, state):
-        traces.append(1)
-        return tx.update(grads, state)
-
-    update = jax.jit(update)
-    state = tx.init(DIRECTION)
-    thresholds, measured = [], []
-    for s in norms:
-        _, state = update(scaled(s), state)
-        thresholds.append(float(state.stats.threshold))
-        measured.append(float(state.stats.norm))
-    assert len(traces) == 1  # the state is type-stable: no retrace on step 2
+    traces, thresholds, measured = jit_steps(tx, norms)
+    assert traces == 1  # the state is type-stable: no retrace on step 2
     want = zclip_reference(np.array(measured), **kwargs)[0]
     np.testing.assert_allclose(thresholds, want, rtol=1e-5)
 
