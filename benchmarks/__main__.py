@@ -4,7 +4,9 @@ Sections: the step time, compile time and temp memory of chain(clip, optimizer) 
 optaxclip.clip_by_global_norm, optax.clip_by_global_norm and a bare one-norm clip,
 against the optimizer alone (adamw and sgd; 10, 100 and 2000 leaves; 1M and 20M
 parameters), with the machine's read-once bound; and the step time of the adaptive
-transforms against clip_by_global_norm, including AutoClip late in training.
+transforms against clip_by_global_norm, including AutoClip late in training; and the
+step time of clips and skip wrappers with the parameters and optimizer state donated,
+as training loops run them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        choices=("clip", "adaptive"),
+        choices=("clip", "adaptive", "donated"),
         action="append",
         help="run only these sections (repeatable); default: all",
     )
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so that --help answers without starting JAX.
     from benchmarks import _cases, _harness, _report
 
-    sections = args.only or ["clip", "adaptive"]
+    sections = args.only or ["clip", "adaptive", "donated"]
     plan = _cases.Plan.make(args.quick)
     notes: list[str] = []
 
@@ -59,12 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {"command": command, "machine": _harness.machine_info(), "plan": repr(plan)},
         "clip": {"step": [], "compile": [], "memory": []},
         "adaptive": None,
+        "donated": None,
     }
     start = time.perf_counter()
     if "clip" in sections:
         results["clip"] = _cases.clip_benchmarks(plan, log)
     if "adaptive" in sections:
         results["adaptive"] = _cases.adaptive_benchmarks(plan, log)
+    if "donated" in sections:
+        results["donated"] = _cases.donated_benchmarks(plan, log)
     results["meta"]["duration_s"] = time.perf_counter() - start
     results["meta"]["notes"] = notes
     prefix = "quick_" if args.quick else ""

@@ -73,9 +73,7 @@ def clip_candidates(opt_name: str) -> dict[str, Callable[[], optax.GradientTrans
     """Step candidates: the optimizer alone, and after each clip."""
     return {
         "alone": lambda: optimizer(opt_name),
-        "optaxclip": lambda: optax.chain(
-            optaxclip.clip_by_global_norm(1.0), optimizer(opt_name)
-        ),
+        "optaxclip": lambda: optax.chain(optaxclip.clip_by_global_norm(1.0), optimizer(opt_name)),
         "optax": lambda: optax.chain(optax.clip_by_global_norm(1.0), optimizer(opt_name)),
         "bare": lambda: optax.chain(bare_clip(1.0), optimizer(opt_name)),
     }
@@ -116,6 +114,30 @@ class Compiled:
 
     def run(self) -> None:
         jax.block_until_ready(self.executable(self.params, self.state, self.grads))
+
+
+class Donated:
+    """A training step jitted with its parameters and optimizer state donated.
+
+    This is how training loops run (``jax.jit(step, donate_argnums=...)``): XLA may
+    write the new parameters and state over the old ones, and must copy whatever it
+    cannot. Each call carries on from the previous call's output, from private
+    copies of the parameters and state.
+    """
+
+    def __init__(self, tx: optax.GradientTransformation, params: Any, grads: Any):
+        # Private buffers: donation consumes them, and init may share one zeros array
+        # between several leaves (a buffer cannot be donated twice).
+        params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+        state = jax.tree.map(lambda x: jnp.array(x, copy=True), tx.init(params))
+        lowered = jax.jit(step_fn(tx), donate_argnums=(0, 1)).lower(params, state, grads)
+        self.executable = lowered.compile()
+        memory = self.executable.memory_analysis()
+        self.temp_bytes = int(getattr(memory, "temp_size_in_bytes", -1)) if memory else -1
+        self.carry, self.grads = (params, state), grads
+
+    def run(self) -> None:
+        self.carry = jax.block_until_ready(self.executable(*self.carry, self.grads))
 
 
 def time_interleaved(

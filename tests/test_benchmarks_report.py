@@ -1,0 +1,88 @@
+"""The benchmark report's target checks, on hand-made results (no timing involved)."""
+
+from benchmarks import _report
+
+M = 1_000_000
+
+
+def _results(*, step=1.10, optax_step=1.20, compile_2000=1.9, small=(0.3, 0.2), mem=5.0):
+    def comp(optimizer, leaves, params, mine, theirs, ratio):
+        return {
+            "optimizer": optimizer,
+            "leaves": leaves,
+            "params": params,
+            "candidates": {
+                "alone": {"median_total_s": 1.0, "ratio_vs_alone": 1.0},
+                "optaxclip": {"median_total_s": mine, "ratio_vs_alone": ratio},
+                "optax": {"median_total_s": theirs, "ratio_vs_alone": 10.0},
+            },
+        }
+
+    cand = {"alone": 1.0, "optaxclip": step, "optax": optax_step}
+    return {
+        "clip": {
+            "step": [
+                {
+                    "optimizer": "adamw",
+                    "leaves": 100,
+                    "params": 20 * M,
+                    "candidates": {k: {"ratio_vs_alone": v} for k, v in cand.items()},
+                }
+            ],
+            "compile": [
+                comp("sgd", 10, M, *small, 2.0),
+                comp("sgd", 2000, 2 * M, 20.0, 200.0, compile_2000),
+            ],
+            "memory": [
+                {
+                    "optimizer": "sgd",
+                    "leaves": 100,
+                    "params": M,
+                    "extra_pct_of_grad": {"alone": 0.0, "optaxclip": mem, "optax": 0.0},
+                }
+            ],
+        },
+        "adaptive": {
+            "candidates": {
+                "clip_by_global_norm": {"ratio_vs_clip_by_global_norm": 1.0},
+                "zclip": {"ratio_vs_clip_by_global_norm": 1.04},
+                "skip_spikes": {"ratio_vs_clip_by_global_norm": 1.08},
+                "optax.apply_if_finite (reference)": {"ratio_vs_clip_by_global_norm": 1.8},
+            },
+            "autoclip_late": {
+                "autoclip (sketch)": {"late_step": 100_000, "ratio_late_vs_first": 1.06}
+            },
+        },
+    }
+
+
+def _met(results):
+    return {t["target"]: t["met"] for t in _report.targets(results)}
+
+
+def test_each_target_is_judged_against_its_bound():
+    met = _met(_results())
+    assert met["step: chain(clip_by_global_norm, adamw) <= 1.15x adamw (20M, 100 leaves)"]
+    # +10% against Optax's +20%: half of it, so at least 10% below.
+    assert met["step: overhead at least 10% below Optax's (20M, 100 leaves)"]
+    assert met["compile: chain(clip, sgd) <= 2x sgd (2000 leaves, 2M)"]
+    assert not met["compile: no worse than Optax at 10 and 100 leaves"]
+    assert met["memory: extra temp from clipping <= 10% of the gradient's bytes"]
+    assert met["adaptive: zclip <= 1.05x clip_by_global_norm"]
+    assert not met["adaptive: skip_spikes <= 1.05x clip_by_global_norm"]
+    assert not met["AutoClip sketch at step 100,000 within 5% of step 1"]
+
+
+def test_bounds_flip_where_they_should():
+    met = _met(_results(step=1.16, optax_step=1.17, compile_2000=2.1, small=(0.2, 0.3), mem=11))
+    assert not met["step: chain(clip_by_global_norm, adamw) <= 1.15x adamw (20M, 100 leaves)"]
+    assert not met["step: overhead at least 10% below Optax's (20M, 100 leaves)"]
+    assert not met["compile: chain(clip, sgd) <= 2x sgd (2000 leaves, 2M)"]
+    assert met["compile: no worse than Optax at 10 and 100 leaves"]
+    assert not met["memory: extra temp from clipping <= 10% of the gradient's bytes"]
+
+
+def test_reference_candidates_are_not_targets():
+    targets = [t["target"] for t in _report.targets(_results())]
+    assert "adaptive: skip_spikes <= 1.05x clip_by_global_norm" in targets
+    assert not any("apply_if_finite" in t for t in targets)
