@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 import optaxclip
 from benchmarks import _harness as H
+from benchmarks import _report
 
 M = 1_000_000
 
@@ -182,11 +183,6 @@ def _adaptive_makers(opt: Callable[[], optax.GradientTransformation]) -> dict[st
     }
 
 
-def _is_reference(name: str) -> bool:
-    """True for a candidate that is not an optaxclip transform."""
-    return name.startswith("optax.")
-
-
 def _donated_makers(opt: Callable[[], optax.GradientTransformation]) -> dict[str, Callable]:
     return {
         "alone": opt,
@@ -260,7 +256,9 @@ def adaptive_benchmarks(plan: Plan, log: Callable[[str], None]) -> dict[str, Any
     params = H.make_tree(n_leaves, n_params, seed=0)
     grads = H.make_tree(n_leaves, n_params, seed=1)
     makers = _adaptive_makers(lambda: optax.adamw(1e-3))
-    missing = [n for n in makers if not _is_reference(n) and not hasattr(optaxclip, n.split()[0])]
+    missing = [
+        n for n in makers if not _report.is_reference(n) and not hasattr(optaxclip, n.split()[0])
+    ]
     for name in missing:
         log(f"skipped {name}: optaxclip has no {name.split()[0]} yet")
     names = [n for n in makers if n not in missing]

@@ -23,6 +23,11 @@ def _find(entries: list[dict], **key: Any) -> dict | None:
     return None
 
 
+def is_reference(name: str) -> bool:
+    """True for a candidate that is not an optaxclip transform (shown, never scored)."""
+    return name.startswith("optax.")
+
+
 def targets(results: dict) -> list[dict]:
     """The issue's targets, each with what was measured and whether it is met."""
     out = []
@@ -95,7 +100,7 @@ def targets(results: dict) -> list[dict]:
     ad = results.get("adaptive")
     if ad:
         for name, c in ad["candidates"].items():
-            if name == "clip_by_global_norm" or name.startswith("optax."):
+            if name == "clip_by_global_norm" or is_reference(name):
                 continue
             r = c["ratio_vs_clip_by_global_norm"]
             out.append(
