@@ -79,11 +79,11 @@ def run_scan(tx, norms):
     return final, [np.asarray(x) for x in per_step]
 
 
-def jit_steps(tx, norms):
-    """Feeds DIRECTION * norms[t] through a jitted ``tx.update``, one call per step.
+def jit_run(tx, grads_seq):
+    """Feeds each tree of ``grads_seq`` through a jitted ``tx.update``, one call per step.
 
-    Returns how many times the update was traced, and per step the threshold and the
-    measured norm from the transform's ``state.stats``.
+    Returns how many times the update was traced, the threshold and the measured norm
+    of each step (from the transform's ``state.stats``), and the final state.
     """
     traces = []
 
@@ -92,10 +92,15 @@ def jit_steps(tx, norms):
         return tx.update(grads, state)
 
     update = jax.jit(update)
-    state = tx.init(DIRECTION)
+    state = tx.init(grads_seq[0])
     thresholds, measured = [], []
-    for s in norms:
-        _, state = update(scaled(s), state)
+    for grads in grads_seq:
+        _, state = update(grads, state)
         thresholds.append(float(state.stats.threshold))
         measured.append(float(state.stats.norm))
-    return len(traces), thresholds, measured
+    return len(traces), thresholds, measured, state
+
+
+def jit_steps(tx, norms):
+    """:func:`jit_run` on DIRECTION * norms[t], without the final state."""
+    return jit_run(tx, [scaled(s) for s in norms])[:3]

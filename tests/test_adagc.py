@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _reference import jit_run
 
 import optaxclip
 
@@ -180,21 +181,10 @@ def test_jitted_update_compiles_once_and_follows_the_rule():
     leaf_norms = spiky_leaf_norms(50, seed=2)
     config = dict(ratio=1.04, beta=0.9, warmup_steps=5, warmup_max_norm=2.0, eps=1e-6)
     tx = optaxclip.adagc(**config)
-    traces = []
-
-    def update(grads, state):
-        traces.append(1)
-        return tx.update(grads, state)
-
-    update = jax.jit(update)
-    state = tx.init(DIRECTIONS)
-    thresholds, measured = [], []
-    for norms in leaf_norms:
-        grads = leaves_with_norms(norms)
-        _, state = update(grads, state)
-        thresholds.append(float(state.stats.threshold))
-        measured.append([np.linalg.norm(np.asarray(x, np.float64)) for x in grads])
-    assert len(traces) == 1  # the state is type-stable: no retrace on step 2
+    grads_seq = [leaves_with_norms(norms) for norms in leaf_norms]
+    traces, thresholds, _, state = jit_run(tx, grads_seq)
+    measured = [[np.linalg.norm(np.asarray(x, np.float64)) for x in g] for g in grads_seq]
+    assert traces == 1  # the state is type-stable: no retrace on step 2
     want, _, _, gamma = adagc_reference(np.array(measured), **config)
     np.testing.assert_allclose(thresholds, want, rtol=1e-5)
     np.testing.assert_allclose(state.gamma, gamma, rtol=1e-5)
