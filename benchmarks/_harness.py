@@ -126,10 +126,10 @@ class Donated:
     """
 
     def __init__(self, tx: optax.GradientTransformation, params: Any, grads: Any):
-        # Private buffers: donation consumes them, and init may share one zeros array
-        # between several leaves (a buffer cannot be donated twice).
+        # A private copy of the parameters (donation consumes them; the caller's tree is
+        # shared by other candidates), and the state from an eager init, as users build it.
         params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
-        state = jax.tree.map(lambda x: jnp.array(x, copy=True), tx.init(params))
+        state = tx.init(params)
         lowered = jax.jit(step_fn(tx), donate_argnums=(0, 1)).lower(params, state, grads)
         self.executable = lowered.compile()
         memory = self.executable.memory_analysis()

@@ -36,17 +36,20 @@ class ClipStats(NamedTuple):
 
 
 def init_stats() -> ClipStats:
-    """A fresh ClipStats: nothing seen yet."""
-    zero_f = jnp.zeros((), jnp.float32)
-    zero_i = jnp.zeros((), jnp.int32)
+    """A fresh ClipStats: nothing seen yet.
+
+    Every field gets a buffer of its own: a step jitted with ``donate_argnums`` over the
+    state refuses a buffer that appears twice among its arguments, so one shared zeros
+    array would fail the first donated step.
+    """
     return ClipStats(
-        count=zero_i,
-        norm=zero_f,
-        clipped_norm=zero_f,
-        threshold=zero_f,
+        count=jnp.zeros((), jnp.int32),
+        norm=jnp.zeros((), jnp.float32),
+        clipped_norm=jnp.zeros((), jnp.float32),
+        threshold=jnp.zeros((), jnp.float32),
         clipped=jnp.zeros((), jnp.bool_),
-        clip_count=zero_i,
-        nonfinite_count=zero_i,
+        clip_count=jnp.zeros((), jnp.int32),
+        nonfinite_count=jnp.zeros((), jnp.int32),
     )
 
 

@@ -141,9 +141,12 @@ def zclip(
 
     def init_fn(params):
         del params
-        zero = jnp.zeros((), jnp.float32)
+        # A buffer per field: donated steps refuse one array passed twice.
         return ZclipState(
-            buffer=jnp.zeros((size,), jnp.float32), mean=zero, var=zero, stats=_stats.init_stats()
+            buffer=jnp.zeros((size,), jnp.float32),
+            mean=jnp.zeros((), jnp.float32),
+            var=jnp.zeros((), jnp.float32),
+            stats=_stats.init_stats(),
         )
 
     def update_fn(updates, state, params=None, **extra_args):

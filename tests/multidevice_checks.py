@@ -16,6 +16,7 @@ nothing (pytest imports it to collect doctests).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -31,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optaxclip
+from optaxclip._catalog import ENTRIES
 
 REL_TOL = 1e-6
 STEPS = 7
@@ -131,30 +133,23 @@ def run_steps(tx: optax.GradientTransformation, params: Any, grads_seq: Any):
 
 
 # ---------------------------------------------------------------------------------------
-# The transforms, with warm-ups shortened so that the adaptive rules act within STEPS.
+# The transforms: every entry of the catalog, whose warm-ups are short enough that the
+# adaptive rules act within STEPS.
 
 
 def transforms(**dist: Any) -> dict[str, Callable[[], optax.GradientTransformation]]:
-    """Builders of every transform (built lazily, so that one that fails to build fails
-    its own check only). ``dist`` (axis_name/sharded) goes to those that take it;
-    ``agc=`` holds adaptive_grad_clip's own keyword arguments."""
+    """Builders of every transform in the catalog (built lazily, so that one that fails
+    to build fails its own check only), the skip wrappers around Adam. ``dist``
+    (axis_name/sharded) goes to each; ``agc=`` holds adaptive_grad_clip's own keyword
+    arguments instead."""
     agc = dist.pop("agc", {})
     return {
-        "clip_by_global_norm": lambda: optaxclip.clip_by_global_norm(1.0, **dist),
-        "clip_by_value": lambda: optaxclip.clip_by_value(0.05, **dist),
-        "clip_by_block_norm": lambda: optaxclip.clip_by_block_norm(0.4, **dist),
-        "clip_by_block_rms": lambda: optaxclip.clip_by_block_rms(0.06, **dist),
-        "adaptive_grad_clip": lambda: optaxclip.adaptive_grad_clip(0.05, **agc),
-        "autoclip_window": lambda: optaxclip.autoclip(50.0, history=4, warmup_steps=1, **dist),
-        "autoclip_sketch": lambda: optaxclip.autoclip(30.0, warmup_steps=1, **dist),
-        "zclip": lambda: optaxclip.zclip(warmup_steps=2, max_norm=5.0, z_thresh=2.0, **dist),
-        "adagc": lambda: optaxclip.adagc(
-            warmup_steps=2, warmup_max_norm=2.0, ratio=1.02, beta=0.9, **dist
-        ),
-        "skip_nonfinite": lambda: optaxclip.skip_nonfinite(optax.adam(0.01), **dist),
-        "skip_spikes": lambda: optaxclip.skip_spikes(
-            optax.adam(0.01), window=4, min_history=3, num_sigmas=2.0, **dist
-        ),
+        entry.name: functools.partial(
+            entry.build,
+            inner=optax.adam(0.01),
+            **(agc if entry.factory is optaxclip.adaptive_grad_clip else dist),
+        )
+        for entry in ENTRIES
     }
 
 

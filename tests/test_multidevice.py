@@ -21,23 +21,12 @@ import pytest
 from multidevice_checks import PMAP_TRANSFORMS
 
 import optaxclip
+from optaxclip._catalog import NAMES
 
 SCRIPT = pathlib.Path(__file__).with_name("multidevice_checks.py")
 TIMEOUT_S = 900  # a guard against hangs; the checks take about a minute on 2 cores
 
-ALL_TRANSFORMS = [
-    "clip_by_global_norm",
-    "clip_by_value",
-    "clip_by_block_norm",
-    "clip_by_block_rms",
-    "adaptive_grad_clip",
-    "autoclip_window",
-    "autoclip_sketch",
-    "zclip",
-    "adagc",
-    "skip_nonfinite",
-    "skip_spikes",
-]
+ALL_TRANSFORMS = NAMES
 
 
 def _run_checks() -> dict:
