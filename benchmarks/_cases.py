@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 import optaxclip
 from benchmarks import _harness as H
-from benchmarks import _report
+from optaxclip._catalog import ENTRIES
 
 M = 1_000_000
 
@@ -168,19 +169,14 @@ def clip_benchmarks(plan: Plan, log: Callable[[str], None]) -> dict[str, list[di
 
 
 def _adaptive_makers(opt: Callable[[], optax.GradientTransformation]) -> dict[str, Callable]:
-    return {
-        "clip_by_global_norm": lambda: optax.chain(optaxclip.clip_by_global_norm(1.0), opt()),
-        "autoclip (sketch)": lambda: optax.chain(optaxclip.autoclip(10.0), opt()),
-        "autoclip (window 1000)": lambda: optax.chain(
-            optaxclip.autoclip(10.0, history=1000), opt()
-        ),
-        "zclip": lambda: optax.chain(optaxclip.zclip(), opt()),
-        "adagc": lambda: optax.chain(optaxclip.adagc(), opt()),
-        "skip_spikes": lambda: optaxclip.skip_spikes(opt()),
-        "skip_nonfinite": lambda: optaxclip.skip_nonfinite(opt()),
-        # Optax's own skip wrapper, for scale: it branches with lax.cond.
-        "optax.apply_if_finite (reference)": lambda: optax.apply_if_finite(opt(), 10),
+    """Every transform of the catalog as a user would build it, before (or around) ``opt``."""
+    makers: dict[str, Callable] = {
+        entry.name: functools.partial(entry.optimizer, inner=opt(), defaults=True)
+        for entry in ENTRIES
     }
+    # Optax's own skip wrapper, for scale: it branches with lax.cond.
+    makers["optax.apply_if_finite (reference)"] = lambda: optax.apply_if_finite(opt(), 10)
+    return makers
 
 
 def _donated_makers(opt: Callable[[], optax.GradientTransformation]) -> dict[str, Callable]:
@@ -256,12 +252,7 @@ def adaptive_benchmarks(plan: Plan, log: Callable[[str], None]) -> dict[str, Any
     params = H.make_tree(n_leaves, n_params, seed=0)
     grads = H.make_tree(n_leaves, n_params, seed=1)
     makers = _adaptive_makers(lambda: optax.adamw(1e-3))
-    missing = [
-        n for n in makers if not _report.is_reference(n) and not hasattr(optaxclip, n.split()[0])
-    ]
-    for name in missing:
-        log(f"skipped {name}: optaxclip has no {name.split()[0]} yet")
-    names = [n for n in makers if n not in missing]
+    names = list(makers)
     compiled = {}
     for name in tqdm(names, desc="adaptive: compile", unit="transform"):
         compiled[name] = H.Compiled(makers[name](), params, grads)
@@ -274,7 +265,6 @@ def adaptive_benchmarks(plan: Plan, log: Callable[[str], None]) -> dict[str, Any
         "leaves": n_leaves,
         "params": n_params,
         "repeats": plan.adaptive_repeats,
-        "missing": missing,
         "candidates": {
             n: {
                 "median_s": float(np.median(times[n])),
@@ -289,7 +279,7 @@ def adaptive_benchmarks(plan: Plan, log: Callable[[str], None]) -> dict[str, Any
     }
     # AutoClip late in training: the same step with the state of step 1 and of a
     # state that has seen plan.autoclip_steps norms.
-    for label, history in (("autoclip (sketch)", None), ("autoclip (window 1000)", 1000)):
+    for label, history in (("autoclip_sketch", None), ("autoclip_window", 1000)):
         if label not in compiled:
             continue
         t0 = time.perf_counter()
