@@ -127,9 +127,18 @@ def _flat(vectors: list[jax.Array]) -> jax.Array:
 
 
 class AdaptiveGradClipState(NamedTuple):
-    """State of :func:`adaptive_grad_clip`: only its statistics."""
+    """State of :func:`adaptive_grad_clip`: only its statistics, read as ``state.stats``.
 
-    stats: ClipStats
+    The field is named after the transform so that the name survives where the class
+    does not (``nnx.state(optimizer)``, a checkpoint restored without a target), and
+    :func:`optaxclip.stats` names these statistics the same way there.
+    """
+
+    adaptive_grad_clip: ClipStats
+
+    @property
+    def stats(self) -> ClipStats:
+        return self.adaptive_grad_clip
 
 
 def adaptive_grad_clip(
@@ -232,7 +241,7 @@ def adaptive_grad_clip(
 
     def init_fn(params):
         del params
-        return AdaptiveGradClipState(stats=_stats.init_stats())
+        return AdaptiveGradClipState(_stats.init_stats())
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args

@@ -72,9 +72,18 @@ def clip_blocks(
 
 
 class ClipByBlockNormState(NamedTuple):
-    """State of :func:`clip_by_block_norm`: only its statistics."""
+    """State of :func:`clip_by_block_norm`: only its statistics, read as ``state.stats``.
 
-    stats: ClipStats
+    The field is named after the transform so that the name survives where the class
+    does not (``nnx.state(optimizer)``, a checkpoint restored without a target), and
+    :func:`optaxclip.stats` names these statistics the same way there.
+    """
+
+    clip_by_block_norm: ClipStats
+
+    @property
+    def stats(self) -> ClipStats:
+        return self.clip_by_block_norm
 
 
 def clip_by_block_norm(
@@ -117,7 +126,7 @@ def clip_by_block_norm(
 
     def init_fn(params):
         del params
-        return ClipByBlockNormState(stats=_stats.init_stats())
+        return ClipByBlockNormState(_stats.init_stats())
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -130,15 +139,24 @@ def clip_by_block_norm(
             axis_name=axis_name,
             sharded=sharded,
         )
-        return updates, ClipByBlockNormState(stats=new_stats)
+        return updates, ClipByBlockNormState(new_stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class ClipByBlockRmsState(NamedTuple):
-    """State of :func:`clip_by_block_rms`: only its statistics."""
+    """State of :func:`clip_by_block_rms`: only its statistics, read as ``state.stats``.
 
-    stats: ClipStats
+    The field is named after the transform so that the name survives where the class
+    does not (``nnx.state(optimizer)``, a checkpoint restored without a target), and
+    :func:`optaxclip.stats` names these statistics the same way there.
+    """
+
+    clip_by_block_rms: ClipStats
+
+    @property
+    def stats(self) -> ClipStats:
+        return self.clip_by_block_rms
 
 
 def clip_by_block_rms(
@@ -181,7 +199,7 @@ def clip_by_block_rms(
 
     def init_fn(params):
         del params
-        return ClipByBlockRmsState(stats=_stats.init_stats())
+        return ClipByBlockRmsState(_stats.init_stats())
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -200,6 +218,6 @@ def clip_by_block_rms(
         updates, new_stats, _ = clip_blocks(
             updates, bounds, state.stats, limit, axis_name=axis_name, sharded=sharded
         )
-        return updates, ClipByBlockRmsState(stats=new_stats)
+        return updates, ClipByBlockRmsState(new_stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -3,6 +3,7 @@ adaptive transforms that end in a global-norm clip (AutoClip, ZClip)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -16,6 +17,7 @@ from optaxclip._validation import (
     check_choice,
     check_float_leaves,
     check_threshold,
+    raise_at_runtime_if,
     threshold_at,
 )
 
@@ -43,23 +45,20 @@ def scale_for(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Arr
     return jnp.where(over, threshold.astype(norm.dtype) / safe_norm, 1).astype(norm.dtype), over
 
 
-def _raise_nonfinite(who: str, step: Any, norm: Any) -> None:
-    raise FloatingPointError(
-        f"optaxclip.{who}: the gradient's global norm is {float(norm)} at step {int(step)} "
-        "(count from 1). Use nonfinite='propagate' or 'zero', or wrap the optimizer in "
-        "optaxclip.skip_nonfinite, to train through such steps."
-    )
+def _nonfinite_error(who: str) -> Callable[..., Exception]:
+    def make(step: Any, norm: Any) -> Exception:
+        return FloatingPointError(
+            f"optaxclip.{who}: the gradient's global norm is {float(norm)} at step "
+            f"{int(step)} (count from 1). Use nonfinite='propagate' or 'zero', or wrap the "
+            "optimizer in optaxclip.skip_nonfinite, to train through such steps."
+        )
+
+    return make
 
 
 def check_finite_at_runtime(who: str, finite: jax.Array, step: jax.Array, norm: jax.Array):
     """Raises (from inside ``jit``) when ``finite`` is False; free when it is True."""
-    jax.lax.cond(
-        finite,
-        lambda: None,
-        lambda: jax.debug.callback(
-            lambda s, n: _raise_nonfinite(who, s, n), step, norm, ordered=False
-        ),
-    )
+    raise_at_runtime_if(~finite, _nonfinite_error(who), step, norm)
 
 
 def clip_with_threshold(
@@ -105,9 +104,18 @@ def measure(tree: Any, axis_name: AxisName = None, sharded: Sharded = None) -> j
 
 
 class ClipByGlobalNormState(NamedTuple):
-    """State of :func:`clip_by_global_norm`: only its statistics."""
+    """State of :func:`clip_by_global_norm`: only its statistics, read as ``state.stats``.
 
-    stats: ClipStats
+    The field is named after the transform so that the name survives where the class
+    does not (``nnx.state(optimizer)``, a checkpoint restored without a target), and
+    :func:`optaxclip.stats` names these statistics the same way there.
+    """
+
+    clip_by_global_norm: ClipStats
+
+    @property
+    def stats(self) -> ClipStats:
+        return self.clip_by_global_norm
 
 
 def clip_by_global_norm(
@@ -163,7 +171,7 @@ def clip_by_global_norm(
 
     def init_fn(params):
         del params
-        return ClipByGlobalNormState(stats=_stats.init_stats())
+        return ClipByGlobalNormState(_stats.init_stats())
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -172,7 +180,7 @@ def clip_by_global_norm(
         updates, new_stats = clip_with_threshold(
             updates, norm, threshold, state.stats, nonfinite=nonfinite, who="clip_by_global_norm"
         )
-        return updates, ClipByGlobalNormState(stats=new_stats)
+        return updates, ClipByGlobalNormState(new_stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -4,6 +4,7 @@ state left exactly as it was (a clip would still advance momentum and step count
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -15,7 +16,7 @@ from optaxclip import _stats
 from optaxclip._global import measure
 from optaxclip._norms import AxisName, Sharded
 from optaxclip._stats import ClipStats
-from optaxclip._validation import check_positive_int, check_range
+from optaxclip._validation import check_positive_int, check_range, raise_at_runtime_if
 
 __all__ = ["SkipNonfiniteState", "SkipSpikesState", "skip_nonfinite", "skip_spikes"]
 
@@ -76,16 +77,71 @@ def _measure_apart(updates: Any, axis_name: AxisName, sharded: Sharded) -> jax.A
     return measure(apart, axis_name, sharded)
 
 
+def _check_inner(who: str, inner: Any) -> None:
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        raise TypeError(
+            f"{who} wraps an optimizer: its first argument must be an "
+            f"optax.GradientTransformation (such as optax.adamw(1e-3)), got {inner!r}."
+        )
+
+
+def _count_consecutive(
+    who: str,
+    skip: jax.Array,
+    consecutive_skips: jax.Array,
+    step: jax.Array,
+    max_consecutive_skips: int | None,
+) -> jax.Array:
+    """The run of skipped steps ending at this one (0 when this step is taken).
+
+    Raises at run time when it exceeds ``max_consecutive_skips``: a run that skips every
+    step trains nothing, and without the check it would do so silently.
+    """
+    run = jnp.where(skip, consecutive_skips + 1, 0).astype(jnp.int32)
+    if max_consecutive_skips is not None:
+        raise_at_runtime_if(
+            run > max_consecutive_skips, _stalled_error(who, max_consecutive_skips), step, run
+        )
+    return run
+
+
+def _stalled_error(who: str, limit: int):
+    def make(step: Any, run: Any) -> Exception:
+        return FloatingPointError(
+            f"optaxclip.{who}: step {int(step)} (count from 1) makes {int(run)} skipped "
+            f"steps in a row, more than max_consecutive_skips={limit}: training has "
+            "stalled. Look for the cause (NaN/inf gradients from a learning rate, loss "
+            "scale or batch gone bad; a spike threshold too tight for this run), or raise "
+            "max_consecutive_skips."
+        )
+
+    return make
+
+
+def _check_max_consecutive_skips(value: Any) -> None:
+    if value is not None:
+        check_positive_int("max_consecutive_skips", value)
+
+
 class SkipNonfiniteState(NamedTuple):
-    """State of :func:`skip_nonfinite`: the wrapped state and the skip statistics."""
+    """State of :func:`skip_nonfinite`.
+
+    Attributes:
+      inner_state: the wrapped optimizer's state.
+      stats: the skip statistics (``clipped`` marks a skipped step).
+      consecutive_skips: how many steps in a row, ending with the last one, were
+        skipped (int32; 0 after a step that was taken).
+    """
 
     inner_state: Any
     stats: ClipStats
+    consecutive_skips: jax.Array
 
 
 def skip_nonfinite(
     inner: optax.GradientTransformation,
     *,
+    max_consecutive_skips: int | None = None,
     axis_name: AxisName = None,
     sharded: Sharded = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -114,10 +170,15 @@ def skip_nonfinite(
     (equal to ``nonfinite_count`` here); ``norm`` is the incoming global norm;
     ``clipped_norm`` is the norm of what was let through to ``inner`` (``norm``, or 0
     on a skipped step), not of ``inner``'s output, which would cost another pass;
-    ``threshold`` is ``inf`` (every finite norm passes).
+    ``threshold`` is ``inf`` (every finite norm passes). ``state.consecutive_skips`` (and
+    ``stats()``'s ``consecutive_skips``) counts the skipped steps in a row.
 
     Args:
       inner: the optimizer (or any gradient transformation) to protect.
+      max_consecutive_skips: when set (a positive int), a step that makes the run of
+        consecutive skips longer than this raises from inside ``jit``, naming the step
+        and the count: training that skips every step is a failure to surface, not to
+        train through. None (the default) never raises.
       axis_name: inside ``shard_map``/``pmap``, the mapped axis over which the norm is
         summed, so every device takes the same decision.
       sharded: which leaves are sharded along ``axis_name``; default all.
@@ -145,10 +206,16 @@ def skip_nonfinite(
       >>> print(u["w"], int(state.inner_state[0].count))
       [-0.1 -0.1] 1
     """
+    _check_inner("skip_nonfinite", inner)
+    _check_max_consecutive_skips(max_consecutive_skips)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        return SkipNonfiniteState(inner_state=inner.init(params), stats=_stats.init_stats())
+        return SkipNonfiniteState(
+            inner_state=inner.init(params),
+            stats=_stats.init_stats(),
+            consecutive_skips=jnp.zeros((), jnp.int32),
+        )
 
     def update_fn(updates, state, params=None, **extra_args):
         norm = _measure_apart(updates, axis_name, sharded)
@@ -163,7 +230,12 @@ def skip_nonfinite(
             threshold=jnp.inf,
             clipped=skip,
         )
-        return out, SkipNonfiniteState(inner_state=inner_state, stats=new_stats)
+        consecutive = _count_consecutive(
+            "skip_nonfinite", skip, state.consecutive_skips, new_stats.count, max_consecutive_skips
+        )
+        return out, SkipNonfiniteState(
+            inner_state=inner_state, stats=new_stats, consecutive_skips=consecutive
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -201,6 +273,8 @@ class SkipSpikesState(NamedTuple):
         ``min_history`` entries, and always inf without ``use_loss``).
       size: how many entries of the buffers are filled (at most ``window``).
       head: where the next entry goes.
+      consecutive_skips: how many steps in a row, ending with the last one, were
+        skipped (int32; 0 after a step that was taken).
     """
 
     inner_state: Any
@@ -210,6 +284,7 @@ class SkipSpikesState(NamedTuple):
     loss_threshold: jax.Array
     size: jax.Array
     head: jax.Array
+    consecutive_skips: jax.Array
 
 
 def skip_spikes(
@@ -219,6 +294,7 @@ def skip_spikes(
     num_sigmas: Any = 6.0,
     min_history: int = 64,
     use_loss: bool = False,
+    max_consecutive_skips: int | None = None,
     axis_name: AxisName = None,
     sharded: Sharded = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -256,6 +332,9 @@ def skip_spikes(
       min_history: how many values must be buffered before spikes are detected
         (a Python int in ``[1, window]``); before that only NaN/inf steps are skipped.
       use_loss: also watch the ``loss`` passed as ``tx.update(..., loss=loss)``.
+      max_consecutive_skips: when set (a positive int), a step that makes the run of
+        consecutive skips longer than this raises from inside ``jit``, naming the step
+        and the count (see :func:`skip_nonfinite`). None never raises.
       axis_name: inside ``shard_map``/``pmap``, the mapped axis over which the norm is
         summed, so every device takes the same decision.
       sharded: which leaves are sharded along ``axis_name``; default all.
@@ -298,6 +377,8 @@ def skip_spikes(
     check_range("num_sigmas", num_sigmas, 0.0, math.inf, low_open=True)
     if not isinstance(use_loss, (bool, np.bool_)):
         raise TypeError(f"use_loss must be a bool, got {use_loss!r}.")
+    _check_inner("skip_spikes", inner)
+    _check_max_consecutive_skips(max_consecutive_skips)
     inner = optax.with_extra_args_support(inner)
     # One unused slot rather than none without use_loss: Orbax refuses to save
     # zero-size arrays, and the state must checkpoint.
@@ -312,9 +393,18 @@ def skip_spikes(
             loss_threshold=jnp.asarray(jnp.inf, jnp.float32),
             size=jnp.zeros((), jnp.int32),
             head=jnp.zeros((), jnp.int32),
+            consecutive_skips=jnp.zeros((), jnp.int32),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
+        if not use_loss and extra_args.get("loss") is not None:
+            # Not an error: optax.chain hands every extra argument to every transform.
+            warnings.warn(
+                "skip_spikes was handed loss= but watches only the gradient norm; build it "
+                "with use_loss=True to skip loss spikes too.",
+                UserWarning,
+                stacklevel=2,
+            )
         if use_loss:
             if extra_args.get("loss") is None:
                 raise ValueError(
@@ -370,6 +460,9 @@ def skip_spikes(
             loss_threshold=jnp.asarray(loss_threshold, jnp.float32),
             size=size.astype(jnp.int32),
             head=head,
+            consecutive_skips=_count_consecutive(
+                "skip_spikes", skip, state.consecutive_skips, new_stats.count, max_consecutive_skips
+            ),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

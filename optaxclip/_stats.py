@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -75,48 +76,103 @@ def record(
     )
 
 
-# Optax wrapper fields that only say "the inner state is here": left out of names.
+# Fields of Optax's wrappers (and of Flax NNX's optimizer) that only say "the inner
+# state is here": left out of names.
 _PLUMBING_FIELDS = frozenset(
-    {"inner_state", "inner_states", "inner_opt_state", "stats", "inner"}
+    {"inner_state", "inner_states", "inner_opt_state", "opt_state", "stats", "inner"}
 )
+
+# Extra scalars that some optaxclip states keep beside their ClipStats, reported by
+# stats() with it.
+_EXTRA_FIELDS = ("consecutive_skips",)
+
+
+def _snake(class_name: str) -> str:
+    """'clip_by_global_norm' for 'ClipByGlobalNormState'."""
+    name = class_name.removesuffix("State")
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+@functools.cache
+def _names_by_fields() -> dict[frozenset, str]:
+    """Each optaxclip state's set of field names, mapped to its transform's name.
+
+    A state that lost its class (``nnx.state(optimizer)`` turns NamedTuples into dicts,
+    as does a checkpoint restored without a target) is recognised by its fields, so it
+    gets the name its class would give it.
+    """
+    import optaxclip  # the state classes live in the modules that import this one
+
+    out: dict[frozenset, str] = {}
+    for public in optaxclip.__all__:
+        cls = getattr(optaxclip, public)
+        if isinstance(cls, type) and issubclass(cls, tuple) and public.endswith("State"):
+            fields = frozenset(cls._fields)
+            assert fields not in out, f"{public} has the same fields as {out[fields]}"
+            out[fields] = _snake(public)
+    return out
 
 
 def _state_name(node: Any) -> str | None:
-    """'clip_by_global_norm' for an optaxclip ``ClipByGlobalNormState``, else None."""
+    """The transform name of an optaxclip state (a NamedTuple, or a dict of its fields)."""
     cls = type(node)
-    if not getattr(cls, "__module__", "").startswith("optaxclip."):
-        return None
-    name = cls.__name__.removesuffix("State")
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    if getattr(cls, "__module__", "").startswith("optaxclip.") and hasattr(cls, "_fields"):
+        return _snake(cls.__name__)
+    if isinstance(node, Mapping) and all(isinstance(k, str) for k in node):
+        return _names_by_fields().get(frozenset(node.keys()))
+    return None
+
+
+def _is_clip_stats(node: Any) -> bool:
+    return isinstance(node, ClipStats) or (
+        isinstance(node, Mapping) and set(node.keys()) == set(ClipStats._fields)
+    )
+
+
+def _as_clip_stats(node: Any) -> ClipStats:
+    if isinstance(node, ClipStats):
+        return node
+    return ClipStats(**{f: node[f] for f in ClipStats._fields})
+
+
+def _fields_of(node: Any) -> dict[str, Any]:
+    return dict(node) if isinstance(node, Mapping) else node._asdict()
 
 
 def _key_name(key: Any) -> str | None:
     if isinstance(key, jax.tree_util.SequenceKey):
         return str(key.idx)
     if isinstance(key, jax.tree_util.DictKey):
+        name = str(key.key)
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+        name = key.name
+    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
         return str(key.key)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return None if key.name in _PLUMBING_FIELDS else key.name
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
+    else:
+        name = str(key)
+    if name in _PLUMBING_FIELDS or name == "value":  # nnx Variables hold their array in .value
+        return None
+    return name
 
 
 def _find_clip_stats(node: Any, parts: tuple[str, ...], out: list) -> None:
-    if isinstance(node, ClipStats):
-        out.append(("/".join(parts), node))
-        return
-    if isinstance(node, Mapping) and set(node.keys()) == set(ClipStats._fields):
-        # A ClipStats turned into a dict of its fields, as in Flax NNX's
-        # `nnx.state(optimizer)` (an nnx.State) or a checkpoint restored without a target.
-        # Its class and the transform's state class are gone; "stats" is plumbing.
-        if parts and parts[-1] == "stats":
-            parts = parts[:-1]
-        out.append(("/".join(parts), ClipStats(**{f: node[f] for f in ClipStats._fields})))
+    """Appends ``(name, ClipStats, extras)`` for every ClipStats below ``node``."""
+    if _is_clip_stats(node):
+        out.append(("/".join(parts), _as_clip_stats(node), {}))
         return
     own = _state_name(node)
     if own is not None:
+        # An optaxclip state: named by its transform; its own fields never add to the
+        # name (one holds its ClipStats, any other an inner optimizer's state).
         parts = (*parts, own)
+        fields = _fields_of(node)
+        extras = {k: fields[k] for k in _EXTRA_FIELDS if k in fields}
+        for value in fields.values():
+            if _is_clip_stats(value):
+                out.append(("/".join(parts), _as_clip_stats(value), extras))
+            elif value is not None and not any(value is e for e in extras.values()):
+                _find_clip_stats(value, parts, out)
+        return
     children = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
     if len(children) == 1 and children[0][1] is node:
         return  # an array or other leaf
@@ -125,13 +181,14 @@ def _find_clip_stats(node: Any, parts: tuple[str, ...], out: list) -> None:
         _find_clip_stats(child, (*parts, name) if name else parts, out)
 
 
-def _flat(s: ClipStats) -> dict[str, jax.Array]:
+def _flat(s: ClipStats, extras: dict[str, Any]) -> dict[str, jax.Array]:
     # jnp.asarray unwraps mutable containers such as Flax NNX's OptArray: returning the
     # live Variable would make every logged step alias the optimizer's latest value.
     out = {k: jnp.asarray(v) for k, v in s._asdict().items()}
     out["clip_rate"] = out["clip_count"].astype(jnp.float32) / jnp.maximum(
         out["count"], 1
     ).astype(jnp.float32)
+    out.update({k: jnp.asarray(v) for k, v in extras.items()})
     return out
 
 
@@ -173,19 +230,19 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
       >>> print(float(s["clip_rate"]))
       1.0
     """
-    found: list[tuple[str, ClipStats]] = []
+    found: list[tuple[str, ClipStats, dict[str, Any]]] = []
     _find_clip_stats(opt_state, (), found)
     if len(found) == 1:
-        return _flat(found[0][1])
+        return _flat(found[0][1], found[0][2])
     out: dict[str, jax.Array] = {}
     seen: dict[str, int] = {}
-    for name, s in found:
+    for name, s, extras in found:
         name = name or "clip"
         if name in seen:
             seen[name] += 1
             name = f"{name}#{seen[name]}"
         else:
             seen[name] = 0
-        for key, value in _flat(s).items():
+        for key, value in _flat(s, extras).items():
             out[f"{name}/{key}"] = value
     return out

@@ -154,3 +154,27 @@ def resolve_per_leaf(option: Any, tree: Any, name: str, default: Any) -> list[An
 
 
 Schedule = Callable[[jax.Array], jax.Array]
+
+
+def raise_at_runtime_if(bad: jax.Array, make_error: Callable[..., Exception], *operands) -> None:
+    """Raises ``make_error(*operands)`` from inside ``jit`` when ``bad`` is True.
+
+    Free when ``bad`` is False: the host callback sits in the untaken branch of a
+    ``lax.cond``. Under ``jax.vmap`` that cond becomes a select and the callback runs on
+    every step, so it checks ``bad`` again on the host and raises only for a batch
+    element that really is bad, naming the first.
+    """
+
+    def on_host(bad_values, *values):
+        bad_values = np.asarray(bad_values)
+        if not bad_values.any():
+            return
+        first = np.unravel_index(int(np.argmax(bad_values)), bad_values.shape)
+        raise make_error(*(np.asarray(v)[first] if np.ndim(v) else v for v in values))
+
+    jax.lax.cond(
+        bad,
+        lambda: jax.debug.callback(on_host, bad, *operands, ordered=False),
+        lambda: None,
+    )
+

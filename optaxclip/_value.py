@@ -24,9 +24,18 @@ __all__ = ["ClipByValueState", "clip_by_value"]
 
 
 class ClipByValueState(NamedTuple):
-    """State of :func:`clip_by_value`: only its statistics."""
+    """State of :func:`clip_by_value`: only its statistics, read as ``state.stats``.
 
-    stats: ClipStats
+    The field is named after the transform so that the name survives where the class
+    does not (``nnx.state(optimizer)``, a checkpoint restored without a target), and
+    :func:`optaxclip.stats` names these statistics the same way there.
+    """
+
+    clip_by_value: ClipStats
+
+    @property
+    def stats(self) -> ClipStats:
+        return self.clip_by_value
 
 
 def _clip_leaf(x: jax.Array, limit: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -89,7 +98,7 @@ def clip_by_value(
 
     def init_fn(params):
         del params
-        return ClipByValueState(stats=_stats.init_stats())
+        return ClipByValueState(_stats.init_stats())
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args

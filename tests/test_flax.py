@@ -81,13 +81,18 @@ def test_nnx_optimizer_trains_an_mlp_and_stats_read_its_state(name):
     # stats() reads the NNX state outside jit, through nnx.State too, and agrees with
     # what it returned inside the jitted step.
     s = optaxclip.stats(optimizer.opt_state)
-    assert set(s) == set(CLIP_STATS_KEYS)
+    skip_keys = ("consecutive_skips",) if case.wraps else ()
+    assert set(s) == {*CLIP_STATS_KEYS, *skip_keys}
     assert int(s["count"]) == STEPS
     assert int(s["nonfinite_count"]) == 0
+    # One key scheme whichever way the state is handed over.
     from_nnx_state = optaxclip.stats(nnx.state(optimizer))
+    from_optimizer = optaxclip.stats(optimizer)
+    assert set(from_nnx_state) == set(from_optimizer) == set(s)
     for key, value in s.items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(inside[-1][key]))
         np.testing.assert_array_equal(np.asarray(value), np.asarray(from_nnx_state[key]))
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(from_optimizer[key]))
     # Values, not live views of the optimizer: an earlier step's stats stay put.
     assert int(inside[0]["count"]) == 1
     if name != "skip_nonfinite":
@@ -115,7 +120,8 @@ def test_nnx_optimizer_trains_an_lstm_with_the_adaptive_transforms():
         transform = name.removesuffix("_sketch")
         key = f"skip_nonfinite/skip_spikes/{i}/{transform}/count"
         assert int(s[key]) == STEPS - skipped, key  # a skipped step never reaches them
-    assert len(s) == len(CLIP_STATS_KEYS) * (len(adaptive) + 2)
+    # Each ClipStats, plus each skip wrapper's run of consecutive skips.
+    assert len(s) == len(CLIP_STATS_KEYS) * (len(adaptive) + 2) + 2
     # AdaGC keeps one reference norm per LSTM and head parameter.
     gamma = optimizer.opt_state.inner_state.inner_state[3].gamma
     assert gamma.shape == (len(jax.tree.leaves(nnx.state(model, nnx.Param))),)
@@ -201,10 +207,11 @@ def test_nan_batch_is_skipped_and_loses_no_step():
     # The clip inside never saw the bad step.
     assert int(s["skip_nonfinite/0/clip_by_global_norm/count"]) == len(batches)
     assert int(s["skip_nonfinite/0/clip_by_global_norm/nonfinite_count"]) == 0
-    # nnx.state() turns the NamedTuples into dicts: the names then give positions.
+    # nnx.state() turns the NamedTuples into dicts; the keys stay the same.
     s = optaxclip.stats(nnx.state(optimizer))
-    assert int(s["opt_state/clip_count"]) == 1
-    assert int(s["opt_state/inner_state/0/count"]) == len(batches)
+    assert int(s["skip_nonfinite/clip_count"]) == 1
+    assert int(s["skip_nonfinite/consecutive_skips"]) == 0  # the steps after it were taken
+    assert int(s["skip_nonfinite/0/clip_by_global_norm/count"]) == len(batches)
 
 
 class LinenMLP(nn.Module):

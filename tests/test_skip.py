@@ -68,7 +68,8 @@ def _run_spikes(norms, losses, use_loss, **kwargs):
 
     def body(state, x):
         g, loss = x
-        u, state = tx.update({"w": g[None]}, state, {"w": jnp.zeros(1)}, loss=loss)
+        extra = {"loss": loss} if use_loss else {}
+        u, state = tx.update({"w": g[None]}, state, {"w": jnp.zeros(1)}, **extra)
         s = state.stats
         return state, (u["w"][0], s.clipped, s.threshold, state.loss_threshold)
 
@@ -304,6 +305,8 @@ def test_stats_names_both_the_wrapper_and_a_clip_inside_it():
         ({"num_sigmas": -1.0}, ValueError, "num_sigmas"),
         ({"num_sigmas": float("nan")}, ValueError, "num_sigmas"),
         ({"use_loss": "yes"}, TypeError, "use_loss"),
+        ({"max_consecutive_skips": 0}, ValueError, "max_consecutive_skips"),
+        ({"max_consecutive_skips": 2.5}, TypeError, "max_consecutive_skips"),
     ],
 )
 def test_invalid_arguments_are_rejected_when_built(kwargs, error, match):
@@ -316,3 +319,61 @@ def test_integer_leaves_are_rejected_naming_the_leaf():
         g = {"steps": jnp.ones(2, jnp.int32)}
         with pytest.raises(TypeError, match=r"\['steps'\]"):
             tx.update(g, tx.init(g))
+
+
+@pytest.mark.parametrize("make", [optaxclip.skip_nonfinite, optaxclip.skip_spikes])
+def test_wrappers_reject_something_that_is_not_an_optimizer(make):
+    with pytest.raises(TypeError, match="GradientTransformation"):
+        make(None)
+
+
+def _nan_or_one(pattern):
+    return [{"w": jnp.full(3, jnp.nan if bad else 1.0)} for bad in pattern]
+
+
+@pytest.mark.parametrize("make", [optaxclip.skip_nonfinite, optaxclip.skip_spikes])
+def test_consecutive_skips_count_the_current_run_and_reset_on_a_taken_step(make):
+    tx = make(optax.sgd(0.1))
+    state, update = tx.init(PARAMS), jax.jit(tx.update)
+    runs = []
+    for g in _nan_or_one([0, 1, 1, 1, 0, 1, 0, 0]):
+        _, state = update(g, state, PARAMS)
+        runs.append(int(optaxclip.stats(state)["consecutive_skips"]))
+        assert int(state.consecutive_skips) == runs[-1]
+    assert runs == [0, 1, 2, 3, 0, 1, 0, 0]
+
+
+@pytest.mark.parametrize("make", [optaxclip.skip_nonfinite, optaxclip.skip_spikes])
+def test_max_consecutive_skips_raises_naming_the_step_and_the_count(make):
+    # 1,000 NaN steps in a row no longer pass in silence: the 4th skip in a row raises.
+    tx = make(optax.sgd(0.1), max_consecutive_skips=3)
+    state, update = tx.init(PARAMS), jax.jit(tx.update)
+    for g in _nan_or_one([1, 1, 0, 1, 1, 1]):  # a taken step resets the run
+        _, state = update(g, state, PARAMS)
+    assert int(state.consecutive_skips) == 3
+    stalled = r"step 7 \(count from 1\) makes 4 skipped steps in a row.*=3"
+    with pytest.raises(Exception, match=stalled):
+        for g in _nan_or_one([1] * 1000):
+            _, state = update(g, state, PARAMS)
+            jax.block_until_ready(state)
+
+
+def test_max_consecutive_skips_counts_spikes_too():
+    tx = optaxclip.skip_spikes(
+        optax.sgd(0.1), window=4, min_history=4, num_sigmas=3.0, max_consecutive_skips=1
+    )
+    state, update = tx.init(PARAMS), jax.jit(tx.update)
+    for scale in [1.0, 1.1, 0.9, 1.0, 50.0]:  # one spike: a run of 1 is allowed
+        _, state = update({"w": jnp.full(3, scale)}, state, PARAMS)
+    assert bool(state.stats.clipped)
+    with pytest.raises(Exception, match="step 6 .* makes 2 skipped steps in a row"):
+        _, state = update({"w": jnp.full(3, jnp.nan)}, state, PARAMS)
+        jax.block_until_ready(state)
+
+
+def test_skip_spikes_warns_once_when_handed_a_loss_it_does_not_watch():
+    tx = optaxclip.skip_spikes(optax.sgd(1.0))
+    g = {"w": jnp.ones(2)}
+    state = tx.init(g)
+    with pytest.warns(UserWarning, match="use_loss=True"):
+        tx.update(g, state, g, loss=jnp.float32(1.0))
