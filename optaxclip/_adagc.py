@@ -26,8 +26,8 @@ from optaxclip._stats import ClipStats
 from optaxclip._validation import (
     check_choice,
     check_float_leaves,
-    check_positive_int,
     check_range,
+    check_static_int,
     check_threshold,
     threshold_at,
 )
@@ -127,7 +127,7 @@ def adagc(
     """
     check_range("ratio", ratio, 0.0, float("inf"), low_open=True)
     check_range("beta", beta, 0.0, 1.0, low_open=True, high_open=True)
-    check_positive_int("warmup_steps", warmup_steps, allow_zero=True)
+    check_static_int("adagc", "warmup_steps", warmup_steps, ("warmup_steps",), allow_zero=True)
     check_threshold("warmup_max_norm", warmup_max_norm)
     check_threshold("eps", eps)
     check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)

@@ -27,6 +27,7 @@ from optaxclip._validation import (
     check_float_leaves,
     check_threshold,
     resolve_per_leaf,
+    static_hint,
     threshold_at,
 )
 
@@ -34,19 +35,17 @@ __all__ = ["AdaptiveGradClipState", "adaptive_grad_clip"]
 
 Axis = int | Sequence[int] | None
 
-_STATIC_HINT = (
-    "It must be a Python int because it decides which axes make up a unit; under "
-    "optax.inject_hyperparams list it in static_args=('{name}',)."
-)
+_STATIC = ("axis", "stacked_axes")
 
 
 def _stack_depth(value: Any, where: str, ndim: int | None) -> int:
     """The validated number of leading stacked axes of one leaf (or of every leaf)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    if isinstance(value, (jax.Array, jax.core.Tracer)):
         raise TypeError(
-            f"stacked_axes{where} must be an integer, got {value!r}. "
-            + _STATIC_HINT.format(name="stacked_axes")
+            static_hint("adaptive_grad_clip", "stacked_axes", _STATIC) + f" Got {value!r}."
         )
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"stacked_axes{where} must be an integer, got {value!r}.")
     value = int(value)
     if value < 0:
         raise ValueError(f"stacked_axes{where} must be non-negative, got {value}.")
@@ -229,11 +228,8 @@ def adaptive_grad_clip(
     """
     check_threshold("clipping", clipping)
     check_threshold("eps", eps)
-    if isinstance(axis, jax.Array):
-        raise TypeError(
-            f"axis must be an int or a tuple of ints, got {axis!r}. "
-            + _STATIC_HINT.format(name="axis")
-        )
+    if isinstance(axis, (jax.Array, jax.core.Tracer)):
+        raise TypeError(static_hint("adaptive_grad_clip", "axis", _STATIC) + f" Got {axis!r}.")
     if not callable(stacked_axes):
         for value in jax.tree_util.tree_leaves(stacked_axes):
             _stack_depth(value, "", None)

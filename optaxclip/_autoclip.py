@@ -35,8 +35,8 @@ from optaxclip._norms import AxisName, Sharded
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
     check_choice,
-    check_positive_int,
     check_range,
+    check_static_int,
     check_threshold,
     threshold_at,
 )
@@ -198,9 +198,9 @@ def autoclip(
       3.0 3.0
     """
     check_range("percentile", percentile, 0.0, 100.0)
-    if history is not None:
-        check_positive_int("history", history)
-    check_positive_int("warmup_steps", warmup_steps, allow_zero=True)
+    static = ("history", "warmup_steps")
+    check_static_int("autoclip", "history", history, static, allow_none=True)
+    check_static_int("autoclip", "warmup_steps", warmup_steps, static, allow_zero=True)
     check_threshold("max_norm", max_norm, allow_none=True)
     check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
 

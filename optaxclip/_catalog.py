@@ -175,7 +175,7 @@ ENTRIES: tuple[Entry, ...] = (
         skip_spikes,
         {"window": 6, "min_history": 3, "num_sigmas": 1.5},
         knob="num_sigmas",
-        static=("window", "min_history"),
+        static=("window", "min_history", "max_consecutive_skips"),
         wraps=True,
     ),
 )

@@ -16,21 +16,11 @@ from optaxclip import _stats
 from optaxclip._global import measure
 from optaxclip._norms import AxisName, Sharded
 from optaxclip._stats import ClipStats
-from optaxclip._validation import check_positive_int, check_range, raise_at_runtime_if
+from optaxclip._validation import check_range, check_static_int, raise_at_runtime_if
 
 __all__ = ["SkipNonfiniteState", "SkipSpikesState", "skip_nonfinite", "skip_spikes"]
 
 _STD_FLOOR = 1e-6
-
-
-def _check_static_int(name: str, value: Any) -> None:
-    """Structural ints (buffer sizes) must be Python ints, not injected arrays."""
-    if isinstance(value, jax.Array):
-        raise TypeError(
-            f"{name} must be a Python int, got {value!r}: it sets the size of the state. "
-            f"Under optax.inject_hyperparams list it in static_args=('{name}', ...)."
-        )
-    check_positive_int(name, value)
 
 
 def _step_or_skip(
@@ -118,11 +108,6 @@ def _stalled_error(who: str, limit: int):
     return make
 
 
-def _check_max_consecutive_skips(value: Any) -> None:
-    if value is not None:
-        check_positive_int("max_consecutive_skips", value)
-
-
 class SkipNonfiniteState(NamedTuple):
     """State of :func:`skip_nonfinite`.
 
@@ -207,7 +192,13 @@ def skip_nonfinite(
       [-0.1 -0.1] 1
     """
     _check_inner("skip_nonfinite", inner)
-    _check_max_consecutive_skips(max_consecutive_skips)
+    check_static_int(
+        "skip_nonfinite",
+        "max_consecutive_skips",
+        max_consecutive_skips,
+        ("max_consecutive_skips",),
+        allow_none=True,
+    )
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -367,8 +358,12 @@ def skip_spikes(
       50.0 True 1.212
       1.05 False 76.903
     """
-    _check_static_int("window", window)
-    _check_static_int("min_history", min_history)
+    static = ("window", "min_history", "max_consecutive_skips")
+    check_static_int("skip_spikes", "window", window, static)
+    check_static_int("skip_spikes", "min_history", min_history, static)
+    check_static_int(
+        "skip_spikes", "max_consecutive_skips", max_consecutive_skips, static, allow_none=True
+    )
     if min_history > window:
         raise ValueError(
             f"min_history must lie in [1, window], got min_history={min_history} with "
@@ -378,7 +373,6 @@ def skip_spikes(
     if not isinstance(use_loss, (bool, np.bool_)):
         raise TypeError(f"use_loss must be a bool, got {use_loss!r}.")
     _check_inner("skip_spikes", inner)
-    _check_max_consecutive_skips(max_consecutive_skips)
     inner = optax.with_extra_args_support(inner)
     # One unused slot rather than none without use_loss: Orbax refuses to save
     # zero-size arrays, and the state must checkpoint.

@@ -92,6 +92,44 @@ def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> No
         raise ValueError(f"{name} must be a {bound} integer, got {value!r}.")
 
 
+def static_hint(who: str, name: str, static: Sequence[str]) -> str:
+    """What to write when ``optax.inject_hyperparams`` turned a static int into an array."""
+    names = ", ".join(repr(n) for n in static) + ("," if len(static) == 1 else "")
+    return (
+        f"{who}: {name} is fixed when the step is compiled (it sizes the state or picks "
+        f"the computation), so it must be a Python int. optax.inject_hyperparams turns "
+        f"every numeric argument it is not told about into an array, even one left at its "
+        f"default: build it as optax.inject_hyperparams(optaxclip.{who}, "
+        f"static_args=({names}))(...)."
+    )
+
+
+def check_static_int(
+    who: str,
+    name: str,
+    value: Any,
+    static: Sequence[str],
+    *,
+    allow_zero: bool = False,
+    allow_none: bool = False,
+) -> None:
+    """Checks an int that shapes the state or the computation (a window, a warm-up).
+
+    Args:
+      who: the transform's name, for the message.
+      name: the argument's name.
+      value: its value.
+      static: every such argument of the transform, for the ``static_args`` hint.
+      allow_zero: whether 0 is accepted.
+      allow_none: whether None is accepted.
+    """
+    if value is None and allow_none:
+        return
+    if isinstance(value, (jax.Array, jax.core.Tracer)):
+        raise TypeError(static_hint(who, name, static) + f" Got {value!r}.")
+    check_positive_int(name, value, allow_zero=allow_zero)
+
+
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     """Rejects a string option that is not one of ``choices``."""
     if value not in choices:

@@ -14,8 +14,8 @@ from optaxclip._norms import AxisName, Sharded
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
     check_choice,
-    check_positive_int,
     check_range,
+    check_static_int,
     check_threshold,
     threshold_at,
 )
@@ -131,7 +131,7 @@ def zclip(
     check_range("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
     check_range("z_thresh", z_thresh, 0.0, float("inf"), low_open=True)
     check_threshold("max_norm", max_norm, allow_none=True)
-    check_positive_int("warmup_steps", warmup_steps, allow_zero=True)
+    check_static_int("zclip", "warmup_steps", warmup_steps, ("warmup_steps",), allow_zero=True)
     check_choice("mode", mode, MODES)
     check_choice("clip_option", clip_option, CLIP_OPTIONS)
     check_threshold("clip_factor", clip_factor)

@@ -152,3 +152,12 @@ def test_nnx_optimizer_under_donating_nnx_jit_matches_the_undonated_run(name):
     got = run(nnx.jit(_nnx_step, donate_argnums=(0, 1)))
     assert np.all(np.isfinite(got[0]))
     _assert_bitwise_equal(got, want)
+
+
+@pytest.mark.parametrize("name", [entry.name for entry in ENTRIES if entry.static])
+def test_inject_hyperparams_without_static_args_names_them_even_when_left_at_default(name):
+    entry = BY_NAME[name]
+    injected = optax.inject_hyperparams(entry.factory)  # static_args forgotten
+    args = (optax.sgd(0.1),) if entry.wraps else ()
+    with pytest.raises(TypeError, match=rf"optaxclip\.{entry.factory.__name__}, static_args=\("):
+        injected(*args, **entry.defaults).init(linear_params("float32"))
