@@ -133,6 +133,31 @@ def test_clip_inside_partition_is_per_group_not_global():
     np.testing.assert_array_equal(skipped["b"], [0.0, 0.0])
 
 
+def test_frozen_leaves_count_in_a_clip_before_partition_and_not_in_one_inside_it():
+    # The README's advice for freezing part of a model: a clip before the partition
+    # measures the frozen gradients too (jax.grad computes them; set_to_zero drops them
+    # only afterwards), so the trainable update is shrunk by gradients that are never
+    # applied. Inside the trainable group's chain it measures what is trained.
+    grads = {"head": jnp.array([3.0, 4.0]), "backbone": jnp.array([30.0, 40.0])}
+    labels = {"head": "train", "backbone": "frozen"}
+    before = optax.chain(
+        optaxclip.clip_by_global_norm(1.0),
+        optax.partition({"train": optax.sgd(1.0), "frozen": optax.set_to_zero()}, labels),
+    )
+    inside = optax.partition(
+        {
+            "train": optax.chain(optaxclip.clip_by_global_norm(1.0), optax.sgd(1.0)),
+            "frozen": optax.set_to_zero(),
+        },
+        labels,
+    )
+    counted, _ = before.update(grads, before.init(grads), grads)
+    trained, _ = inside.update(grads, inside.init(grads), grads)
+    np.testing.assert_allclose(counted["head"], -np.array([3.0, 4.0]) / np.sqrt(2525.0), rtol=1e-6)
+    np.testing.assert_allclose(trained["head"], [-0.6, -0.8], rtol=1e-6)
+    np.testing.assert_array_equal(trained["backbone"], [0.0, 0.0])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_multisteps_clips_the_averaged_gradient_once_per_k_steps(name):
     k = 2
