@@ -231,21 +231,38 @@ def skip_nonfinite(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _spike_threshold(
-    history: jax.Array, size: jax.Array, num_sigmas: Any, min_history: int
-) -> jax.Array:
-    """mean + num_sigmas * max(std, 1e-6) of the ``size`` valid entries, inf if too few.
+def _counted(skipped_history: jax.Array, size: jax.Array, count_skipped: bool) -> jax.Array:
+    """Which entries of the history the spike statistics are taken over.
 
+    All valid entries with ``count_skipped`` (the references' rule). Otherwise the
+    entries of steps that were taken, so that a skipped spike cannot raise the threshold
+    and let the next spike of a cluster through; but when skipped entries make up more
+    than half the window the level has shifted, and all entries count, so that the new
+    level becomes the baseline within ``window`` steps instead of being skipped forever.
+    """
+    valid = jnp.arange(skipped_history.shape[0]) < size
+    if count_skipped:
+        return valid
+    skipped = valid & skipped_history
+    shifted = 2 * jnp.sum(skipped) > jnp.sum(valid)
+    return jnp.where(shifted, valid, valid & ~skipped_history)
+
+
+def _spike_threshold(
+    history: jax.Array, counted: jax.Array, size: jax.Array, num_sigmas: Any, min_history: int
+) -> jax.Array:
+    """mean + num_sigmas * max(std, 1e-6) of the ``counted`` entries, inf if too few.
+
+    Too few: fewer than ``min_history`` entries in the history (counted or not).
     Entries are divided by their largest magnitude first, so that a huge (finite) norm
     in the window cannot overflow the variance to inf.
     """
-    valid = jnp.arange(history.shape[0]) < size
-    n = jnp.maximum(size, 1).astype(jnp.float32)
-    big = jnp.max(jnp.where(valid, jnp.abs(history), 0), initial=0.0)
+    n = jnp.maximum(jnp.sum(counted), 1).astype(jnp.float32)
+    big = jnp.max(jnp.where(counted, jnp.abs(history), 0), initial=0.0)
     unit = jnp.where(big > 0, big, 1)
-    x = jnp.where(valid, history / unit, 0)
+    x = jnp.where(counted, history / unit, 0)
     mean = jnp.sum(x) / n
-    var = jnp.sum(jnp.where(valid, jnp.square(x - mean), 0)) / n
+    var = jnp.sum(jnp.where(counted, jnp.square(x - mean), 0)) / n
     std = jnp.maximum(unit * jnp.sqrt(var), _STD_FLOOR)
     threshold = unit * mean + jnp.asarray(num_sigmas, jnp.float32) * std
     return jnp.where(size >= min_history, threshold, jnp.inf).astype(jnp.float32)
@@ -262,6 +279,7 @@ class SkipSpikesState(NamedTuple):
         unless ``use_loss=True``).
       loss_threshold: the loss threshold in force this step (inf before
         ``min_history`` entries, and always inf without ``use_loss``).
+      skipped_history: which entries of the buffers come from skipped steps (bool).
       size: how many entries of the buffers are filled (at most ``window``).
       head: where the next entry goes.
       consecutive_skips: how many steps in a row, ending with the last one, were
@@ -273,6 +291,7 @@ class SkipSpikesState(NamedTuple):
     norm_history: jax.Array
     loss_history: jax.Array
     loss_threshold: jax.Array
+    skipped_history: jax.Array
     size: jax.Array
     head: jax.Array
     consecutive_skips: jax.Array
@@ -285,18 +304,27 @@ def skip_spikes(
     num_sigmas: Any = 6.0,
     min_history: int = 64,
     use_loss: bool = False,
+    count_skipped: bool = False,
     max_consecutive_skips: int | None = None,
     axis_name: AxisName = None,
     sharded: Sharded = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Skips steps whose gradient norm (or loss) spikes far above its recent history.
 
-    Keeps the last ``window`` global norms ``h`` in a ring buffer. Once ``min_history``
-    entries exist, a step with norm ``g > mean(h) + num_sigmas * max(std(h), 1e-6)``
-    (population std) is skipped: zero updates and ``inner``'s state left exactly as it
-    was. Every finite step's norm is appended, skipped or not, so a lasting shift in
-    scale becomes the new baseline after a few steps instead of freezing training. A
-    NaN/inf norm is always skipped and is not appended.
+    Keeps the last ``window`` finite global norms in a ring buffer, each marked with
+    whether its step was skipped. Once ``min_history`` entries exist, a step with norm
+    ``g > mean(h) + num_sigmas * max(std(h), 1e-6)`` (population std) is skipped: zero
+    updates and ``inner``'s state left exactly as it was. A NaN/inf norm is always
+    skipped and is not appended.
+
+    ``h`` is the entries of the steps that were taken: bad batches come in clusters,
+    and a skipped 10x spike that entered the statistics would raise the threshold so
+    far that a 5x spike a few steps later went through. When skipped entries make up
+    more than half the window, the level has shifted rather than spiked: then ``h`` is
+    every entry, so a lasting change of scale becomes the new baseline within
+    ``window`` steps (at most ``window // 2 + 1`` steps are skipped) instead of freezing
+    training. ``count_skipped=True`` makes ``h`` every entry always, the rule of
+    OLMo-core, levanter and MaxText (they also use the sample std with no floor).
 
     With ``use_loss=True`` the ``loss=`` extra argument of ``update`` is watched too,
     with its own buffer and the same rule: a step is skipped when its norm **or** its
@@ -323,6 +351,8 @@ def skip_spikes(
       min_history: how many values must be buffered before spikes are detected
         (a Python int in ``[1, window]``); before that only NaN/inf steps are skipped.
       use_loss: also watch the ``loss`` passed as ``tx.update(..., loss=loss)``.
+      count_skipped: let the values of skipped steps into the statistics at once (the
+        references' rule) instead of only once they outnumber the taken ones.
       max_consecutive_skips: when set (a positive int), a step that makes the run of
         consecutive skips longer than this raises from inside ``jit``, naming the step
         and the count (see :func:`skip_nonfinite`). None never raises.
@@ -348,7 +378,7 @@ def skip_spikes(
       >>> tx = optaxclip.skip_spikes(optax.sgd(1.0), window=4, min_history=4, num_sigmas=3.0)
       >>> params = {"w": jnp.zeros(1)}
       >>> state, update = tx.init(params), jax.jit(tx.update)
-      >>> for g in [1.0, 1.1, 0.9, 1.0, 50.0, 1.05]:
+      >>> for g in [1.0, 1.1, 0.9, 1.0, 50.0, 1.05, 20.0]:
       ...     u, state = update({"w": jnp.array([g])}, state, params)
       ...     print(g, bool(state.stats.clipped), round(float(state.stats.threshold), 3))
       1.0 False inf
@@ -356,7 +386,8 @@ def skip_spikes(
       0.9 False inf
       1.0 False inf
       50.0 True 1.212
-      1.05 False 76.903
+      1.05 False 1.245
+      20.0 True 1.17
     """
     static = ("window", "min_history", "max_consecutive_skips")
     check_static_int("skip_spikes", "window", window, static)
@@ -372,6 +403,8 @@ def skip_spikes(
     check_range("num_sigmas", num_sigmas, 0.0, math.inf, low_open=True)
     if not isinstance(use_loss, (bool, np.bool_)):
         raise TypeError(f"use_loss must be a bool, got {use_loss!r}.")
+    if not isinstance(count_skipped, (bool, np.bool_)):
+        raise TypeError(f"count_skipped must be a bool, got {count_skipped!r}.")
     _check_inner("skip_spikes", inner)
     inner = optax.with_extra_args_support(inner)
     # One unused slot rather than none without use_loss: Orbax refuses to save
@@ -385,6 +418,7 @@ def skip_spikes(
             norm_history=jnp.zeros((window,), jnp.float32),
             loss_history=jnp.zeros((loss_len,), jnp.float32),
             loss_threshold=jnp.asarray(jnp.inf, jnp.float32),
+            skipped_history=jnp.zeros((window,), jnp.bool_),
             size=jnp.zeros((), jnp.int32),
             head=jnp.zeros((), jnp.int32),
             consecutive_skips=jnp.zeros((), jnp.int32),
@@ -413,12 +447,15 @@ def skip_spikes(
             loss = loss.astype(jnp.float32)
         norm = _measure_apart(updates, axis_name, sharded)
         value = norm.astype(jnp.float32)
-        norm_threshold = _spike_threshold(state.norm_history, state.size, num_sigmas, min_history)
+        counted = _counted(state.skipped_history, state.size, count_skipped)
+        norm_threshold = _spike_threshold(
+            state.norm_history, counted, state.size, num_sigmas, min_history
+        )
         finite = jnp.isfinite(value)
         spike = value > norm_threshold
         if use_loss:
             loss_threshold = _spike_threshold(
-                state.loss_history, state.size, num_sigmas, min_history
+                state.loss_history, counted, state.size, num_sigmas, min_history
             )
             finite = finite & jnp.isfinite(loss)
             spike = spike | (loss > loss_threshold)
@@ -436,6 +473,7 @@ def skip_spikes(
             return jnp.where(finite, buffer.at[state.head].set(x), buffer)
 
         norm_history = append(state.norm_history, value)
+        skipped_history = append(state.skipped_history, skip)
         loss_history = append(state.loss_history, loss) if use_loss else state.loss_history
         head = jnp.where(finite, (state.head + 1) % window, state.head).astype(jnp.int32)
         size = jnp.where(finite, jnp.minimum(state.size + 1, window), state.size)
@@ -452,6 +490,7 @@ def skip_spikes(
             norm_history=norm_history,
             loss_history=loss_history,
             loss_threshold=jnp.asarray(loss_threshold, jnp.float32),
+            skipped_history=skipped_history,
             size=size.astype(jnp.int32),
             head=head,
             consecutive_skips=_count_consecutive(

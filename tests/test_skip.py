@@ -21,27 +21,37 @@ def _leaves_equal(a, b):
     return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb, strict=True))
 
 
-def spikes_reference(norms, losses, *, window, num_sigmas, min_history):
-    """The skip_spikes rule in float64 Python: per step (skipped, norm thr, loss thr)."""
+def spikes_reference(norms, losses, *, window, num_sigmas, min_history, count_skipped=True):
+    """The skip_spikes rule in float64 Python: per step (skipped, norm thr, loss thr).
 
-    def threshold(history):
+    ``count_skipped=True`` is the references' rule (every finite value counts);
+    otherwise only the values of taken steps count, unless skipped ones are more than
+    half the window. ``num_sigmas`` is a number or one number per step.
+    """
+
+    def threshold(history, num_sigmas):
         if len(history) < min_history:
             return math.inf
-        h = np.asarray(history, np.float64)
+        values = [v for v, _ in history]
+        skipped = sum(1 for _, s in history if s)
+        if not count_skipped and 2 * skipped <= len(history):
+            values = [v for v, s in history if not s]
+        h = np.asarray(values, np.float64)
         return float(h.mean() + num_sigmas * max(h.std(), 1e-6))  # population std
 
     norm_hist, loss_hist = deque(maxlen=window), deque(maxlen=window)
     out = []
     for t, g in enumerate(norms):
         loss = None if losses is None else losses[t]
-        t_norm = threshold(norm_hist)
-        t_loss = math.inf if loss is None else threshold(loss_hist)
+        sigmas = num_sigmas[t] if isinstance(num_sigmas, (list, tuple)) else num_sigmas
+        t_norm = threshold(norm_hist, sigmas)
+        t_loss = math.inf if loss is None else threshold(loss_hist, sigmas)
         finite = math.isfinite(g) and (loss is None or math.isfinite(loss))
         skipped = not finite or g > t_norm or (loss is not None and loss > t_loss)
-        if finite:  # spikes are appended too; NaN/inf never
-            norm_hist.append(g)
+        if finite:  # spikes are appended too, marked; NaN/inf never
+            norm_hist.append((g, skipped))
             if loss is not None:
-                loss_hist.append(loss)
+                loss_hist.append((loss, skipped))
         out.append((skipped, t_norm, t_loss))
     return out
 
@@ -78,10 +88,13 @@ def _run_spikes(norms, losses, use_loss, **kwargs):
     return state, jax.tree.map(np.asarray, out)
 
 
+@pytest.mark.parametrize("count_skipped", [False, True], ids=["default", "references"])
 @pytest.mark.parametrize("use_loss", [False, True], ids=["norm", "norm_and_loss"])
-def test_skip_decisions_and_thresholds_match_the_float64_rule_over_320_steps(use_loss):
+def test_skip_decisions_and_thresholds_match_the_float64_rule_over_320_steps(
+    use_loss, count_skipped
+):
     norms, losses = _synthetic(0)
-    kw = dict(window=32, num_sigmas=4.0, min_history=16)
+    kw = dict(window=32, num_sigmas=4.0, min_history=16, count_skipped=count_skipped)
     state, (updates, skipped, thr_norm, thr_loss) = _run_spikes(norms, losses, use_loss, **kw)
     ref = spikes_reference(norms, losses if use_loss else None, **kw)
     ref_skip = np.array([r[0] for r in ref])
@@ -195,11 +208,10 @@ def test_skip_spikes_num_sigmas_can_be_injected():
             (bool(state.inner_state.stats.clipped), float(state.inner_state.stats.threshold))
         )
     norms32 = np.float32(norms).astype(np.float64)
-    for t in range(len(norms)):
-        # The reference with this step's num_sigmas over the same history.
-        want = spikes_reference(
-            norms32[: t + 1], None, window=8, num_sigmas=sigmas[t], min_history=4
-        )[-1]
+    ref = spikes_reference(
+        norms32, None, window=8, num_sigmas=sigmas, min_history=4, count_skipped=False
+    )
+    for t, want in enumerate(ref):  # each step with its own num_sigmas
         assert got[t][0] == want[0], t
         assert got[t][1] == pytest.approx(want[1], rel=1e-5), t
     assert got[5][0] and not got[4][0]  # 1.6 is a spike at 1 sigma, not at 6
@@ -377,3 +389,33 @@ def test_skip_spikes_warns_once_when_handed_a_loss_it_does_not_watch():
     state = tx.init(g)
     with pytest.warns(UserWarning, match="use_loss=True"):
         tx.update(g, state, g, loss=jnp.float32(1.0))
+
+
+def _noisy_norms(n, seed=0):
+    return 1.0 + 0.05 * np.random.default_rng(seed).standard_normal(n)
+
+
+def test_a_skipped_spike_does_not_blind_the_detector_to_the_next_one():
+    # Bad batches cluster: a 10x spike, then a 5x one 20 steps later. The references
+    # let the 10x value into the window, which lifts the threshold above 5x.
+    norms = _noisy_norms(200)
+    norms[100] *= 10.0
+    norms[120] *= 5.0
+    kw = dict(window=64, num_sigmas=6.0, min_history=32)
+    _, (_, skipped, _, _) = _run_spikes(norms, norms, False, **kw)
+    assert skipped[100] and skipped[120]
+    assert skipped.sum() == 2
+    _, (_, skipped_ref, _, _) = _run_spikes(norms, norms, False, count_skipped=True, **kw)
+    assert skipped_ref[100] and not skipped_ref[120]  # the references' rule is reachable
+
+
+@pytest.mark.parametrize("count_skipped", [False, True])
+def test_a_lasting_level_shift_becomes_the_baseline_within_the_window(count_skipped):
+    window = 32
+    norms = _noisy_norms(300)
+    norms[150:] *= 10.0
+    kw = dict(window=window, num_sigmas=6.0, min_history=16, count_skipped=count_skipped)
+    _, (_, skipped, _, _) = _run_spikes(norms, norms, False, **kw)
+    assert skipped[150]  # the shift looks like a spike at first
+    assert not skipped[150 + window :].any()  # never skipped forever
+    assert skipped[150:].sum() <= window // 2 + 1
