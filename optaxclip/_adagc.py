@@ -35,6 +35,16 @@ from optaxclip._validation import (
 __all__ = ["AdagcState", "adagc"]
 
 
+def _ema(old: jax.Array, new: jax.Array, decay: jax.Array) -> jax.Array:
+    """``decay * old + (1 - decay) * new``, finite whenever ``old`` and ``new`` are.
+
+    Near the float32 maximum the two rounded products can sum past it; the rare
+    fallback ``old + (1 - decay) * (new - old)`` stays between ``old`` and ``new``.
+    """
+    fast = decay * old + (1 - decay) * new
+    return jnp.where(jnp.isfinite(fast), fast, old + (1 - decay) * (new - old))
+
+
 class AdagcState(NamedTuple):
     """State of :func:`adagc`.
 
@@ -66,17 +76,25 @@ def adagc(
     ``warmup_steps`` finite steps the updates are clipped by global norm at
     ``warmup_max_norm`` and ``gamma_i`` becomes the smallest norm of leaf ``i`` seen
     after that clip. Afterwards each leaf is clipped on its own:
-    ``h_i = min(1, ratio * gamma_i / (||g_i|| + eps))``, ``g_i <- h_i g_i``, and
-    ``gamma_i <- beta gamma_i + (1 - beta) ||h_i g_i||``. A tensor whose gradient
-    explodes is brought back to a little above its own recent scale, whatever the
-    other tensors do.
+    ``h_i = min(1, ratio * gamma_i / (||g_i|| + eps))``, ``g_i <- h_i g_i``, and, as
+    in the reference implementation (lishuai-97/AdaGC),
+    ``gamma_i <- beta gamma_i + (1 - beta) min(||g_i||, ratio * gamma_i)``: a clipped
+    tensor feeds its bound, not its eps-shrunk clipped norm (which would ratchet
+    ``gamma_i`` down for tensors whose norms are within a few orders of ``eps``). A
+    tensor whose gradient explodes is brought back to a little above its own recent
+    scale, whatever the other tensors do.
 
-    A norm of exactly zero says nothing about a tensor's scale and does not set
-    ``gamma_i`` (with ``gamma_i = 0`` the tensor could never move again, which is what
-    a zero-initialized layer upstream of the warm-up would otherwise get); a leaf with
-    no non-zero norm yet (or whose ``gamma_i`` has decayed to 0 through a long run of
-    zero gradients) passes unclipped and its next non-zero norm starts its EMA, so
-    ``warmup_steps=0`` starts every EMA from the first step.
+    A norm of exactly zero says nothing about a tensor's scale and never enters
+    ``gamma_i``, in the warm-up or after it: it neither sets it (with ``gamma_i = 0`` the
+    tensor could never move again, which is what a zero-initialized layer upstream of
+    the warm-up would otherwise get) nor pulls its EMA toward 0. A leaf with no
+    non-zero norm yet passes unclipped and its next non-zero norm starts its EMA, so
+    ``warmup_steps=0`` starts every EMA from the first step. The EMA stays finite for
+    every finite norm.
+
+    The transform is differentiable: the gradient of a function of its output with
+    respect to its input is finite wherever that function is differentiable, also
+    while ``gamma_i`` is unset (+inf).
 
     ``ClipStats.threshold`` records ``warmup_max_norm`` during warm-up and the largest
     per-leaf bound ``max_i ratio * gamma_i`` after it; ``clipped`` is True when any
@@ -149,7 +167,7 @@ def adagc(
             leaves, axis_name=axis_name, flags=_flags_for(updates, sharded)
         )
         finite = jnp.isfinite(norm)
-        cap = threshold_at(warmup_max_norm, state.stats.count)
+        cap = threshold_at(warmup_max_norm, state.stats.count, "warmup_max_norm")
         if nonfinite == "error":
             check_finite_at_runtime("adagc", finite, state.stats.count + 1, norm)
         if not leaves:
@@ -169,23 +187,30 @@ def adagc(
         # After warm-up: each leaf against ratio * its own EMA.
         r = jnp.asarray(ratio, leaf_norms.dtype)
         b = jnp.asarray(beta, leaf_norms.dtype)
-        bound = r * gamma
-        # +inf: no non-zero norm seen yet; 0: decayed away (a gradient exactly zero for
-        # thousands of steps). Either way the leaf passes and its next norm restarts gamma.
+        # +inf: no non-zero norm seen yet (0 only from a state built by hand). Either way
+        # the leaf passes and its next non-zero norm starts gamma.
         unset = jnp.isinf(gamma) | (gamma <= 0)
-        h = jnp.minimum(1, bound / (leaf_norms + jnp.asarray(eps, leaf_norms.dtype)))
-        leaf_over = (h < 1) & (leaf_norms > 0) & ~unset
+        positive = leaf_norms > 0
+        bound = r * jnp.where(unset, 1, gamma)
+        # Only a leaf whose norm (+ eps) exceeds a finite bound is divided; elsewhere the
+        # division sees 1, so that no branch jnp.where leaves out computes inf/x or x/0
+        # (their zero cotangent times an infinite derivative would make the gradient NaN).
+        denom = leaf_norms + jnp.asarray(eps, leaf_norms.dtype)
+        # Clipped when ||g_i|| > ratio * gamma_i, as the reference decides; eps only
+        # enters the scale (a test on ||g_i|| + eps would clip every tensor whose norm is
+        # within a few orders of eps, to nearly zero).
+        candidate = ~unset & positive & jnp.isfinite(bound) & (leaf_norms > bound)
+        h = jnp.where(candidate, bound / jnp.where(candidate, denom, 1), 1)
+        leaf_over = candidate & (h < 1)
         h = jnp.where(leaf_over, h, 1)
-        out_norms = h * leaf_norms
-        ema_gamma = jnp.where(
-            unset,
-            jnp.where(out_norms > 0, out_norms, gamma),
-            b * gamma + (1 - b) * out_norms,
-        )
+        # The EMA is fed min(||g_i||, ratio * gamma_i), never the eps-shrunk clipped norm;
+        # an exactly-zero norm leaves gamma_i as it was.
+        fed = jnp.where(leaf_over, bound, leaf_norms)
+        ema_gamma = jnp.where(positive, jnp.where(unset, leaf_norms, _ema(gamma, fed, b)), gamma)
 
         scales = jnp.where(in_warmup, global_scale, h)
         over = jnp.where(in_warmup, global_over, jnp.any(leaf_over))
-        threshold = jnp.where(in_warmup, cap, jnp.max(bound))
+        threshold = jnp.where(in_warmup, cap, jnp.max(r * gamma))
         new_gamma = jnp.where(in_warmup, warm_gamma, ema_gamma)
 
         # A NaN/inf step: the policy decides the updates; gamma stays as it was.

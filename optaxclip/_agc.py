@@ -13,15 +13,14 @@ import numpy as np
 import optax
 
 from optaxclip import _stats
-from optaxclip._agc_sharded import check_sharded_axis, clip_units_across_devices, split_axes
-from optaxclip._global import scale_leaf
-from optaxclip._norms import (
-    AxisName,
-    _abs_sq,
-    _divide,
-    _vector_norm,
-    accumulation_dtype,
+from optaxclip._agc_sharded import (
+    check_sharded_axis,
+    clip_units_across_devices,
+    scale_units,
+    split_axes,
+    unit_norms,
 )
+from optaxclip._norms import AxisName, _vector_norm
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
     check_float_leaves,
@@ -57,6 +56,82 @@ def _stack_depth(value: Any, where: str, ndim: int | None) -> int:
     return value
 
 
+def _check_axis(axis: Any) -> None:
+    """Build-time check of ``axis``: None, an int or a tuple/list of ints."""
+    if isinstance(axis, (jax.Array, jax.core.Tracer)):
+        raise TypeError(static_hint("adaptive_grad_clip", "axis", _STATIC) + f" Got {axis!r}.")
+    values = axis if isinstance(axis, (tuple, list)) else (axis,)
+    if axis is None or all(
+        isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_)) for a in values
+    ):
+        return
+    raise TypeError(
+        "adaptive_grad_clip: axis must be an int or a tuple of ints (the axes of one layer "
+        "that make up a unit, e.g. axis=0 or axis=(0, 1, 2)), or None for the default unit "
+        f"convention; got axis={axis!r}."
+    )
+
+
+def _params_leaf(w: Any, g: jax.Array, where: str) -> jax.Array:
+    """The params leaf that goes with the update ``g``, as an array of g's shape."""
+    if w is None:
+        raise ValueError(
+            f"adaptive_grad_clip: the params leaf{where} is None but its update is an array "
+            f"of shape {g.shape}: params must match the updates leaf for leaf (pass the "
+            "parameters these updates are for, or make the update None too)."
+        )
+    try:
+        w = jnp.asarray(w)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"adaptive_grad_clip: the params leaf{where} is {type(w).__name__}, not an array: "
+            f"params must match the updates leaf for leaf ({err})."
+        ) from err
+    if w.shape != g.shape:
+        raise ValueError(
+            f"adaptive_grad_clip: the params leaf{where} has shape {w.shape} but its "
+            f"update has shape {g.shape}: params must match the updates leaf for leaf."
+        )
+    return w
+
+
+def _tiny_weights_matter(eps: Any) -> bool:
+    """Whether a weight unit too small for its plain sum of squares (norm below ~2^-40)
+    can set a bound: not when ``eps`` is known to be larger, as it then takes its place
+    in max(||W||, eps) whatever that norm is, and one reduction per weight leaf is saved.
+    """
+    if isinstance(eps, jax.core.Tracer):
+        return True
+    try:
+        return not float(eps) >= 2.0**-39
+    except (TypeError, ValueError):
+        return True
+
+
+def _tiny_updates_matter(clipping: Any, eps: Any) -> bool:
+    """Whether an update unit too small for its plain sum of squares (norm below ~2^-40)
+    can be clipped: not when ``clipping * eps`` is known to be larger, since every bound
+    is at least that. Its norm then only enters the recorded ``norm``, where the units
+    that matter dwarf it, and one reduction per update leaf is saved (a pass on CPU).
+    """
+    try:
+        return not float(clipping) * float(eps) >= 2.0**-39
+    except (TypeError, ValueError):  # a schedule, or a traced value
+        return True
+
+
+def _devices_along(axis_name: AxisName) -> int:
+    """How many devices share a leaf split along ``axis_name`` (a Python int)."""
+    try:
+        return int(jax.lax.axis_size(axis_name))
+    except NameError as err:
+        raise ValueError(
+            f"adaptive_grad_clip: axis_name={axis_name!r} is not bound here: call update "
+            "inside the shard_map or pmap that maps that axis (or build the transform "
+            f"without axis_name). {err}"
+        ) from err
+
+
 def _layer_unit_axes(shape: tuple[int, ...], axis: Axis, where: str) -> tuple[int, ...]:
     """The axes of one layer (shape without its stacked axes) that make up a unit.
 
@@ -87,32 +162,6 @@ def _layer_unit_axes(shape: tuple[int, ...], axis: Axis, where: str) -> tuple[in
     raise ValueError(
         f"adaptive_grad_clip: no default unit for the leaf{where} of (unstacked) shape "
         f"{shape}; pass `axis` (the axes that make up one unit) or `stacked_axes`."
-    )
-
-
-# Each unit's sum of squares is also accumulated on x / 2**100, which cannot overflow;
-# it is used where the plain sum overflowed. The entries that underflow in it (below
-# ~1e11) are too small to matter beside a unit whose norm is above 1.8e19.
-_RESCALE = 2.0**100
-
-
-def _unit_norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """Per-unit L2 norms of ``x`` (unit axes kept as size 1), overflow-safe.
-
-    The numerics of :func:`optaxclip.unitwise_norm` (float32 accumulation, correct
-    beyond 1.8e19, NaN/inf stays NaN/inf) without its ``lax.cond``: the plain and the
-    rescaled sums of squares are two accumulators of the same fused read of ``x``, so
-    no extra pass runs and each leaf adds only a handful of ops to the program. A
-    ``lax.cond`` per leaf, or one for the tree with per-leaf outputs, made a model of
-    200 leaves compile several times slower than ``optax.adaptive_grad_clip``.
-    """
-    acc = accumulation_dtype([x])
-    plain = jnp.sum(_abs_sq(x, acc), axis=axes, keepdims=True)
-    small = jnp.sum(
-        _abs_sq(_divide(x, jnp.asarray(_RESCALE, acc), acc), acc), axis=axes, keepdims=True
-    )
-    return jnp.where(
-        jnp.isfinite(plain), jax.lax.sqrt(plain), jnp.asarray(_RESCALE, acc) * jax.lax.sqrt(small)
     )
 
 
@@ -156,10 +205,14 @@ def adaptive_grad_clip(
     ``G_u <- G_u * min(1, clipping * max(||W_u||, eps) / ||G_u||)``. Units whose update
     is small relative to their weights pass unchanged. Results equal
     ``optax.adaptive_grad_clip`` for the shapes Optax handles, with norms accumulated
-    in float32 (overflow-safe) and one float32 multiply per element, so bf16/fp16
-    leaves keep their dtype without losing precision. A unit whose update norm is
-    NaN/inf is returned unchanged (the NaN stays in that unit, nothing else is
-    touched) and the step is counted in ``nonfinite_count``.
+    in float32 (float64 for float64 leaves), right beyond the point where squares
+    overflow (~1.8e19 in float32) and for units of values down to the smallest normal
+    number, and one float32 multiply per element, so bf16/fp16 leaves keep their dtype
+    without losing precision. A unit whose update norm is NaN/inf is returned unchanged
+    (the NaN stays in that unit, nothing else is touched) and the step is counted in
+    ``nonfinite_count``. Gradients through the transform (with respect to the updates
+    and to the params) are finite wherever it is differentiable, also at an all-zero
+    unit and for norms beyond the overflow point.
 
     ``stacked_axes=k`` treats the first ``k`` axes of a leaf as independent stacked
     layers (``nn.scan`` / scan-over-layers parameters of shape ``(layers, in, out)``):
@@ -192,7 +245,9 @@ def adaptive_grad_clip(
       sharded_axis: which axis of each leaf is split along ``axis_name``: an int, or
         None/False for a leaf that is replicated; one value for every leaf, a pytree
         (a prefix of the updates' structure) or a callable ``(path, leaf) -> value``.
-        The params must be split like the updates. A unit cut by the split (the split
+        The params must be split like the updates. Units are those of the whole
+        (logical) leaf, whose shape is the local one with the split axis times the
+        number of devices along ``axis_name``. A unit cut by the split (the split
         axis is one of its unit axes, e.g. FSDP on a kernel's input axis) has its sums
         of squares ``psum``-ed, a few floats per unit; a unit held whole by one device
         (e.g. a kernel split along its output axis, or along ``stacked_axes``) needs
@@ -228,12 +283,13 @@ def adaptive_grad_clip(
     """
     check_threshold("clipping", clipping)
     check_threshold("eps", eps)
-    if isinstance(axis, (jax.Array, jax.core.Tracer)):
-        raise TypeError(static_hint("adaptive_grad_clip", "axis", _STATIC) + f" Got {axis!r}.")
+    _check_axis(axis)
     if not callable(stacked_axes):
         for value in jax.tree_util.tree_leaves(stacked_axes):
             _stack_depth(value, "", None)
     check_sharded_axis(axis_name, sharded_axis)
+    tiny_weights = _tiny_weights_matter(eps)
+    tiny_updates = _tiny_updates_matter(clipping, eps)
 
     def init_fn(params):
         del params
@@ -258,7 +314,8 @@ def adaptive_grad_clip(
             ) from err
         paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
         depths = resolve_per_leaf(stacked_axes, updates, "stacked_axes", 0)
-        limit = threshold_at(clipping, state.stats.count)
+        splits = None if axis_name is None else split_axes(sharded_axis, updates)
+        limit = threshold_at(clipping, state.stats.count, "clipping")
         floor = jnp.asarray(eps, jnp.float32)
 
         present, axes = [], []
@@ -268,15 +325,16 @@ def adaptive_grad_clip(
                 continue
             where = " " + (jax.tree_util.keystr(paths[i]) or "<root>")
             k = _stack_depth(depths[i], where, g.ndim)
+            w = _params_leaf(w, g, where)
+            # The unit rule reads the logical (whole) leaf's shape, not this device's
+            # part of it: a split axis of size 1 here is not a vector's axis of size 1.
+            shape = g.shape
+            if splits is not None and splits[i] is not None:
+                a = splits[i]
+                shape = (*shape[:a], shape[a] * _devices_along(axis_name), *shape[a + 1 :])
             i += 1
-            w = jnp.asarray(w)
-            if w.shape != g.shape:
-                raise ValueError(
-                    f"adaptive_grad_clip: the params leaf{where} has shape {w.shape} but its "
-                    f"update has shape {g.shape}."
-                )
             present.append((g, w))
-            axes.append(tuple(k + a for a in _layer_unit_axes(g.shape[k:], axis, where)))
+            axes.append(tuple(k + a for a in _layer_unit_axes(shape[k:], axis, where)))
         if not present:
             new_stats = _stats.record(
                 state.stats, norm=0.0, clipped_norm=0.0, threshold=limit, clipped=False
@@ -285,7 +343,7 @@ def adaptive_grad_clip(
 
         if axis_name is not None:  # shard_map / pmap: leaves split across devices
             clipped_leaves, norm, clipped_norm, clipped = clip_units_across_devices(
-                present, axes, split_axes(sharded_axis, updates), axis_name, limit, floor
+                present, axes, splits, axis_name, limit, floor, tiny_weights, tiny_updates
             )
             it = iter(clipped_leaves)
             out = [None if g is None else next(it) for g in all_leaves]
@@ -294,18 +352,16 @@ def adaptive_grad_clip(
             )
             return jax.tree_util.tree_unflatten(treedef, out), AdaptiveGradClipState(new_stats)
 
-        clipped_leaves, before, after = [], [], []
-        for (g, w), ax in zip(present, axes, strict=True):
-            g_norm = _unit_norm(g, ax)
-            dtype = g_norm.dtype
-            bound = limit.astype(dtype) * jnp.maximum(
-                _unit_norm(w, ax).astype(dtype), floor.astype(dtype)
-            )
-            # A NaN/inf unit is left as it is (NaN > bound is False; inf is excluded).
-            over = (g_norm > bound) & (g_norm < jnp.inf)
-            clipped_leaves.append(scale_leaf(g, jnp.where(over, bound / g_norm, 1)))
-            before.append(g_norm)
-            after.append(jnp.where(over, bound, g_norm))
+        gs = [g for g, _ in present]
+        norms = unit_norms(
+            tuple(ax for ax in axes for _ in range(2)),
+            None,
+            (False,) * (2 * len(present)),
+            (tiny_updates, tiny_weights) * len(present),
+            [x for pair in present for x in pair],
+        )
+        before = norms[0::2]
+        clipped_leaves, after, _ = scale_units(gs, before, norms[1::2], limit, floor)
         before, after = _flat(before), _flat(after)
         norm = _vector_norm(before)
         clipped_norm = _vector_norm(after)

@@ -6,8 +6,8 @@ whole on one device or is cut by the split:
 
 - a leaf split along one of its unit axes (a kernel's input axis: FSDP, row-parallel)
   holds on each device a part of every unit: the per-unit sums of squares are
-  ``psum``-ed (one collective for all such leaves, of four floats per unit: the plain
-  and the overflow-safe rescaled sums, of the update and of the weight);
+  ``psum``-ed (one collective for all such leaves, of up to six floats per unit: the
+  plain and the rescaled sums, see ``_SCALES``, of the update and of the weight);
 - a leaf split along another axis (a kernel's output axis: column-parallel; a stacked
   layer axis) holds whole units, different ones on each device: the clip needs no
   communication, only the statistics (global norms, "anything clipped") are combined;
@@ -16,10 +16,14 @@ whole on one device or is cut by the split:
 The statistics of units held whole by different devices are combined across devices
 apart from the others, so that under ``shard_map(check_vma=True)`` a replicated leaf
 comes out replicated and the statistics are the same on every device.
+
+The per-unit norms (:func:`unit_norms`) and the rule (:func:`scale_units`) are also
+those of the single-device path in ``_agc.py``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -27,7 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from optaxclip._global import scale_leaf
-from optaxclip._norms import AxisName, _abs_sq, _divide, _vector_norm, accumulation_dtype
+from optaxclip._norms import (
+    AxisName,
+    _abs_sq,
+    _divide,
+    _vector_norm,
+    accumulation_dtype,
+    safe_sqrt,
+)
 from optaxclip._validation import resolve_per_leaf
 
 
@@ -73,37 +84,164 @@ def split_axes(sharded_axis: Any, updates: Any) -> list[int | None]:
     ]
 
 
-# Sums of squares are also accumulated for x / 2**100, so that a unit whose plain sum
-# overflows float32 (values beyond ~1.8e19) still gets its finite norm, from the same
-# read of x and without a lax.cond (the numerics of optaxclip.unitwise_norm).
-_RESCALE = 2.0**100
+# Each unit's sum of squares is accumulated three times from the same read of x: plain,
+# times _DOWN (cannot overflow: used where the plain sum is inf) and times _UP (the
+# squares of the smallest normal numbers stay normal: used where the plain sum is below
+# _LOW, including 0, where squares flushed to zero may have been most of it). Multiplying
+# by a power of two is exact. No lax.cond: one per leaf, or one for the tree with
+# per-leaf outputs, made a model of 200 leaves compile several times slower. Per
+# accumulation dtype's bits: (_DOWN, _UP, _LOW). Where the plain sum is at least _LOW,
+# the squares it lost are below 2^-46 (2^-100) of it per element; below _LOW, the
+# upscaled sum cannot overflow; the downscaled sum is read only above the largest float.
+_SCALES = {32: (2.0**-100, 2.0**100, 2.0**-80), 64: (2.0**-600, 2.0**600, 2.0**-900)}
 
 
-def _unit_sums(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """The plain and the rescaled per-unit sums of squares, stacked on a new axis 0."""
+def _unit_sums(x: jax.Array, axes: tuple[int, ...], tiny: bool) -> tuple[jax.Array, ...]:
+    """The plain, downscaled and (when ``tiny``) upscaled per-unit sums of squares."""
     acc = accumulation_dtype([x])
-    plain = jnp.sum(_abs_sq(x, acc), axis=axes, keepdims=True)
-    small = jnp.sum(
-        _abs_sq(_divide(x, jnp.asarray(_RESCALE, acc), acc), acc), axis=axes, keepdims=True
-    )
-    return jnp.stack([plain, small])
+    down, up, _ = _SCALES[jnp.finfo(acc).bits]
+    sums = [jnp.sum(_abs_sq(x, acc), axis=axes, keepdims=True)]
+    for scale in (down, up) if tiny else (down,):  # x / (1 / scale): a form XLA keeps
+        scaled = _divide(x, jnp.asarray(1 / scale, acc), acc)
+        sums.append(jnp.sum(_abs_sq(scaled, acc), axis=axes, keepdims=True))
+    return tuple(sums)
 
 
-def _unit_norms_from(sums: jax.Array) -> jax.Array:
-    plain, small = sums[0], sums[1]
-    rescale = jnp.asarray(_RESCALE, plain.dtype)
-    return jnp.where(jnp.isfinite(plain), jnp.sqrt(plain), rescale * jnp.sqrt(small))
+def _norms_from_sums(sums: tuple[jax.Array, ...]) -> jax.Array:
+    """Per-unit norms from :func:`_unit_sums`; NaN/inf in x gives NaN/inf."""
+    plain, downscaled = sums[0], sums[1]
+    down, up, low = _SCALES[jnp.finfo(plain.dtype).bits]
+    # sqrt(downscaled) / down and sqrt(upscaled) / up (1 / down == up, exactly).
+    huge = jnp.sqrt(downscaled) * jnp.asarray(up, plain.dtype)
+    # No where-NaN trap: unit_norms has its own derivative, which reads none of these.
+    normal = jax.lax.select(jnp.isfinite(plain), jnp.sqrt(plain), huge)  # NaN stays NaN
+    if len(sums) == 2:
+        return normal
+    tiny = jnp.sqrt(sums[2]) * jnp.asarray(down, plain.dtype)
+    return jax.lax.select(plain < low, tiny, normal)
+
+
+def _psum_some(
+    values: list[tuple[jax.Array, ...]], reduced: tuple[bool, ...], axis_name: AxisName
+) -> list[tuple[jax.Array, ...]]:
+    """``values`` with the arrays of those flagged in ``reduced`` psum-ed, all in one
+    collective."""
+    parts = [x for flag, group in zip(reduced, values, strict=True) if flag for x in group]
+    if not parts:
+        return values
+    flat = jax.lax.psum(jnp.concatenate([x.ravel() for x in parts]), axis_name)
+    out, offset = [], 0
+    for flag, group in zip(reduced, values, strict=True):
+        if flag:
+            summed = []
+            for x in group:
+                summed.append(flat[offset : offset + x.size].reshape(x.shape))
+                offset += x.size
+            group = tuple(summed)
+        out.append(group)
+    return out
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
+def unit_norms(
+    axes: tuple[tuple[int, ...], ...],
+    axis_name: AxisName,
+    reduced: tuple[bool, ...],
+    tiny: tuple[bool, ...],
+    xs: list[jax.Array],
+) -> list[jax.Array]:
+    """The per-unit L2 norms of each array of ``xs`` (unit axes kept as size 1).
+
+    float32 accumulation (float64 for float64 leaves), right beyond the float32
+    overflow point and down to the smallest normal number, NaN/inf where x holds one.
+    The three sums of each unit (see ``_SCALES``) are reductions of the same ``x``, with
+    no ``lax.cond``. Where ``reduced[i]``, ``xs[i]`` is a part of each unit and its sums
+    are ``psum``-ed over ``axis_name`` (one collective for all of them). Where not
+    ``tiny[i]``, the caller has no use for the norms of units below ~1e-12 (float32):
+    the upscaled sum is left out and those read as their plain sums (0 where flushed).
+
+    Differentiable everywhere (its own JVP: ``d||u|| = <u / ||u||, du>``, 0 at a zero
+    unit), so gradients neither pass through the unselected sums (the where-NaN trap)
+    nor through the rescaled ones (whose chain rule overflows near 1e20).
+    """
+    sums = [_unit_sums(x, ax, t) for x, ax, t in zip(xs, axes, tiny, strict=True)]
+    return [_norms_from_sums(s) for s in _psum_some(sums, reduced, axis_name)]
+
+
+@unit_norms.defjvp
+def _unit_norms_jvp(axes, axis_name, reduced, tiny, primals, tangents):
+    (xs,), (dxs,) = primals, tangents
+    norms = unit_norms(axes, axis_name, reduced, tiny, xs)
+    parts = []
+    for x, dx, norm, ax in zip(xs, dxs, norms, axes, strict=True):
+        acc = norm.dtype
+        # x / ||x|| is at most 1: no overflow at any scale. A zero unit has x = 0.
+        denom = jnp.where(norm > 0, norm, 1)
+        if jnp.iscomplexobj(x):
+            x, dx = jnp.asarray(x), jnp.asarray(dx)
+            dot = (jnp.real(x).astype(acc) / denom) * jnp.real(dx).astype(acc) + (
+                jnp.imag(x).astype(acc) / denom
+            ) * jnp.imag(dx).astype(acc)
+        else:
+            dot = (x.astype(acc) / denom) * dx.astype(acc)
+        parts.append((jnp.sum(dot, axis=ax, keepdims=True),))
+    return norms, [t for (t,) in _psum_some(parts, reduced, axis_name)]
+
+
+@jax.custom_jvp
+def _ratios(a: list[jax.Array], b: list[jax.Array]) -> list[jax.Array]:
+    """[a / b], whose derivative ``(da - (a / b) db) / b`` does not go through b**-2
+    (which flushes to zero for b above ~1.8e19 in float32, as jax's rule for / does)."""
+    return [x / y for x, y in zip(a, b, strict=True)]
+
+
+@_ratios.defjvp
+def _ratios_jvp(primals, tangents):
+    (a, b), (da, db) = primals, tangents
+    out = _ratios(a, b)
+    return out, [(t - q * u) / y for q, t, u, y in zip(out, da, db, b, strict=True)]
+
+
+def scale_units(
+    gs: list[jax.Array],
+    g_norms: list[jax.Array],
+    w_norms: list[jax.Array],
+    limit: jax.Array,
+    floor: jax.Array,
+) -> tuple[list[jax.Array], list[jax.Array], list[jax.Array]]:
+    """AGC's rule on each leaf: ``(clipped gs, the units' norms after, which were
+    scaled)``, one list entry per leaf.
+
+    A NaN/inf unit is left as it is (NaN > bound is False; inf is excluded).
+    """
+    bounds, overs, denoms = [], [], []
+    for g_norm, w_norm in zip(g_norms, w_norms, strict=True):
+        dtype = g_norm.dtype
+        bound = limit.astype(dtype) * jnp.maximum(w_norm.astype(dtype), floor.astype(dtype))
+        over = (g_norm > bound) & (g_norm < jnp.inf)
+        bounds.append(bound)
+        overs.append(over)
+        # g_norm > bound >= 0 where over; elsewhere 1 keeps the derivative finite.
+        denoms.append(jax.lax.select(over, g_norm, jnp.ones_like(g_norm)))
+    ratios = _ratios(bounds, denoms)
+    outs, afters = [], []
+    for g, g_norm, bound, over, ratio in zip(gs, g_norms, bounds, overs, ratios, strict=True):
+        outs.append(scale_leaf(g, jax.lax.select(over, ratio, jnp.ones_like(ratio))))
+        afters.append(jax.lax.select(over, bound, g_norm))
+    return outs, afters, overs
 
 
 def _norm_across(local: jax.Array, axis_name: AxisName) -> jax.Array:
-    """sqrt(sum over devices of ``local``^2) for a vector of local norms, overflow-safe."""
-    big = jax.lax.pmax(jnp.max(local), axis_name)
+    """sqrt(sum over devices of ``local[i]``^2) for each entry of a vector of local
+    norms, overflow- and underflow-safe: each entry has its own scale (one shared by a
+    norm of 1e20 and a clipped norm of 1 would flush the latter's squares to zero)."""
+    big = jax.lax.pmax(local, axis_name)
     ok = jnp.isfinite(big) & (big > 0)
-    unit = jnp.where(ok, big, 1)
+    unit = jax.lax.stop_gradient(jnp.where(ok, big, 1))
     total = jax.lax.psum(jnp.concatenate([jnp.square(local / unit), local]), axis_name)
     n = local.shape[0]
     # A NaN/inf norm anywhere: the plain sum says which (NaN wins over inf).
-    return jnp.where(ok, unit * jnp.sqrt(total[:n]), total[n:])
+    return jnp.where(ok, unit * safe_sqrt(total[:n]), total[n:])
 
 
 def clip_units_across_devices(
@@ -113,6 +251,8 @@ def clip_units_across_devices(
     axis_name: AxisName,
     limit: jax.Array,
     floor: jax.Array,
+    tiny_weights: bool = True,
+    tiny_updates: bool = True,
 ) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]:
     """AGC on (update, weight) pairs that may be split across devices.
 
@@ -123,37 +263,36 @@ def clip_units_across_devices(
       axis_name: the mapped axis.
       limit: the clipping ratio in force.
       floor: the smallest weight norm used (``eps``).
+      tiny_weights: False when ``eps`` is known to exceed any weight norm whose plain
+        sum of squares is tiny (see :func:`unit_norms`).
+      tiny_updates: False when ``clipping * eps`` is known to exceed any update norm
+        whose plain sum of squares is tiny: such a unit is never clipped.
 
     Returns:
       ``(clipped updates, global norm, global clipped norm, clipped anywhere)``; the
       three statistics are the same on every device.
     """
-    sums = [(_unit_sums(g, ax), _unit_sums(w, ax)) for (g, w), ax in zip(pairs, axes, strict=True)]
-    spanning = [i for i, (s, ax) in enumerate(zip(splits, axes, strict=True)) if s in ax]
-    if spanning:  # one collective for the partial sums of every unit cut by the split
-        parts = [x for i in spanning for x in sums[i]]
-        flat = jax.lax.psum(jnp.concatenate([x.ravel() for x in parts]), axis_name)
-        reduced, offset = [], 0
-        for x in parts:
-            reduced.append(flat[offset : offset + x.size].reshape(x.shape))
-            offset += x.size
-        for j, i in enumerate(spanning):
-            sums[i] = (reduced[2 * j], reduced[2 * j + 1])
-
-    out, stats = [], {True: ([], [], []), False: ([], [], [])}
-    for (g, _), (g_sums, w_sums), split, ax in zip(pairs, sums, splits, axes, strict=True):
-        g_norm = _unit_norms_from(g_sums)
-        dtype = g_norm.dtype
-        w_norm = _unit_norms_from(w_sums).astype(dtype)
-        bound = limit.astype(dtype) * jnp.maximum(w_norm, floor.astype(dtype))
-        over = (g_norm > bound) & (g_norm < jnp.inf)  # a NaN/inf unit is left as it is
-        out.append(scale_leaf(g, jnp.where(over, bound / g_norm, 1)))
+    # One collective for the partial sums of every unit cut by the split.
+    spanning = tuple(s is not None and s in ax for s, ax in zip(splits, axes, strict=True))
+    xs = [x for pair in pairs for x in pair]
+    all_norms = unit_norms(
+        tuple(ax for ax in axes for _ in range(2)),
+        axis_name,
+        tuple(flag for flag in spanning for _ in range(2)),
+        (tiny_updates, tiny_weights) * len(pairs),
+        xs,
+    )
+    clipped, afters, overs = scale_units(
+        [g for g, _ in pairs], all_norms[0::2], all_norms[1::2], limit, floor
+    )
+    stats = {True: ([], [], []), False: ([], [], [])}
+    for i, (split, ax) in enumerate(zip(splits, axes, strict=True)):
         # Units held whole by one device, different ones on each: their statistics must
         # be combined across devices. The others are the same on every device.
         local = split is not None and split not in ax
-        stats[local][0].append(g_norm.ravel())
-        stats[local][1].append(jnp.where(over, bound, g_norm).ravel())
-        stats[local][2].append(jnp.any(over))
+        stats[local][0].append(all_norms[2 * i].ravel())
+        stats[local][1].append(afters[i].ravel())
+        stats[local][2].append(jnp.any(overs[i]))
     norms, clipped_norms, any_over = [], [], []
     for local, (before, after, overs) in stats.items():
         if not before:
@@ -168,7 +307,7 @@ def clip_units_across_devices(
         clipped_norms.append(clipped_norm)
         any_over.append(over)
     return (
-        out,
+        clipped,
         _vector_norm(jnp.stack(norms)),
         _vector_norm(jnp.stack(clipped_norms)),
         jnp.any(jnp.stack(any_over)),

@@ -2,7 +2,7 @@
 
 Two ways to keep the history, both of fixed size:
 
-- ``history=N``: an exact ring buffer of the last N finite norms. The percentile is
+- ``history=N``: an exact ring buffer of the last N recorded norms. The percentile is
   read by sorting the buffer (empty slots hold +inf and sort last) and interpolating
   linearly at rank ``(n - 1) * p / 100`` over the ``n`` valid entries, as
   ``numpy.percentile(..., method="linear")`` does.
@@ -10,14 +10,19 @@ Two ways to keep the history, both of fixed size:
   Masson et al. 2019). A finite norm ``x > 0`` is counted in bucket
   ``ceil(log(x) / log(gamma))`` with ``gamma = (1 + a) / (1 - a)`` and ``a = 0.5%``;
   the bucket's representative ``2 gamma^i / (gamma + 1)`` is within ``a`` of every value
-  in it. Zeros have their own bucket, the running minimum and maximum are kept exactly,
-  and a query reads the two order statistics around the rank from the cumulative
+  in it. Slot 0, the zero bucket, stays empty (zero norms are not recorded). The
+  running minimum and maximum are kept exactly, and a query reads the two order
+  statistics around the rank from the cumulative
   counts and interpolates between them like NumPy, so the answer is within ``a`` of
   ``numpy.percentile`` (a convex combination of values each within ``a``) and exact
   for one or two norms and at the 0th/100th percentiles. Each step is one index
   computation and one scatter-add; a query is one cumulative sum over the fixed
   bucket vector (done in two levels: per-block totals, then one block). Nothing
 grows with the step count.
+
+Only finite, non-zero norms are recorded: a NaN/inf norm or a norm of exactly zero (a
+frozen model, a zero-initialised layer) says nothing about the scale of the gradients,
+and a history full of zeros would make the percentile 0 and zero every later update.
 """
 
 from __future__ import annotations
@@ -64,18 +69,20 @@ class AutoclipState(NamedTuple):
     """State of :func:`autoclip`.
 
     Attributes:
-      history: the last ``history`` finite norms (float32 ring buffer, +inf where not
-        yet filled) or, with ``history=None``, the sketch's bucket counts (int32, shape
-        (108, 128): 13,824 buckets in blocks of 128, bucket 0 for zeros).
-      lowest: the smallest finite norm seen so far (+inf before any).
-      highest: the largest finite norm seen so far (0 before any).
-      stats: the :class:`ClipStats`. ``stats.count - stats.nonfinite_count`` is the
-        number of finite norms recorded.
+      history: the last ``history`` recorded norms (float32 ring buffer, +inf where
+        not yet filled) or, with ``history=None``, the sketch's bucket counts (int32,
+        shape (108, 128): 13,824 buckets in blocks of 128; bucket 0 stays empty).
+      lowest: the smallest recorded norm (+inf before any).
+      highest: the largest recorded norm (0 before any).
+      recorded: the number of norms recorded (int32): the finite, non-zero ones. The
+        warm-up counts these.
+      stats: the :class:`ClipStats`.
     """
 
     history: jax.Array
     lowest: jax.Array
     highest: jax.Array
+    recorded: jax.Array
     stats: ClipStats
 
 
@@ -95,7 +102,7 @@ def _percentile(value_at, n: jax.Array, percentile: jax.Array) -> jax.Array:
 
 
 def _sketch_slot(norm: jax.Array) -> jax.Array:
-    """The slot of a finite norm: 0 for zero, else its clamped log bucket."""
+    """The slot of a finite norm: its clamped log bucket (0 for zero, never recorded)."""
     positive = norm > 0
     index = jnp.ceil(jnp.log(jnp.where(positive, norm, 1)) / _LOG_GAMMA) - _FIRST_INDEX + 1
     slot = jnp.clip(index, 1, SKETCH_SLOTS - 1).astype(jnp.int32)
@@ -142,7 +149,7 @@ def autoclip(
     ``numpy.percentile(H, p, method="linear")``; the current step is included, so the
     first step never clips) and the update becomes ``u * min(1, tau_t / g_t)``. With
     ``max_norm`` the threshold is ``min(tau_t, max_norm)``. For the first
-    ``warmup_steps`` finite norms the percentile is not applied: the norm is recorded
+    ``warmup_steps`` recorded norms the percentile is not applied: the norm is recorded
     and the threshold in force (and in ``ClipStats.threshold``) is ``max_norm``, or +inf
     without one.
 
@@ -154,15 +161,20 @@ def autoclip(
     step is O(1) in the number of steps. The paper uses the whole history.
 
     A NaN/inf norm is handled by ``nonfinite`` and is not recorded: the history, the
-    sketch and the warm-up are as they were (warm-up counts finite norms).
+    sketch and the warm-up are as they were. A norm of exactly zero is not recorded
+    either (it says nothing about scale, and a history of zeros would clip every later
+    update to zero): it leaves the history, the sketch, ``lowest``/``highest`` and the
+    warm-up as they were, and passes unclipped (its threshold is the percentile of the
+    history recorded so far, +inf while that is empty). The warm-up counts the recorded
+    norms: the finite, non-zero ones.
 
     Args:
       percentile: the percentile ``p`` in [0, 100] of the history used as threshold.
         The paper finds 10 a good default for audio source separation.
       history: None for the whole history (sketch), or a positive int N for an exact
-        window of the last N finite norms. An int shapes the state: under
+        window of the last N recorded (finite, non-zero) norms. An int shapes the state: under
         ``optax.inject_hyperparams`` list it in ``static_args``.
-      warmup_steps: number of finite norms recorded before the percentile is applied
+      warmup_steps: number of norms recorded before the percentile is applied
         (a non-negative int; under ``optax.inject_hyperparams`` list it in
         ``static_args``).
       max_norm: optional cap on the threshold: a non-negative scalar or an
@@ -214,6 +226,7 @@ def autoclip(
             history=buffer,
             lowest=jnp.full((), jnp.inf, jnp.float32),
             highest=jnp.zeros((), jnp.float32),
+            recorded=jnp.zeros((), jnp.int32),
             stats=_stats.init_stats(),
         )
 
@@ -221,21 +234,22 @@ def autoclip(
         del params, extra_args
         norm = measure(updates, axis_name, sharded)
         g = norm.astype(jnp.float32)
-        finite = jnp.isfinite(g)
-        recorded = state.stats.count - state.stats.nonfinite_count  # finite norms so far
-        total = recorded + finite.astype(jnp.int32)
-        lowest = jnp.where(finite, jnp.minimum(state.lowest, g), state.lowest)
-        highest = jnp.where(finite, jnp.maximum(state.highest, g), state.highest)
+        # Only finite, non-zero norms are recorded (see the docstring).
+        takes = jnp.isfinite(g) & (g > 0)
+        recorded = state.recorded  # norms recorded before this step
+        total = recorded + takes.astype(jnp.int32)
+        lowest = jnp.where(takes, jnp.minimum(state.lowest, g), state.lowest)
+        highest = jnp.where(takes, jnp.maximum(state.highest, g), state.highest)
         p = jnp.asarray(percentile, jnp.float32)
 
         if history is None:
             slot = _sketch_slot(g)
-            buffer = state.history.at[slot // _BLOCK, slot % _BLOCK].add(finite.astype(jnp.int32))
+            buffer = state.history.at[slot // _BLOCK, slot % _BLOCK].add(takes.astype(jnp.int32))
             n = total
             value_at = _sketch_order_statistic(buffer, lowest, highest, n)
         else:
             written = state.history.at[recorded % history].set(g)
-            buffer = jnp.where(finite, written, state.history)
+            buffer = jnp.where(takes, written, state.history)
             n = jnp.minimum(total, history)
             ordered = jnp.sort(buffer)  # +inf in empty slots sorts last
             value_at = lambda k: ordered[k]
@@ -246,12 +260,14 @@ def autoclip(
         if max_norm is None:
             threshold = adaptive
         else:
-            threshold = jnp.minimum(adaptive, threshold_at(max_norm, state.stats.count))
+            threshold = jnp.minimum(adaptive, threshold_at(max_norm, state.stats.count, "max_norm"))
 
         updates, new_stats = clip_with_threshold(
             updates, norm, threshold, state.stats, nonfinite=nonfinite, who="autoclip"
         )
-        new_state = AutoclipState(history=buffer, lowest=lowest, highest=highest, stats=new_stats)
+        new_state = AutoclipState(
+            history=buffer, lowest=lowest, highest=highest, recorded=total, stats=new_stats
+        )
         return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -130,7 +130,7 @@ def clip_by_block_norm(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        limit = threshold_at(max_norm, state.stats.count)
+        limit = threshold_at(max_norm, state.stats.count, "max_norm")
         updates, new_stats, _ = clip_blocks(
             updates,
             lambda norms, leaves: jnp.broadcast_to(limit, norms.shape),
@@ -203,7 +203,7 @@ def clip_by_block_rms(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        limit = threshold_at(threshold, state.stats.count)
+        limit = threshold_at(threshold, state.stats.count, "threshold")
         flags = _flags_for(updates, sharded)
 
         def bounds(norms, leaves):

@@ -17,6 +17,7 @@ from optaxclip._validation import (
     check_choice,
     check_float_leaves,
     check_threshold,
+    is_concrete,
     raise_at_runtime_if,
     threshold_at,
 )
@@ -26,23 +27,79 @@ __all__ = ["ClipByGlobalNormState", "clip_by_global_norm", "clip_tree_by_global_
 NONFINITE_POLICIES = ("propagate", "zero", "error")
 
 
-def scale_leaf(x: jax.Array, scale: jax.Array) -> jax.Array:
-    """``x * scale`` keeping x's dtype; half-precision leaves multiply in float32.
+def scale_leaf(x: jax.Array, scale: jax.Array, lo: jax.Array | None = None) -> jax.Array:
+    """``x * scale`` (``x * scale * lo`` when ``lo`` is given) keeping x's dtype.
 
-    A float32 scalar never turns into inf or 0 when cast to fp16 first, which is how
-    Optax zeroes fp16 leaves whose tree has a norm above 65504.
+    Half-precision leaves multiply in float32: a float32 scalar never turns into inf or
+    0 when cast to fp16 first, which is how Optax zeroes fp16 leaves whose tree has a
+    norm above 65504. ``lo`` is a power of two that carries the part of a scale too
+    small for one float (see :func:`scale_parts`); multiplying by 1 changes nothing.
     """
     info = jnp.finfo(x.dtype)
-    if info.bits >= 32:
-        return x * scale.astype(info.dtype)
-    return (x.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype)
+    wide = x if info.bits >= 32 else x.astype(jnp.float32)
+    real = jnp.finfo(wide.dtype).dtype
+    out = wide * scale.astype(real)
+    if lo is not None:
+        out = out * lo.astype(real)
+    return out if info.bits >= 32 else out.astype(x.dtype)
+
+
+@jax.custom_jvp
+def _ratio(t: jax.Array, n: jax.Array) -> jax.Array:
+    """``t / n``, whose derivative is taken as ``(dt - (t/n) dn) / n``.
+
+    JAX differentiates a division through ``n**-2``, which flushes to 0 for n > ~1.8e19
+    in float32: the clip's gradient would then miss its dependence on the norm.
+    """
+    return t / n
+
+
+@_ratio.defjvp
+def _ratio_jvp(primals, tangents):
+    t, n = primals
+    dt, dn = tangents
+    r = t / n
+    return r, (dt - r * dn) / n
 
 
 def scale_for(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(scale, over)``: scale = min(1, threshold / norm), 1 for a NaN/inf or zero norm."""
     over = jnp.isfinite(norm) & (norm > threshold)
     safe_norm = jnp.where(over, norm, 1)
-    return jnp.where(over, threshold.astype(norm.dtype) / safe_norm, 1).astype(norm.dtype), over
+    ratio = _ratio(threshold.astype(norm.dtype), safe_norm)
+    return jnp.where(over, ratio, 1).astype(norm.dtype), over
+
+
+# A scale below the smallest normal float flushes to 0 (threshold 1e-10 over a norm of
+# 1e30), though the clipped values it makes are representable: it is then applied as
+# (scale * 2^64) * 2^-64.
+_SCALE_SPLIT = {32: 2.0**64, 64: 2.0**512}
+
+
+def scale_parts(
+    norm: jax.Array, threshold: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(scale, over, hi, lo)`` for a clip of a tree of global norm ``norm``.
+
+    ``scale`` and ``over`` are :func:`scale_for`'s. The leaves are multiplied by
+    ``hi * lo`` (:func:`scale_leaf`), which equals ``scale`` except that
+
+    - a scale too small for one float is carried by two factors (``lo`` a power of
+      two), so the clipped values do not flush to zero;
+    - a zero threshold gives 0 even where the norm is 0 (where the reported scale is 1):
+      the clip is then identically 0, and so is its derivative.
+    """
+    scale, over = scale_for(norm, threshold)
+    dtype = norm.dtype
+    info = jnp.finfo(dtype)
+    split = _SCALE_SPLIT[info.bits]
+    t = threshold.astype(dtype)
+    tiny = over & (scale < info.tiny)
+    # Only where t / norm < tiny: then t < norm * tiny, so t * split cannot overflow.
+    hi = jnp.where(tiny, _ratio(jnp.where(tiny, t, 0) * split, jnp.where(over, norm, 1)), scale)
+    hi = jnp.where((t == 0) & jnp.isfinite(norm), 0, hi).astype(dtype)
+    lo = jnp.where(tiny, 1 / split, 1).astype(dtype)
+    return scale, over, hi, lo
 
 
 def _nonfinite_error(who: str) -> Callable[..., Exception]:
@@ -76,15 +133,15 @@ def clip_with_threshold(
     is taken as given: this function never reads the updates to measure them again.
     """
     finite = jnp.isfinite(norm)
-    scale, over = scale_for(norm, threshold)
+    scale, over, hi, lo = scale_parts(norm, threshold)
     if nonfinite == "zero":
         updates = jax.tree.map(
-            lambda x: jnp.where(finite, scale_leaf(x, scale), jnp.zeros_like(x)), updates
+            lambda x: jnp.where(finite, scale_leaf(x, hi, lo), jnp.zeros_like(x)), updates
         )
         clipped = over | ~finite
         clipped_norm = jnp.where(finite, norm * scale, 0)
     else:
-        updates = jax.tree.map(lambda x: scale_leaf(x, scale), updates)
+        updates = jax.tree.map(lambda x: scale_leaf(x, hi, lo), updates)
         clipped = over
         clipped_norm = norm * scale
         if nonfinite == "error":
@@ -176,7 +233,7 @@ def clip_by_global_norm(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         norm = measure(updates, axis_name, sharded)
-        threshold = threshold_at(max_norm, state.stats.count)
+        threshold = threshold_at(max_norm, state.stats.count, "max_norm")
         updates, new_stats = clip_with_threshold(
             updates, norm, threshold, state.stats, nonfinite=nonfinite, who="clip_by_global_norm"
         )
@@ -222,11 +279,18 @@ def clip_tree_by_global_norm(
       [[0.6 0.8]
        [0.3 0.4]]
     """
+    if callable(max_norm) and not is_concrete(max_norm):
+        raise TypeError(
+            "clip_tree_by_global_norm: max_norm must be a number here, got a callable. A "
+            "schedule needs a step count, which only the transform keeps: use "
+            "optaxclip.clip_by_global_norm(schedule) in an optax chain, or pass "
+            "schedule(step) yourself."
+        )
     check_threshold("max_norm", max_norm)
     if norm is None:
         norm = measure(tree)
     else:
         check_float_leaves(tree)
         norm = jnp.asarray(norm)
-    scale, _ = scale_for(norm, jnp.asarray(max_norm, jnp.float32))
-    return jax.tree.map(lambda x: scale_leaf(x, scale), tree), scale
+    scale, _, hi, lo = scale_parts(norm, jnp.asarray(max_norm, jnp.float32))
+    return jax.tree.map(lambda x: scale_leaf(x, hi, lo), tree), scale

@@ -2,10 +2,11 @@
 
 Every norm in optaxclip goes through :func:`_leaf_and_global_norms`. The common case
 costs one read of each leaf: the float32 (float64 when a leaf is float64) sum of
-squares. Only when that sum is not finite does a ``lax.cond`` branch run, which sums
-the squares of each leaf times a fixed power of two, so that values beyond ~1.8e19
-(whose squares overflow float32) still give the right, finite norm, while a NaN or
-inf in the input still gives a NaN or inf norm.
+squares. Only when that sum is not finite, or tiny, does a ``lax.cond`` branch run,
+which sums the squares of each leaf times a fixed power of two, so that values beyond
+~1.8e19 (whose squares overflow float32) and below ~1e-19 (whose squares flush to zero)
+still give the right, finite norm, while a NaN or inf in the input still gives a NaN or
+inf norm.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optaxclip._validation import resolve_per_leaf
+from optaxclip._validation import check_float_leaves, resolve_per_leaf
 
 AxisName = Any  # str | tuple[str, ...] | None
 Sharded = Any  # None | bool | pytree of bool | Callable[[path, leaf], bool]
@@ -122,6 +123,13 @@ _STACK = 64  # the sums of the leaves reduced on their own are stacked this many
 # overflows when squared and summed, and a sum that overflowed unscaled stays far
 # above the smallest normal number.
 _RESCALE = {32: 2.0**-96, 64: 2.0**-768}
+# Squares below the smallest normal number flush to zero (|x| < ~1.1e-19 in float32), so
+# a total sum of squares below _TINY_TOTAL may have lost terms that matter; such a tree
+# is summed again times _UPSCALE. Below _TINY_TOTAL every |x| < sqrt(_TINY_TOTAL), whose
+# upscaled squares cannot overflow, and the smallest normal value's upscaled square is
+# still normal. Above it, the lost squares are < 2^-80 (2^-600) of the total.
+_TINY_TOTAL = {32: 2.0**-40, 64: 2.0**-400}
+_UPSCALE = {32: 2.0**64, 64: 2.0**540}
 
 
 def _padded_width(n: int) -> int:
@@ -424,9 +432,24 @@ def _leaf_and_global_norms(
         # negligible.
         return alt, safe_sqrt(jnp.sum(alt)) * unscale
 
-    alt, norm = jax.lax.cond(jnp.isfinite(total), common, overflowed, list(leaves))
-    finite = jnp.isfinite(first.plain)
-    leaf_norms = jnp.where(finite, safe_sqrt(first.plain), safe_sqrt(alt) * unscale)
+    upscale = _UPSCALE[jnp.finfo(acc).bits]
+
+    def underflowed(operands):
+        # Every leaf again, times a large power of two: squares below the smallest
+        # normal number were flushed to zero in the plain sums.
+        how = dict(scale=upscale, copy_big=True, witnesses=dict(first.own))
+        alt = _sums_over_devices(list(operands), acc, flags, axis_name, concatenable, **how)
+        return alt.plain, safe_sqrt(jnp.sum(alt.plain)) / jnp.asarray(upscale, acc)
+
+    def rare(operands):
+        return jax.lax.cond(jnp.isfinite(total), underflowed, overflowed, operands)
+
+    tiny = jnp.isfinite(total) & (total < _TINY_TOTAL[jnp.finfo(acc).bits])
+    alt, norm = jax.lax.cond(jnp.isfinite(total) & ~tiny, common, rare, list(leaves))
+    # Which leaves read their norm from the rescaled sums, and how to undo the scale.
+    use_alt = jnp.where(tiny, True, ~jnp.isfinite(first.plain))
+    alt_unscale = jnp.where(tiny, jnp.asarray(1 / upscale, acc), unscale)
+    leaf_norms = jnp.where(use_alt, safe_sqrt(alt) * alt_unscale, safe_sqrt(first.plain))
     return leaf_norms, norm
 
 
@@ -439,9 +462,11 @@ def global_norm(tree: Any, *, axis_name: AxisName = None, sharded: Sharded = Non
 
     Leaves are upcast to float32 (float64 when any leaf is float64) before squaring, so
     fp16 and bf16 gradients do not overflow or lose the small leaves. When the sum of
-    squares overflows float32 but every value is finite, a rescaled second pass gives
-    the correct finite norm; NaN or inf in the input gives a NaN or inf norm. The rare
-    pass sits behind a ``lax.cond`` and costs nothing in the common case. The result is
+    squares overflows float32 but every value is finite, or is so small (below 2^-40)
+    that squares under the smallest normal float may have flushed to zero, a rescaled
+    second pass gives the correct finite norm; NaN or inf in the input gives a NaN or
+    inf norm. The rare pass sits behind a ``lax.cond`` and costs nothing in the common
+    case. The result is
     differentiable everywhere, with gradient 0 at an all-zero tree.
 
     Args:
@@ -471,6 +496,7 @@ def global_norm(tree: Any, *, axis_name: AxisName = None, sharded: Sharded = Non
       >>> print(optaxclip.global_norm([jnp.array([300.0, 400.0], jnp.float16)]))
       500.0
     """
+    check_float_leaves(tree, "tree")
     leaves = jax.tree_util.tree_leaves(tree)
     _, norm = _leaf_and_global_norms(
         leaves, axis_name=axis_name, flags=_flags_for(tree, sharded)
@@ -501,6 +527,7 @@ def block_norms(tree: Any, *, axis_name: AxisName = None, sharded: Sharded = Non
       >>> print({k: float(v) for k, v in norms.items()})
       {'b': 5.0, 'w': 2.0}
     """
+    check_float_leaves(tree, "tree")
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     leaf_norms, _ = _leaf_and_global_norms(
         leaves, axis_name=axis_name, flags=_flags_for(tree, sharded)
@@ -524,6 +551,12 @@ def _default_unit_axes(x: jax.Array) -> tuple[int, ...] | None:
     )
 
 
+# unitwise_norm rescales (by each unit's max-abs) when a unit's plain sum of squares is
+# inf or below this: there the squares lost to underflow, each below the smallest normal
+# number, could matter (above it they are below 2^-46 (2^-100) of the sum per element).
+_UNIT_SUM_TINY = {32: 2.0**-80, 64: 2.0**-900}
+
+
 def unitwise_norm(x: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.Array:
     """The L2 norm of each unit of ``x``, broadcast back to ``x.shape``.
 
@@ -531,7 +564,11 @@ def unitwise_norm(x: jax.Array, axis: int | tuple[int, ...] | None = None) -> ja
     convention of Optax and of the NFNet reference code applies: a scalar or vector
     is one unit; a rank-2 or rank-3 kernel reduces over axis 0 (one unit per output
     unit); rank 4 (HWIO conv) over axes (0, 1, 2); rank 5 over axes (0, 1, 2, 3).
-    Accumulates in float32 and is overflow-safe like :func:`global_norm`.
+    Accumulates in float32 and is overflow-safe like :func:`global_norm`, and
+    underflow-safe: units of values down to the smallest normal number get their norm,
+    not 0. A unit whose plain sum of squares is inf or tiny (below 2^-80 in float32,
+    which includes an all-zero unit) sends the call through a rescaled second pass. An
+    empty array gives an empty array.
 
     Args:
       x: a floating point or complex array.
@@ -556,16 +593,21 @@ def unitwise_norm(x: jax.Array, axis: int | tuple[int, ...] | None = None) -> ja
         axis = _default_unit_axes(x)
     acc = accumulation_dtype([x])
     sums = jnp.sum(_abs_sq(x, acc), axis=axis, keepdims=True)
+    if x.size == 0:  # no element: nothing to rescale (a max over no element raises)
+        return jnp.broadcast_to(sums, x.shape)
 
     def common(_):
         return safe_sqrt(sums)
 
-    def overflowed(x):
+    def rescaled(x):
         maxes = jnp.max(_abs(x, acc), axis=axis, keepdims=True)
         usable = jnp.isfinite(maxes) & (maxes > 0)
         denoms = jax.lax.stop_gradient(jnp.where(usable, maxes, 1))  # see _vector_norm
         scaled = jnp.sum(_abs_sq(_divide(x, denoms, acc), acc), axis=axis, keepdims=True)
         return jnp.where(usable, denoms * safe_sqrt(scaled), safe_sqrt(sums))
 
-    norms = jax.lax.cond(jnp.all(jnp.isfinite(sums)), common, overflowed, x)
+    # The plain sums are right when finite and not tiny: below _UNIT_SUM_TINY, squares
+    # flushed to zero (|x| < ~1.1e-19 in float32) may be most of a unit's sum.
+    plain_ok = jnp.isfinite(sums) & (sums >= _UNIT_SUM_TINY[jnp.finfo(acc).bits])
+    norms = jax.lax.cond(jnp.all(plain_ok), common, rescaled, x)
     return jnp.broadcast_to(norms, x.shape)

@@ -29,8 +29,13 @@ def _as_float(name: str, value: Any) -> float | None:
     """The float value of a concrete scalar argument, or None when it is traced."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got the bool {value!r}.")
-    if not is_concrete(value):
+    if isinstance(value, jax.core.Tracer):
         return None
+    if not is_concrete(value):
+        raise TypeError(
+            f"{name} must be a real scalar (a Python, NumPy or JAX number), got "
+            f"{type(value).__name__} {value!r}."
+        )
     arr = np.asarray(value)
     if arr.ndim != 0:
         raise ValueError(f"{name} must be a scalar, got an array of shape {arr.shape}.")
@@ -54,6 +59,11 @@ def check_threshold(name: str, value: ThresholdLike, *, allow_none: bool = False
         raise ValueError(f"{name} must be a non-negative number or a schedule, got None.")
     if callable(value) and not is_concrete(value):
         return
+    if not isinstance(value, (bool, jax.core.Tracer)) and not is_concrete(value):
+        raise TypeError(
+            f"{name} must be a non-negative real scalar or an optax schedule (a callable "
+            f"count -> value), got {type(value).__name__} {value!r}."
+        )
     x = _as_float(name, value)
     if x is None:
         return
@@ -143,9 +153,15 @@ def check_float_leaves(tree: Any, what: str = "updates") -> None:
     Runs at trace time on static dtypes, so it costs nothing in the compiled step.
     """
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        where = jax.tree_util.keystr(path) or "<root>"
+        if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
+            raise TypeError(
+                f"{what} leaf {where} is a {type(leaf).__name__} ({leaf!r}), not an array: "
+                "gradient clipping works on pytrees of arrays. Wrap numbers in "
+                "jnp.asarray, and keep other objects out of the tree."
+            )
         dtype = jnp.result_type(leaf)
         if not jnp.issubdtype(dtype, jnp.inexact):
-            where = jax.tree_util.keystr(path) or "<root>"
             raise TypeError(
                 f"{what} leaf {where} has dtype {dtype}; gradient clipping needs floating "
                 "point or complex leaves. Cast it, or leave it out of the optimized tree "
@@ -153,14 +169,33 @@ def check_float_leaves(tree: Any, what: str = "updates") -> None:
             )
 
 
-def threshold_at(value: ThresholdLike, count: jax.Array) -> jax.Array:
+def _bad_threshold(name: str) -> Callable[..., Exception]:
+    def make(step: Any, value: Any) -> Exception:
+        return ValueError(
+            f"{name} is {float(value)} at step {int(step)} (count from 1): a threshold must "
+            "be non-negative and not NaN. A negative one would flip the update's sign and "
+            "a NaN one would turn clipping off. Check the schedule or the value injected "
+            "with optax.inject_hyperparams."
+        )
+
+    return make
+
+
+def threshold_at(value: ThresholdLike, count: jax.Array, name: str = "threshold") -> jax.Array:
     """The threshold in force at step ``count`` as a float32 scalar.
 
-    A callable is an ``optax.Schedule`` evaluated at the transform's own count.
+    A callable is an ``optax.Schedule`` evaluated at the transform's own count. A
+    schedule's value, or a traced one (injected with ``optax.inject_hyperparams`` under
+    ``jit``), is checked at run time: negative or NaN raises, naming ``name`` and the
+    step. A concrete constant was checked when the transform was built.
     """
     if callable(value) and not is_concrete(value):
         value = value(count)
-    return jnp.asarray(value, dtype=jnp.float32)
+    elif is_concrete(value):
+        return jnp.asarray(value, dtype=jnp.float32)
+    t = jnp.asarray(value, dtype=jnp.float32)
+    raise_at_runtime_if(jnp.isnan(t) | (t < 0), _bad_threshold(name), count + 1, t)
+    return t
 
 
 def resolve_per_leaf(option: Any, tree: Any, name: str, default: Any) -> list[Any]:

@@ -103,7 +103,7 @@ def clip_by_value(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         norm = measure(updates, axis_name, sharded)
-        limit = threshold_at(max_delta, state.stats.count)
+        limit = threshold_at(max_delta, state.stats.count, "max_delta")
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         flags = _flags_for(updates, sharded)
         results = [_clip_leaf(x, limit) for x in leaves]

@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optaxclip import _stats
@@ -33,15 +34,79 @@ class ZclipState(NamedTuple):
       buffer: the raw norms of the warm-up steps (float32, length
         ``max(warmup_steps, 1)``).
       mean: the EMA of the norm (float32; 0 until the warm-up ends).
-      var: the EMA of its variance (float32; 0 until the warm-up ends).
-      stats: the :class:`ClipStats`. ``stats.count - stats.nonfinite_count`` is the
-        number of finite norms seen, which is what the warm-up counts.
+      var: the EMA of its variance (float32; 0 until the warm-up ends). It is computed
+        without overflow for every finite norm; a variance beyond the float32 range
+        (a standard deviation above ~1.8e19) is held at the largest float32.
+      recorded: the number of norms the statistics have taken in (int32): the finite,
+        non-zero ones. The warm-up counts these.
+      stats: the :class:`ClipStats`.
     """
 
     buffer: jax.Array
     mean: jax.Array
     var: jax.Array
+    recorded: jax.Array
     stats: ClipStats
+
+
+def _ema(old: jax.Array, new: jax.Array, decay: jax.Array) -> jax.Array:
+    """``decay * old + (1 - decay) * new``, finite whenever ``old`` and ``new`` are.
+
+    Near the float32 maximum the two rounded products can sum past it; the rare
+    fallback ``old + (1 - decay) * (new - old)`` stays between ``old`` and ``new``.
+    """
+    fast = decay * old + (1 - decay) * new
+    return jnp.where(jnp.isfinite(fast), fast, old + (1 - decay) * (new - old))
+
+
+def _saturating_square(s: jax.Array, t: jax.Array) -> jax.Array:
+    """``(s * sqrt(t))**2`` for ``t`` in [0, 1], held at the largest float32."""
+    std = s * jnp.sqrt(t)
+    return jnp.minimum(jnp.square(std), jnp.finfo(jnp.float32).max)
+
+
+def _ema_var(var: jax.Array, d: jax.Array, decay: jax.Array) -> jax.Array:
+    """``decay * var + (1 - decay) * d**2`` without overflow (saturating, see ZclipState).
+
+    The plain formula runs; only where it overflowed (``d**2`` alone overflows above
+    |d| ~ 1.8e19) is it recomputed scaled by ``s = max(sqrt(var), |d|)``.
+    """
+    fast = decay * var + (1 - decay) * jnp.square(d)
+    s = jnp.maximum(jnp.sqrt(var), jnp.abs(d))
+    s = jnp.where(s > 0, s, 1)
+    t = decay * jnp.square(jnp.sqrt(var) / s) + (1 - decay) * jnp.square(d / s)
+    return jnp.where(jnp.isfinite(fast), fast, _saturating_square(s, t))
+
+
+def _mean_var(buffer: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean and population variance of the warm-up norms, finite for finite norms."""
+    mean = jnp.mean(buffer)
+    mean = jnp.where(jnp.isfinite(mean), mean, jnp.sum(buffer / buffer.shape[0]))
+    dev = buffer - mean
+    var = jnp.mean(jnp.square(dev))
+    s = jnp.max(jnp.abs(dev))
+    s = jnp.where(s > 0, s, 1)
+    slow = _saturating_square(s, jnp.mean(jnp.square(dev / s)))
+    return mean, jnp.where(jnp.isfinite(var), var, slow)
+
+
+def _check_static_bool(name: str, value: Any) -> bool:
+    """``value`` as a Python bool; a TypeError naming ``name`` for anything else.
+
+    An array (concrete or traced) is refused with a hint: the option picks the
+    computation when the step is compiled, so it cannot be a traced hyperparameter.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (jax.Array, jax.core.Tracer, np.ndarray)):
+        raise TypeError(
+            f"zclip: {name} picks the computation when the step is compiled, so it must "
+            f"be a Python bool, got the array {value!r}. optax.inject_hyperparams keeps a "
+            "Python bool as it is but turns an array into a traced hyperparameter: pass "
+            "True or False, or build it as optax.inject_hyperparams(optaxclip.zclip, "
+            f"static_args=('warmup_steps', {name!r}))(...)."
+        )
+    raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}.")
 
 
 def zclip(
@@ -54,13 +119,14 @@ def zclip(
     clip_option: str = "adaptive_scaling",
     clip_factor: Any = 1.0,
     eps: Any = 1e-6,
+    skip_update_on_spike: bool = False,
     nonfinite: str = "propagate",
     axis_name: AxisName = None,
     sharded: Sharded = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Clips gradient-norm spikes detected by a z-score on an EMA of the norm (ZClip).
 
-    For the first ``warmup_steps`` finite norms the update is clipped by ``max_norm``
+    For the first ``warmup_steps`` finite, non-zero norms the update is clipped by ``max_norm``
     (not at all when ``max_norm`` is None) and the raw norms are buffered; when the
     warm-up ends, ``mu`` is their mean and ``sigma^2`` their population variance. After
     that, with ``g`` the global norm and ``z = (g - mu) / (sigma + eps)``:
@@ -77,12 +143,26 @@ def zclip(
     it. The EMA is then fed ``x = tau`` on a spike, else ``g``, both before the
     ``max_norm`` cap (as the reference implementation does, so the cap never drags the
     statistics down): ``mu <- alpha mu + (1 - alpha) x``, then
-    ``sigma^2 <- alpha sigma^2 + (1 - alpha) (x - mu)^2`` with the new ``mu``.
+    ``sigma^2 <- alpha sigma^2 + (1 - alpha) (x - mu)^2`` with the new ``mu``. With
+    ``skip_update_on_spike=True`` a spike step leaves ``mu`` and ``sigma^2`` as they were
+    (its update is still clipped at the same threshold).
 
     A NaN/inf norm is handled by ``nonfinite``; the buffer and the EMA are left as they
     were, and the warm-up counts finite norms only (such a step records ``max_norm``,
-    or +inf without one, as its threshold). ``warmup_steps=0`` behaves as 1, as in the
-    reference implementation: the statistics start from the first finite norm.
+    or +inf without one, as its threshold). A norm of exactly zero says nothing about
+    the scale of the gradients and is not taken in either: it is not buffered, not
+    counted as a warm-up step and does not move the EMA, so a zero-gradient warm-up
+    (a frozen or zero-initialised model) cannot lock the threshold at 0. Such a step
+    passes unclipped, in the warm-up and after it, and records ``max_norm`` (+inf
+    without one) as its threshold, which a zero norm never exceeds. ``warmup_steps=0``
+    behaves as 1, as in the reference implementation: the statistics start from the
+    first finite, non-zero norm.
+
+    The statistics stay finite for every finite norm: the mean and the variance are
+    computed without squaring a norm above ~1.8e19 (a plain float32 square of 1e20 is
+    inf and would disable the spike test for good); where they fit in float32 they equal
+    the reference rule to float32 rounding, and a variance beyond the float32 range is
+    held at the largest float32.
 
     Args:
       alpha: EMA decay in (0, 1).
@@ -90,7 +170,7 @@ def zclip(
       max_norm: cap on the threshold, also the warm-up clip: a non-negative scalar, an
         ``optax.Schedule`` evaluated at this transform's step count, or None for no
         cap.
-      warmup_steps: number of finite norms buffered before the EMA starts (a
+      warmup_steps: number of finite, non-zero norms buffered before the EMA starts (a
         non-negative int; it sizes the state, so under ``optax.inject_hyperparams`` list
         it in ``static_args``).
       mode: ``"zscore"`` or ``"percentile"`` (see above).
@@ -98,6 +178,22 @@ def zclip(
       clip_factor: multiplier of the adaptive-scaling threshold (non-negative; below 1
         clips more aggressively).
       eps: added to ``sigma`` in the z-score (non-negative).
+      skip_update_on_spike: a Python bool (default False). When True, a spike step
+        does not update the EMA: ``mu`` and ``sigma^2`` keep their values and the next
+        step is tested against the same statistics. The update itself is treated as
+        without the option (clipped at ``min(tau, max_norm)``, recorded in
+        ``ClipStats``). This is the option of the same name in the reference
+        implementation, which skips "updating EMA statistics when a spike is
+        detected" and still clips the gradients; it skips no optimizer update. To skip
+        a spiking step altogether (zero updates, the inner optimizer's state left
+        untouched; a zero update fed to Adam would still decay its moments and
+        advance its count), wrap the optimizer in :func:`optaxclip.skip_spikes`.
+        Caveat (as in the reference): the statistics follow only the steps that are
+        not spikes, so a lasting rise of the norm past the spike threshold is never
+        learned; every later step stays a spike, clipped at a ``tau`` computed from
+        the frozen statistics. It picks the computation, so under
+        ``optax.inject_hyperparams`` pass a Python bool (kept static) or list it in
+        ``static_args``; an array raises a TypeError saying so.
       nonfinite: ``"propagate"`` (updates unchanged), ``"zero"`` (zeros) or ``"error"``
         (raise from inside ``jit``) when the norm is NaN/inf.
       axis_name: inside ``shard_map``/``pmap``, the mapped axis over which the norm
@@ -137,6 +233,7 @@ def zclip(
     check_threshold("clip_factor", clip_factor)
     check_threshold("eps", eps)
     check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+    skip_on_spike = _check_static_bool("skip_update_on_spike", skip_update_on_spike)
     size = max(warmup_steps, 1)
 
     def init_fn(params):
@@ -146,6 +243,7 @@ def zclip(
             buffer=jnp.zeros((size,), jnp.float32),
             mean=jnp.zeros((), jnp.float32),
             var=jnp.zeros((), jnp.float32),
+            recorded=jnp.zeros((), jnp.int32),
             stats=_stats.init_stats(),
         )
 
@@ -154,19 +252,20 @@ def zclip(
         norm = measure(updates, axis_name, sharded)
         g = norm.astype(jnp.float32)
         finite = jnp.isfinite(g)
-        seen = state.stats.count - state.stats.nonfinite_count  # finite norms before this
+        # An exactly-zero norm says nothing about scale: the statistics skip it.
+        takes = finite & (g > 0)
+        seen = state.recorded  # norms taken in before this step
         in_warmup = seen < size
         if max_norm is None:
             cap = jnp.full((), jnp.inf, jnp.float32)
         else:
-            cap = threshold_at(max_norm, state.stats.count)
+            cap = threshold_at(max_norm, state.stats.count, "max_norm")
 
         # Warm-up: buffer the norm; the step that fills the buffer starts the EMA.
         buffered = state.buffer.at[jnp.minimum(seen, size - 1)].set(g)
-        buffer = jnp.where(finite & in_warmup, buffered, state.buffer)
-        start = finite & (seen == size - 1)
-        start_mean = jnp.mean(buffer)
-        start_var = jnp.mean(jnp.square(buffer - start_mean))
+        buffer = jnp.where(takes & in_warmup, buffered, state.buffer)
+        start = takes & (seen == size - 1)
+        start_mean, start_var = _mean_var(buffer)
 
         # After warm-up: spike test against the EMA.
         a = jnp.asarray(alpha, jnp.float32)
@@ -177,7 +276,13 @@ def zclip(
             tau = mu + zt * sigma
             spike = g > tau
         else:
-            z = (g - mu) / (sigma + jnp.asarray(eps, jnp.float32))
+            # With eps = 0 and sigma = 0 the z-score is +inf above the mean, else 0; the
+            # division never sees a zero (its gradient would be NaN).
+            den = sigma + jnp.asarray(eps, jnp.float32)
+            positive = den > 0
+            z = jnp.where(
+                positive, (g - mu) / jnp.where(positive, den, 1), jnp.where(g > mu, jnp.inf, 0)
+            )
             spike = z > zt
             if clip_option == "adaptive_scaling":
                 eta = jnp.where(spike, z / zt, 1)  # grows with the outlier
@@ -185,17 +290,24 @@ def zclip(
             else:
                 tau = mu
         x = jnp.where(spike, tau, g)
-        new_mu = a * mu + (1 - a) * x
-        new_var = a * var + (1 - a) * jnp.square(x - new_mu)
+        new_mu = _ema(mu, x, a)
+        new_var = _ema_var(var, x - new_mu, a)
 
-        adapting = finite & ~in_warmup
+        # A NaN/inf or zero norm is outside the adaptive rule: its threshold is the cap.
+        adapting = takes & ~in_warmup
+        # skip_update_on_spike, as in the reference: a spike leaves the EMA as it was.
+        moves = (adapting & ~spike) if skip_on_spike else adapting
         threshold = jnp.where(adapting, jnp.minimum(x, cap), cap)
-        mean = jnp.where(start, start_mean, jnp.where(adapting, new_mu, mu))
-        var = jnp.where(start, start_var, jnp.where(adapting, new_var, var))
+        mean = jnp.where(start, start_mean, jnp.where(moves, new_mu, mu))
+        var = jnp.where(start, start_var, jnp.where(moves, new_var, var))
+        recorded = state.recorded + takes.astype(jnp.int32)
 
         updates, new_stats = clip_with_threshold(
             updates, norm, threshold, state.stats, nonfinite=nonfinite, who="zclip"
         )
-        return updates, ZclipState(buffer=buffer, mean=mean, var=var, stats=new_stats)
+        new_state = ZclipState(
+            buffer=buffer, mean=mean, var=var, recorded=recorded, stats=new_stats
+        )
+        return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -47,10 +47,11 @@ def spiky_leaf_norms(steps: int, seed: int) -> np.ndarray:
 
 
 def adagc_reference(leaf_norms, *, ratio, beta, warmup_steps, warmup_max_norm, eps):
-    """AdaGC (Wang et al. 2025, Algorithm 1) written out in float64.
-
-    Zero norms never set gamma (see the adagc docstring). Returns per step
-    (threshold, per-leaf scales, clipped) and the final gamma.
+    """AdaGC (Wang et al. 2025, Algorithm 1) written out in float64, as DESIGN section 4
+    states the reference implementation (lishuai-97/AdaGC): the EMA is fed
+    min(||g_i||, ratio * gamma_i). Zero norms never enter gamma (DESIGN: they say nothing
+    about scale). Returns per step (threshold, per-leaf scales, clipped) and the final
+    gamma.
     """
     gamma = np.full(leaf_norms.shape[1], np.inf)
     seen = 0
@@ -76,9 +77,9 @@ def adagc_reference(leaf_norms, *, ratio, beta, warmup_steps, warmup_max_norm, e
                 h = np.minimum(1.0, ratio * gamma / (n + eps))
             h = np.where((h < 1) & (n > 0) & ~unset, h, 1.0)
             over = bool(np.any(h < 1))
-            after = h * n
-            ema = beta * np.where(unset, 0, gamma) + (1 - beta) * after
-            gamma = np.where(unset, np.where(after > 0, after, np.inf), ema)
+            with np.errstate(invalid="ignore"):
+                ema = beta * gamma + (1 - beta) * np.minimum(n, ratio * gamma)
+            gamma = np.where(n > 0, np.where(unset, n, ema), gamma)
         seen += math.isfinite(g)
         thresholds.append(t)
         scales.append(h)
@@ -164,17 +165,121 @@ def test_zero_norm_leaf_in_warmup_does_not_freeze_it():
     np.testing.assert_allclose(state.gamma, [5.0, 1.0], rtol=1e-6)
 
 
-def test_gamma_decayed_to_zero_restarts_instead_of_freezing_the_tensor():
-    tx = optaxclip.adagc(warmup_steps=0, beta=0.5)
+def test_zero_norms_after_warmup_leave_gamma_as_it_was():
+    # A tensor whose gradient is exactly zero for a while (a frozen or unused layer)
+    # keeps its scale: 200 zero steps (0.5**200 underflows) must not pull gamma to 0,
+    # after which its next gradient, however large, would pass unclipped.
+    config = dict(ratio=1.04, beta=0.5, warmup_steps=0, warmup_max_norm=1.0, eps=1e-6)
+    tx = optaxclip.adagc(**config)
     update = jax.jit(tx.update)
+    state = tx.init([jnp.zeros(1), jnp.zeros(1)])
+    leaf_norms = np.array([[1.0, 2.0]] + [[0.0, 2.0]] * 200 + [[3.0, 2.0]], np.float32)
+    scales = []
+    for a, b in leaf_norms:
+        out, after = update([jnp.array([a]), jnp.array([b])], state)
+        scales.append([float(out[0][0]) / a if a else 1.0, float(out[1][0]) / b])
+        if a == 0:
+            np.testing.assert_array_equal(out[0], [0.0])
+            assert float(after.gamma[0]) == 1.0
+        state = after
+    _, ref_scales, ref_clipped, ref_gamma = adagc_reference(leaf_norms, **config)
+    np.testing.assert_allclose(scales, ref_scales, rtol=1e-6)
+    np.testing.assert_allclose(state.gamma, ref_gamma, rtol=1e-6)
+    assert ref_clipped[-1] and scales[-1][0] < 0.35  # 3.0 is clipped to ~1.04
+
+
+def test_gamma_of_zero_in_a_restored_state_restarts_instead_of_freezing_the_tensor():
+    # Zero norms never make gamma 0, but a state built or edited by hand can hold one.
+    tx = optaxclip.adagc(warmup_steps=0)
     state = tx.init([jnp.zeros(1)])
-    _, state = update([jnp.array([1.0])], state)
-    for _ in range(200):  # 0.5**200 underflows: gamma decays to exactly 0
-        _, state = update([jnp.zeros(1)], state)
-    assert float(state.gamma[0]) == 0.0
-    out, state = update([jnp.array([3.0])], state)
+    state = state._replace(gamma=jnp.zeros(1, jnp.float32))
+    out, state = jax.jit(tx.update)([jnp.array([3.0])], state)
     np.testing.assert_array_equal(out[0], [3.0])
     assert float(state.gamma[0]) == 3.0
+
+
+W = [jnp.asarray(np.random.default_rng(5).normal(size=2), jnp.float32) for _ in range(2)]
+
+
+def _vjp_of_scaled(g, w, bound, eps=0.0):
+    """Gradient of sum(w * g * bound / (|g| + eps)) in g, in float64 (bound a constant)."""
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    n = np.linalg.norm(g)
+    return bound / (n + eps) * w - bound * (w @ g) / (n * (n + eps) ** 2) * g
+
+
+# (name, warm-up steps, first step's leaves or None, leaves differentiated at, expected).
+_W64 = [np.asarray(w, np.float64) for w in W]
+_G = [np.array([30.0, 40.0]), np.array([0.3, 0.4])]
+_GLOBAL = _vjp_of_scaled(np.concatenate(_G), np.concatenate(_W64), 1.0)
+GRADIENT_CASES = [
+    # Step 1, in the warm-up (gamma unset, +inf): global norm 50 clipped to 1.
+    ("warmup-clipped", 1, None, _G, [_GLOBAL[:2], _GLOBAL[2:]]),
+    ("warmup-unclipped", 1, None, [_G[0] / 100, _G[1] / 100], _W64),
+    # After one warm-up step (cap 100, no clip) with leaf norms 5 and 0.5: gamma = [5, 0.5].
+    ("after-warmup", 1, [[3.0, 4.0], [0.3, 0.4]], [[3.0, 4.0], [0.3, 0.4]], _W64),
+    (
+        "clipped-tensor",
+        1,
+        [[3.0, 4.0], [0.3, 0.4]],
+        [[30.0, 40.0], [0.3, 0.4]],
+        [_vjp_of_scaled([30.0, 40.0], _W64[0], 1.04 * 5.0, 1e-6), _W64[1]],
+    ),
+    # Leaf 1 had only zeros in the warm-up: its gamma is still unset (+inf).
+    ("unset-leaf", 1, [[3.0, 4.0], [0.0, 0.0]], [[3.0, 4.0], [30.0, 40.0]], _W64),
+    ("zero-leaf", 1, [[3.0, 4.0], [0.3, 0.4]], [[3.0, 4.0], [0.0, 0.0]], _W64),
+]
+
+
+@pytest.mark.parametrize(
+    "name, warmup, first, at, want", GRADIENT_CASES, ids=[case[0] for case in GRADIENT_CASES]
+)
+def test_gradient_through_adagc_is_finite_and_right(name, warmup, first, at, want):
+    del name
+    tx = optaxclip.adagc(warmup_steps=warmup, warmup_max_norm=1.0 if first is None else 100.0)
+    params = [jnp.zeros(2), jnp.zeros(2)]
+    state = tx.init(params)
+    if first is not None:
+        _, state = tx.update([jnp.array(x, jnp.float32) for x in first], state)
+        assert int(state.stats.count) == warmup  # the next step is past the warm-up
+
+    def f(grads, state):
+        out, _ = tx.update(grads, state)
+        return sum(jnp.sum(w * o) for w, o in zip(W, out, strict=True))
+
+    grad = jax.jit(jax.grad(f))([jnp.array(x, jnp.float32) for x in at], state)
+    for got, expected in zip(grad, want, strict=True):
+        assert np.all(np.isfinite(np.asarray(got)))
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_tensor_norms_up_to_3e38_keep_gamma_finite_and_match_the_reference():
+    # Tensors whose norms live near 1e38 and 1e20 (squares that overflow float32) beside
+    # ordinary ones, spikes of 1e20 and 1e25 against gammas of ~1 and ~1e20, and a zero.
+    rng = np.random.default_rng(4)
+    leaf_norms = rng.lognormal(0.0, 0.3, (40, len(SHAPES)))
+    leaf_norms[:, 3] *= 1e38
+    leaf_norms[:, 4] *= 1e20
+    leaf_norms[0, 1] = 1e20  # in the warm-up
+    leaf_norms[10, 4] = 1e25
+    leaf_norms[20, 0] = 1e20
+    leaf_norms[30, 2] = 0.0
+    leaf_norms = leaf_norms.astype(np.float32)
+    config = dict(ratio=1.04, beta=0.9, warmup_steps=3, warmup_max_norm=1e38, eps=1e-6)
+    final, (in_norms, out_norms, norm, threshold, clipped) = run_scan(
+        optaxclip.adagc(**config), leaf_norms
+    )
+    np.testing.assert_allclose(in_norms, leaf_norms, rtol=1e-6)
+    assert np.all(np.isfinite(norm)) and np.all(np.isfinite(threshold[3:]))
+    assert np.all(np.isfinite(final.gamma))
+    ref_t, ref_h, ref_clipped, ref_gamma = adagc_reference(in_norms, **config)
+    np.testing.assert_allclose(threshold, ref_t, rtol=1e-5)
+    moved = in_norms > 0
+    np.testing.assert_allclose(out_norms[moved] / in_norms[moved], ref_h[moved], rtol=1e-5)
+    np.testing.assert_array_equal(clipped, ref_clipped)
+    np.testing.assert_allclose(final.gamma, ref_gamma, rtol=1e-5)
+    assert ref_h[10, 4] < 1e-4 and ref_h[20, 0] < 1e-19  # the spikes were clipped
+    assert ref_gamma[3] > 1e37 and ref_gamma[4] > 1e19
 
 
 def test_jitted_update_compiles_once_and_follows_the_rule():
@@ -287,3 +392,18 @@ def test_nonfinite_error_policy_raises_naming_the_step():
     _, state = update([jnp.array([1.0])], tx.init([jnp.zeros(1)]))
     with pytest.raises(Exception, match="step 2"):
         jax.block_until_ready(update([jnp.array([jnp.nan])], state))
+
+
+def test_gamma_follows_the_reference_feeding_the_bound_not_the_clipped_norm():
+    # The reference (lishuai-97/AdaGC) feeds gamma the bound ratio * gamma on a clipped
+    # step. Norms 1e-5, 2e-5, 2e-5 with beta 0.5 and ratio 1.04 (warm-up of 1 step):
+    # gamma 1e-5, then 0.5 * 1e-5 + 0.5 * 1.04e-5 = 1.02e-5, then 1.0404e-5. Feeding
+    # the clipped norm ratio * gamma * |g| / (|g| + eps) ratchets it down instead
+    # (1e-5, 9.95e-6, 9.905e-6) and is 90% off after a few hundred such steps.
+    tx = optaxclip.adagc(ratio=1.04, beta=0.5, warmup_steps=1, warmup_max_norm=1.0)
+    state = tx.init([jnp.zeros(1)])
+    gammas = []
+    for g in (1e-5, 2e-5, 2e-5):
+        _, state = tx.update([jnp.array([g], jnp.float32)], state)
+        gammas.append(float(state.gamma[0]))
+    np.testing.assert_allclose(gammas, [1e-5, 1.02e-5, 1.0404e-5], rtol=1e-5)

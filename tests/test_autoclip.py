@@ -28,14 +28,18 @@ def spiky_norms(steps: int, seed: int) -> np.ndarray:
 
 
 def autoclip_reference(norms, percentile, history, warmup_steps, max_norm):
-    """AutoClip written out in float64: threshold, scale and decision per step."""
+    """AutoClip written out in float64: threshold, scale and decision per step.
+
+    Only finite, non-zero norms are recorded (and counted by the warm-up).
+    """
     recorded, thresholds, scales, clipped = [], [], [], []
     for g in norms.astype(np.float64):
         finite = math.isfinite(g)
-        if finite:
+        takes = finite and g != 0
+        if takes:
             recorded.append(g)
         window = recorded if history is None else recorded[-history:]
-        in_warmup = len(recorded) - finite < warmup_steps
+        in_warmup = len(recorded) - takes < warmup_steps
         t = math.inf if in_warmup or not window else np.percentile(window, percentile)
         if max_norm is not None:
             t = min(t, max_norm)
@@ -150,7 +154,12 @@ def test_window_percentile_equals_numpy_on_any_sequence(values, percentile):
     norms = np.asarray(values, np.float32)
     final, (_, _, threshold, _) = _run_window_5(norms, percentile)
     for t in range(len(norms)):
-        window = norms[max(0, t - 4) : t + 1].astype(np.float64)
+        # The window holds the last 5 recorded norms; zeros are never recorded.
+        recorded = norms[: t + 1][norms[: t + 1] != 0].astype(np.float64)
+        window = recorded[-5:]
+        if window.size == 0:
+            assert threshold[t] == np.inf
+            continue
         want = np.percentile(window, percentile)
         # float32 rounding of the interpolation is relative to the values interpolated.
         np.testing.assert_allclose(threshold[t], want, rtol=1e-5, atol=1e-6 * window.max())
@@ -263,7 +272,7 @@ def test_nonfinite_step_leaves_history_untouched(history):
     for bad in [jnp.nan, jnp.inf, -jnp.inf]:
         out, after = update([jnp.array([bad])], state)
         np.testing.assert_array_equal(out[0], [0.0])
-        for field in ("history", "lowest", "highest"):
+        for field in set(after._fields) - {"stats"}:  # history, lowest, highest, recorded
             np.testing.assert_array_equal(getattr(after, field), getattr(state, field))
         assert int(after.stats.nonfinite_count) == int(state.stats.nonfinite_count) + 1
         np.testing.assert_allclose(after.stats.threshold, 2.0, rtol=1e-2)  # median of 1, 2, 3
@@ -283,6 +292,58 @@ def test_warmup_counts_finite_norms_and_keeps_max_norm():
         thresholds.append(float(state.stats.threshold))
     # Steps 1-3 hold 2 finite norms (warm-up: only max_norm); step 4 clips at the min.
     assert thresholds == [5.0, 5.0, 5.0, 3.0]
+
+
+@pytest.mark.parametrize("history", [None, 8])
+def test_zero_norms_are_not_recorded_and_do_not_zero_later_updates(history):
+    # A zero-gradient start (frozen model, zero-initialised head): a history of zeros
+    # would put the 10th percentile at 0 and zero every later update.
+    tx = optaxclip.autoclip(10.0, history=history)
+    update = jax.jit(tx.update)
+    init = state = tx.init(None)
+    for _ in range(5):
+        out, state = update([jnp.zeros(1)], state)
+        np.testing.assert_array_equal(out[0], [0.0])
+        assert float(state.stats.threshold) == math.inf  # nothing recorded yet
+        assert not state.stats.clipped
+    for field in set(state._fields) - {"stats"}:  # history, lowest, highest, recorded
+        np.testing.assert_array_equal(getattr(state, field), getattr(init, field))
+    for _ in range(20):
+        out, state = update([jnp.ones(1)], state)
+        np.testing.assert_array_equal(out[0], [1.0])  # numpy.percentile([1, ..., 1], 10) = 1
+        assert float(state.stats.threshold) == 1.0
+    assert int(state.recorded) == 20 and int(state.stats.count) == 25
+    assert float(state.lowest) == 1.0 and float(state.highest) == 1.0
+
+
+def test_warmup_counts_nonzero_norms_only():
+    tx = optaxclip.autoclip(0.0, history=8, warmup_steps=2, max_norm=5.0)
+    update = jax.jit(tx.update)
+    state = tx.init(None)
+    thresholds = []
+    for g in [0.0, 3.0, 0.0, 0.0, 9.0, 4.0]:
+        _, state = update([jnp.array([g])], state)
+        thresholds.append(float(state.stats.threshold))
+    # The warm-up is the two non-zero norms 3 and 9; then the minimum of {3, 9, 4}.
+    assert thresholds == [5.0, 5.0, 5.0, 5.0, 5.0, 3.0]
+
+
+@pytest.mark.parametrize("history, rtol", [(4, 1e-5), (None, 1e-2)])
+def test_threshold_with_zero_norms_is_numpy_percentile_of_the_nonzero_history(history, rtol):
+    norms = np.array([0, 0, 3, 0, 1, 4, 0, 0, 1, 5, 9, 2, 0, 6, 0.5, 0], np.float32)
+    kwargs = dict(history=history, warmup_steps=2, max_norm=None)
+    tx = optaxclip.autoclip(30.0, **kwargs)
+    _, thresholds, measured = jit_steps(tx, norms)
+    # Independent rule: numpy.percentile over the finite non-zero norms so far (the
+    # current one included when it is recorded), the last 4 of them for the window.
+    want = []
+    for t in range(len(norms)):
+        recorded = [float(g) for g in measured[: t + 1] if g != 0]
+        window = recorded if history is None else recorded[-history:]
+        in_warmup = len(recorded) - (measured[t] != 0) < 2
+        want.append(math.inf if in_warmup or not window else np.percentile(window, 30.0))
+    np.testing.assert_allclose(thresholds, want, rtol=rtol)
+    assert np.isfinite(thresholds[-1]) and thresholds[-1] > 0
 
 
 def test_nonfinite_error_policy_raises_naming_the_step():

@@ -121,6 +121,50 @@ def test_gradient_through_clip_matches_finite_differences_when_clipping():
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("scale", [1e20, 1e30, 1e35])
+def test_gradient_through_clip_beyond_float32_overflow_matches_float64(scale):
+    # d(t/n)/dn needs n^2, which overflows past ~1.8e19: the norm's part of the
+    # derivative used to vanish.
+    tx = optaxclip.clip_by_global_norm(1.0)
+    w = np.array([0.3, -0.7, 0.2])
+    g0 = np.array([3.0, 4.0, 1.0]) * scale / 5.1
+
+    def f(g):
+        return jnp.dot(tx.update([g], tx.init(None))[0][0], jnp.asarray(w, jnp.float32))
+
+    grad = np.asarray(jax.grad(f)(jnp.asarray(g0, jnp.float32)), np.float64)
+    n = np.linalg.norm(g0)
+    expected = w / n - g0 * np.dot(w, g0) / n**3
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=0)
+
+
+def test_zero_threshold_has_zero_gradient_at_zero_where_the_clip_is_identically_zero():
+    tx = optaxclip.clip_by_global_norm(0.0)
+    grad = jax.grad(lambda g: jnp.sum(tx.update([g], tx.init(None))[0][0]))(jnp.zeros(3))
+    np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_zero_threshold_zeroes_tiny_gradients():
+    out, _ = _apply(optaxclip.clip_by_global_norm(0.0), [jnp.array([1e-20])])
+    assert np.array_equal(out[0], [0.0])
+
+
+@pytest.mark.parametrize(("max_norm", "big"), [(1e-10, 1e30), (1e-30, 1e10), (1e-20, 1e25)])
+def test_a_clip_whose_result_is_representable_does_not_underflow_to_zero(max_norm, big):
+    # The scale max_norm / norm is below the smallest normal float here (1e-40), but
+    # [max_norm, 0] is representable.
+    g = [jnp.array([big, 0.0], jnp.float32)]
+    out, _ = _apply(optaxclip.clip_by_global_norm(max_norm), g)
+    np.testing.assert_allclose(np64(out[0]), [max_norm, 0.0], rtol=1e-6)
+    tree, _ = optaxclip.clip_tree_by_global_norm(g, max_norm)
+    np.testing.assert_allclose(np64(tree[0]), [max_norm, 0.0], rtol=1e-6)
+
+
+def test_clip_tree_by_global_norm_refuses_a_schedule_and_says_what_to_do():
+    with pytest.raises(TypeError, match="clip_by_global_norm\\(schedule\\)"):
+        optaxclip.clip_tree_by_global_norm({"a": jnp.ones(2)}, lambda count: 1.0)
+
+
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), np.float32(-0.5), jnp.array(-2.0)])
 def test_negative_or_nan_threshold_is_rejected_at_construction(bad):
     with pytest.raises(ValueError, match="max_norm"):
