@@ -10,12 +10,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import optaxclip  # noqa: E402
 from optaxclip._diagnose import Diagnosis, diagnose  # noqa: E402
 
 HIDING = "hiding a problem"
 LOOSE = "too loose"
 NONFINITE = "non-finite"
 TREND = "trending upward"
+RAISE = "raise max_norm"
+DIVERGING = "diverging"
+STALLING = "stalling"
 
 
 def _records(norms, threshold=None, prefix=""):
@@ -350,3 +354,335 @@ def test_plot_into_given_axes_and_plain_array():
         assert ax.get_yscale() == "linear"
     finally:
         plt.close(ax.figure)
+
+
+# --------------------------------------------------------------------------- method
+
+
+def _run(tx, steps=300, seed=0, grow=0.0, nan_every=0):
+    """Real optaxclip stats: ``tx`` over ``steps`` random gradients under ``lax.scan``.
+
+    The gradient's scale is log-normal (sigma 0.3) times ``exp(grow * step)``; with
+    ``nan_every=k`` every step ``t`` with ``t % k == 1`` gets a NaN gradient. Returns the
+    per-step ``stats()`` dicts, as a training loop logs them. The noise is drawn with NumPy,
+    which keeps the compiled scan small.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(steps)
+    scale = np.exp(rng.normal(0.0, 0.3, size=steps) + grow * t)
+    if nan_every:
+        scale[t % nan_every == 1] = np.nan
+    grads = {
+        "w": (scale[:, None, None] * rng.normal(size=(steps, 8, 8)) / 8).astype(np.float32),
+        "b": (scale[:, None] * rng.normal(size=(steps, 8)) / 8).astype(np.float32),
+    }
+    params = {"w": jnp.zeros((8, 8)), "b": jnp.zeros(8)}
+
+    def step(state, g):
+        _, state = tx.update(g, state, params)
+        return state, optaxclip.stats(state)
+
+    _, cols = jax.lax.scan(step, tx.init(params), grads)
+    cols = jax.device_get(cols)
+    return [{k: v[i] for k, v in cols.items()} for i in range(steps)]
+
+
+def _autoclip_history(n=300, percentile=10.0, seed=0, prefix=""):
+    """A simulated healthy AutoClip run: log-normal norms, clipped above the running
+    ``percentile`` of the norms so far (the current one included, as autoclip does)."""
+    norms = _lognormal(n, sigma=0.3, seed=seed)
+    out = []
+    for i, g in enumerate(norms):
+        thr = float(np.percentile(norms[: i + 1], percentile))
+        out.append(
+            {
+                f"{prefix}count": i + 1,
+                f"{prefix}norm": g,
+                f"{prefix}threshold": thr,
+                f"{prefix}clipped": bool(g > thr),
+            }
+        )
+    return out
+
+
+def _gives_raise_advice(d: Diagnosis) -> bool:
+    return _has(d, HIDING) or _has(d, RAISE)
+
+
+def test_healthy_autoclip_simulation_gets_no_raise_advice_from_prefixed_keys():
+    d = diagnose(_autoclip_history(prefix="0/autoclip/"))
+    assert d.method == "autoclip"
+    assert d.clip_rate > 0.8  # clipping at the 10th percentile clips ~90% of steps
+    assert not _gives_raise_advice(d)
+    assert d.warnings == []
+    assert "autoclip" in str(d).splitlines()[1]
+
+
+def test_healthy_autoclip_simulation_gets_no_raise_advice_with_method_given():
+    d = diagnose(_autoclip_history(), method="autoclip")
+    assert d.method == "autoclip"
+    assert d.clip_rate > 0.8
+    assert d.warnings == []
+
+
+def test_same_autoclip_history_with_unknown_method_keeps_fixed_threshold_advice():
+    # Bare keys do not name the method: the fixed-max_norm rules apply, and say how to fix it.
+    d = diagnose(_autoclip_history())
+    assert d.method is None
+    assert _has(d, HIDING)
+    assert _has(d, RAISE)
+    assert _has(d, 'method="autoclip"')
+    assert "assuming a fixed max_norm" in str(d)
+
+
+def test_real_autoclip_run_gets_no_raise_advice():
+    hist = _run(optaxclip.autoclip(10.0))
+    assert "norm" in hist[0]  # one clipping transform: bare keys
+    d = diagnose(hist, method="autoclip")
+    assert d.clip_rate > 0.8
+    assert d.warnings == []
+    assert diagnose(hist).method is None and _has(diagnose(hist), HIDING)
+    # Beside another clip, stats() prefixes the keys and the method is read from them.
+    import optax
+
+    hist = _run(optax.chain(optaxclip.autoclip(10.0), optaxclip.clip_by_global_norm(1e6)))
+    assert "0/autoclip/norm" in hist[0]
+    d = diagnose(hist)
+    assert d.method == "autoclip"
+    assert d.clip_rate > 0.8
+    assert d.warnings == []
+    report = str(d)
+    assert report.splitlines()[1].split()[1] == "autoclip"
+    assert "global norm, for clip_by_global_norm" in report
+
+
+def test_method_is_read_from_the_last_path_component():
+    norms = _lognormal(60, seed=20)
+    for prefix, method in [
+        ("0/clip_by_global_norm/", "clip_by_global_norm"),
+        ("skip_nonfinite/0/zclip/", "zclip"),
+        ("skip_spikes/", "skip_spikes"),
+        ("autoclip/", "autoclip"),
+        ("opt/1/adagc#1/", "adagc"),  # stats() numbers a repeated name
+        ("a/", None),
+        ("1/adaptive_clip/", None),
+    ]:
+        assert diagnose({prefix + "norm": norms}).method == method, prefix
+
+
+def test_explicit_method_wins_and_selects_its_keys():
+    norms = _lognormal(100, seed=21)
+    hist = {
+        "0/clip_by_global_norm/norm": norms,
+        "0/clip_by_global_norm/clipped": np.ones(100, bool),
+        "1/autoclip/norm": 2 * norms,
+        "1/autoclip/clipped": np.zeros(100, bool),
+    }
+    assert diagnose(hist).method == "clip_by_global_norm"
+    assert diagnose(hist).clip_rate == 1.0
+    d = diagnose(hist, method="autoclip")
+    assert d.method == "autoclip"
+    assert d.clip_rate == 0.0  # the autoclip keys were analysed
+    assert d.percentiles[50] == pytest.approx(2 * np.median(norms))
+    assert diagnose({"zclip/norm": norms}, method="ADAGC").method == "adagc"
+    assert diagnose(norms, method="zclip").method == "zclip"
+
+
+@pytest.mark.parametrize("method", ["agc", "clip", "", 3, "autoclip(10)"])
+def test_invalid_method_raises_listing_the_names(method):
+    with pytest.raises(ValueError, match="clip_by_global_norm.*autoclip.*skip_spikes"):
+        diagnose(_lognormal(10), method=method)
+
+
+def test_report_names_the_method_in_its_first_lines():
+    norms = _lognormal(50, seed=22)
+    assert "assuming a fixed max_norm" in "\n".join(str(diagnose(norms)).splitlines()[:2])
+    for method in ("clip_by_global_norm", "zclip", "adaptive_grad_clip", "skip_spikes"):
+        head = "\n".join(str(diagnose(norms, method=method)).splitlines()[:2])
+        assert method in head
+
+
+def test_agc_threshold_is_reported_as_a_clipping_ratio_not_a_norm():
+    import optax
+
+    hist = _run(optax.chain(optaxclip.adaptive_grad_clip(0.05), optaxclip.clip_by_global_norm(1e6)))
+    d = diagnose(hist)
+    assert d.method == "adaptive_grad_clip"
+    assert d.threshold == pytest.approx(0.05)
+    assert d.clip_rate > 0.5  # the weights are zero, so every step clips: by design
+    assert d.warnings == []
+    report = str(d)
+    assert "clipping ratio:     0.05 (update-to-weight norm ratio, not a norm)" in report
+    assert "threshold:" not in report
+    sugg = next(line for line in report.splitlines() if "suggested max_norm" in line)
+    assert "global norm, for clip_by_global_norm" in sugg
+    # Same with bare keys and the method given.
+    d = diagnose(_run(optaxclip.adaptive_grad_clip(0.05)), method="adaptive_grad_clip")
+    assert "clipping ratio" in str(d) and d.warnings == []
+
+
+def test_agc_never_clipping_is_not_judged_against_the_norms():
+    # A ratio of 10 far "above" norms of 0.01 says nothing about looseness.
+    hist = _records(_lognormal(200, seed=23, scale=0.01), threshold=10.0)
+    assert _has(diagnose(hist), LOOSE)  # as a fixed max_norm it would be
+    assert not _has(diagnose(hist, method="adaptive_grad_clip"), LOOSE)
+
+
+def test_adagc_frequent_clipping_is_by_design():
+    hist = _run(optaxclip.adagc())
+    d = diagnose(hist, method="adagc")
+    assert d.clip_rate > 0.8  # any tensor above 1.04x its own EMA: nearly every step
+    assert d.warnings == []
+
+
+def test_zclip_clipping_at_its_cap_is_called_a_fixed_clip_not_raise_advice():
+    # max_norm=1.0 (the default) sits below these norms (median ~1.3): the cap clips.
+    d = diagnose(_run(optaxclip.zclip()), method="zclip")
+    assert d.clip_rate > 0.5
+    assert len(d.warnings) == 1
+    assert "max_norm cap" in d.warnings[0] and "fixed clip" in d.warnings[0]
+    assert not _has(d, RAISE)
+    # With the cap out of the way ZClip clips only spikes: no warning.
+    d = diagnose(_run(optaxclip.zclip(max_norm=100.0)), method="zclip")
+    assert d.clip_rate < 0.1
+    assert d.warnings == []
+
+
+def test_zclip_clipping_by_its_zscore_rule_on_most_steps_warns_without_raise_advice():
+    norms = _lognormal(200, seed=24)
+    thresholds = 0.5 * norms  # a different threshold on every clipped step
+    hist = {"norm": norms, "threshold": thresholds, "clipped": np.ones(200, bool)}
+    d = diagnose(hist, method="zclip")
+    assert len(d.warnings) == 1
+    assert "z-score" in d.warnings[0] and "z_thresh" in d.warnings[0]
+    assert not _has(d, RAISE)
+
+
+@pytest.mark.parametrize("method", ["clip_by_block_norm", "clip_by_block_rms", "clip_by_value"])
+def test_per_block_and_value_bounds_keep_fixed_rules_with_labelled_advice(method):
+    norms = _lognormal(300, seed=25)
+    d = diagnose(_records(norms, threshold=0.1), method=method)
+    assert _has(d, HIDING)
+    assert not _has(d, "raise max_norm to about")  # a global-norm value is no block bound
+    assert _has(d, "cannot suggest a value")
+    d = diagnose(_records(0.01 * norms, threshold=1.0), method=method)
+    assert _has(d, LOOSE)
+
+
+def test_real_skip_spikes_history_is_read_and_reported_as_skips():
+    import optax
+
+    hist = _run(optaxclip.skip_spikes(optax.sgd(0.1), window=64, min_history=32))
+    assert "consecutive_skips" in hist[0] and "norm" in hist[0]
+    d = diagnose(hist)
+    assert d.method == "skip_spikes"  # bare keys, but consecutive_skips and a finite threshold
+    assert d.clip_rate < 0.05
+    assert d.warnings == []
+    report = str(d)
+    assert "skip rate:" in report and "clip rate:" not in report
+    assert "skip threshold:" in report
+    assert d.max_consecutive_skips is not None and d.max_consecutive_skips <= 1
+
+
+def test_real_skip_nonfinite_skipping_often_is_a_stalling_run():
+    import optax
+
+    hist = _run(optaxclip.skip_nonfinite(optax.sgd(0.1)), nan_every=4)  # 25% NaN batches
+    d = diagnose(hist)
+    assert d.method == "skip_wrapper"  # skip_nonfinite records inf: either wrapper could
+    assert "a skip wrapper" in str(d).splitlines()[1]
+    assert d.clip_rate == pytest.approx(0.25)
+    assert d.nonfinite_count == 75
+    assert not d.diverging
+    assert _has(d, STALLING)
+    assert _has(d, "max_consecutive_skips")
+    assert not _gives_raise_advice(d)
+    assert not _has(d, "optaxclip.skip_nonfinite")  # it is already in use
+    d = diagnose(hist, method="skip_nonfinite")
+    assert _has(d, STALLING) and _has(d, "skip_nonfinite skips only NaN/inf")
+
+
+def test_long_run_of_skips_is_stalling_even_at_a_low_skip_rate():
+    clipped = np.zeros(500, bool)
+    clipped[100:112] = True
+    hist = {"norm": _lognormal(500, seed=26), "clipped": clipped, "consecutive_skips": 0}
+    d = diagnose(hist, method="skip_spikes")
+    assert d.clip_rate < 0.05
+    assert d.max_consecutive_skips == 12
+    assert _has(d, STALLING)
+    assert "longest run 12" in str(d)
+    clipped[100:112] = False
+    clipped[::50] = True  # 2%, never two in a row
+    assert not _has(diagnose(hist, method="skip_spikes"), STALLING)
+
+
+def test_diverging_history_is_called_divergence_with_an_early_suggestion():
+    rng = np.random.default_rng(27)
+    t = np.arange(400)
+    norms = np.exp(0.03 * t + rng.normal(0, 0.3, size=t.size))  # 1 -> 1.6e5
+    thr = 1.0
+    d = diagnose(_records(norms, threshold=thr))
+    assert d.diverging
+    assert _has(d, DIVERGING)
+    assert _has(d, TREND)
+    early_p95 = np.percentile(norms[:100], 95)
+    assert d.suggested_max_norm < 2 * early_p95
+    assert d.suggested_max_norm < 1e-3 * norms.max()
+    assert not _has(d, RAISE)  # it clips every step, but a larger clip is no answer
+    assert "before the divergence" in str(d)
+    # An adaptive method's divergence is still a divergence.
+    d = diagnose(_run(optaxclip.autoclip(10.0), grow=0.03), method="autoclip")
+    assert d.diverging and _has(d, DIVERGING)
+
+
+def test_history_ending_in_nan_after_finite_norms_is_divergence():
+    norms = np.concatenate(
+        [_lognormal(150, seed=28), np.exp(np.arange(1.0, 30.0, 3.0)), np.full(40, np.nan)]
+    )
+    d = diagnose(norms)
+    assert d.diverging
+    assert _has(d, DIVERGING) and _has(d, NONFINITE)
+    assert d.suggested_max_norm < 2 * np.percentile(norms[:50], 95)
+    assert "before the divergence" in str(d)
+    # A few NaN steps in the middle are not a divergence.
+    norms = _lognormal(200, seed=28)
+    norms[[50, 51, 52, 150]] = np.nan
+    d = diagnose(norms)
+    assert not d.diverging and not _has(d, DIVERGING) and _has(d, NONFINITE)
+
+
+def test_healthy_histories_are_not_diverging():
+    assert not diagnose(_lognormal(500, seed=29)).diverging
+    d = diagnose(_records(_lognormal(500, seed=29), threshold=1.8))
+    assert not d.diverging
+    assert d.suggested_max_norm == pytest.approx(
+        diagnose(_lognormal(500, seed=29)).suggested_max_norm
+    )
+
+
+def test_plot_labels_follow_the_method():
+    hist = _records(_lognormal(100, seed=30), threshold=0.05)
+    ax = diagnose(hist, method="adaptive_grad_clip").plot()
+    try:
+        labels = [line.get_label() for line in ax.lines]
+        assert not any("threshold" in lab for lab in labels)  # a ratio is not drawn as a norm
+        assert "adaptive_grad_clip" in ax.get_title()
+    finally:
+        plt.close(ax.figure)
+    ax = diagnose(_records(_lognormal(100, seed=30), threshold=1.2), method="skip_spikes").plot()
+    try:
+        assert "skipped" in [c.get_label() for c in ax.collections]
+    finally:
+        plt.close(ax.figure)
+
+
+def test_run_that_blows_up_from_its_first_steps_is_judged_by_its_first_norms():
+    # Like a learning rate 50x too high: the norm grows ~30x a step, then turns NaN.
+    norms = np.concatenate([2.6 * 30.0 ** np.arange(12), np.full(100, np.nan)])
+    d = diagnose(norms)
+    assert d.diverging
+    assert d.suggested_max_norm < 10 * norms[0]
+    assert "first 1 finite norms" in " ".join(" ".join(d.warnings).split())
