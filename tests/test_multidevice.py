@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
-import sys
 import time
 
 import jax.numpy as jnp
 import pytest
+from _devices import run_json_script
 from multidevice_checks import PMAP_TRANSFORMS
 
 import optaxclip
@@ -30,27 +29,7 @@ ALL_TRANSFORMS = NAMES
 
 
 def _run_checks() -> dict:
-    env = dict(os.environ)
-    # 8 simulated devices; the other two flags only make XLA's CPU code generation
-    # cheaper (compiling dominates the run), and both runs compared use the same code.
-    env["XLA_FLAGS"] = (
-        "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-        "--xla_llvm_disable_expensive_passes=true"
-    )
-    env["JAX_PLATFORMS"] = "cpu"
-    env.pop("JAX_ENABLE_X64", None)
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"{SCRIPT.name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1])
+    return run_json_script([str(SCRIPT)], devices=8, timeout=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _devices import simulated_devices_env
 from multidevice_checks import tree_mismatches
 from multiprocess_checks import NAN_STEP, SPIKE_STEP
 
@@ -45,19 +46,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(devices: int) -> dict[str, str]:
-    env = dict(os.environ)
-    # The last two flags only make XLA's CPU code generation cheaper (compiling
-    # dominates the run); all runs compared use the same code.
-    env["XLA_FLAGS"] = (
-        f"--xla_force_host_platform_device_count={devices} "
-        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    )
-    env["JAX_PLATFORMS"] = "cpu"
-    env.pop("JAX_ENABLE_X64", None)
-    return env
-
-
 def _run_workers(out: pathlib.Path) -> str | None:
     """Runs the two processes and the reference; None, or why they failed."""
     port = _free_port()
@@ -65,11 +53,11 @@ def _run_workers(out: pathlib.Path) -> str | None:
         **{
             f"process{i}": (
                 [str(i), str(NUM_PROCESSES), str(port)],
-                _env(8 // NUM_PROCESSES),
+                simulated_devices_env(8 // NUM_PROCESSES),
             )
             for i in range(NUM_PROCESSES)
         },
-        "single": (["single"], _env(8)),
+        "single": (["single"], simulated_devices_env(8)),
     }
     procs: dict[str, subprocess.Popen] = {}
     logs = []

@@ -11,17 +11,14 @@ all-reduces only scalars or short vectors.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _devices import run_json_script
 from _reference import norm64, norms64, np64
 
 import optaxclip
@@ -224,18 +221,7 @@ _SHARDED_CHECK = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def sharded_report():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    done = subprocess.run(
-        [sys.executable, "-c", _SHARDED_CHECK],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json_script(["-c", _SHARDED_CHECK], devices=8, timeout=600, cheap_codegen=False)
 
 
 @pytest.mark.parametrize("mesh_kind", ["Auto", "Explicit"])
