@@ -35,17 +35,23 @@ def accumulation_dtype(leaves: Sequence[jax.Array]) -> jnp.dtype:
     return jnp.dtype(jnp.float32)
 
 
-def _abs_sq(x: jax.Array, acc: jnp.dtype, scale: Any = None) -> jax.Array:
-    """|scale * x|^2 elementwise in the accumulation dtype (upcast before scaling)."""
-    if jnp.iscomplexobj(x):
-        re, im = jnp.real(x).astype(acc), jnp.imag(x).astype(acc)
+def _abs_sq(x: jax.Array, acc: jnp.dtype, scale: Any = None, bound: Any = None) -> jax.Array:
+    """|scale * x|^2 elementwise in the accumulation dtype (upcast before scaling).
+
+    ``bound`` first clamps each real component to [-bound, bound]: a sum scaled up for
+    underflow is read only when every value lies inside it, and elsewhere the clamp
+    keeps it (and its derivative) finite, so that it cannot turn a gradient into NaN.
+    """
+    parts = [jnp.real(x), jnp.imag(x)] if jnp.iscomplexobj(x) else [x]
+    out = None
+    for part in parts:
+        y = part.astype(acc)
+        if bound is not None:
+            y = jnp.clip(y, -bound, bound)
         if scale is not None:
-            re, im = re * scale, im * scale
-        return re * re + im * im
-    y = x.astype(acc)
-    if scale is not None:
-        y = y * scale
-    return y * y
+            y = y * scale
+        out = y * y if out is None else out + y * y
+    return out
 
 
 def _abs(x: jax.Array, acc: jnp.dtype) -> jax.Array:
@@ -130,6 +136,7 @@ _RESCALE = {32: 2.0**-96, 64: 2.0**-768}
 # still normal. Above it, the lost squares are < 2^-80 (2^-600) of the total.
 _TINY_TOTAL = {32: 2.0**-40, 64: 2.0**-400}
 _UPSCALE = {32: 2.0**64, 64: 2.0**540}
+_UP_BOUND = {bits: math.sqrt(total) for bits, total in _TINY_TOTAL.items()}
 
 
 def _padded_width(n: int) -> int:
@@ -208,6 +215,16 @@ def _layout(
     return direct, buckets
 
 
+def _sum_rows(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """The row sums of each of several same-shaped 2-D arrays, as one variadic reduction."""
+    zero = tuple(jnp.zeros((), a.dtype) for a in arrays)
+    return tuple(
+        jax.lax.reduce(
+            arrays, zero, lambda x, y: tuple(a + b for a, b in zip(x, y, strict=True)), (1,)
+        )
+    )
+
+
 def _own_scale(witness: jax.Array, scale: float, acc: jnp.dtype) -> jax.Array:
     """``scale`` as a scalar that XLA cannot see through, tied to ``witness``.
 
@@ -224,12 +241,12 @@ def _own_scale(witness: jax.Array, scale: float, acc: jnp.dtype) -> jax.Array:
 class _Sums(NamedTuple):
     """Per-array sums of squares, in the order of the arrays.
 
-    ``plain``: sum |x|^2. ``scaled``: sum |c x|^2 with c = _RESCALE for bucketed arrays
-    (0 for the others, whose rescue runs apart), None when nothing is bucketed and in
-    the rescue pass. ``own``: the plain sums of the arrays reduced on their own, by
-    index.
+    ``plain``: sum |x|^2. ``scaled``: two rows, sum |c x|^2 with c = _RESCALE (row 0,
+    for overflow) and c = _UPSCALE (row 1, for underflow) for bucketed arrays (0 for the
+    others, whose rescue runs apart), None when nothing is bucketed and in the rescue
+    pass. ``own``: the plain sums of the arrays reduced on their own, by index.
 
-    Every rescaled sum is read as if c were _RESCALE. :func:`_own_scale` halves c only
+    Every rescaled sum is read as if c were _RESCALE (_UPSCALE). :func:`_own_scale` halves c only
     in a reduction whose witness is NaN: a leaf reduced on its own whose sum is NaN
     anyway, or a bucket whose first leaf holds a NaN (the total is then NaN, and
     another leaf of that bucket whose plain sum overflowed would read a norm half its
@@ -259,6 +276,7 @@ def _square_sums(
     sizes = [math.prod(np.shape(x)) for x in xs]
     direct, buckets = _layout(xs, sizes, concatenable, copy_big)
     rescale = _RESCALE[jnp.finfo(acc).bits]
+    upscale = _UPSCALE[jnp.finfo(acc).bits]
     n = len(xs)
     plain_parts: list[jax.Array] = []
     scaled_parts: list[jax.Array] = []
@@ -274,7 +292,7 @@ def _square_sums(
         group = direct[k : k + _STACK]
         stacked = jnp.stack([own[i] for i in group])
         plain_parts.append(jnp.maximum(stacked, 0) if len(direct) > 4 * _STACK else stacked)
-        scaled_parts.append(jnp.zeros((len(group),), acc))
+        scaled_parts.append(jnp.zeros((2, len(group)), acc))
         owners.extend(group)
     link = None
     for width, rows in buckets:
@@ -291,9 +309,14 @@ def _square_sums(
         flat = jnp.concatenate(block) if len(block) > 1 else block[0]
         y = flat.reshape(-1, width)
         if scale is None:
-            sums = jnp.sum(_abs_sq(y, acc), axis=1)
-            c = _own_scale(flat[0], rescale, acc)  # local by construction
-            scaled_parts.append(jnp.sum(_abs_sq(y, acc, c), axis=1))
+            down = _own_scale(flat[0], rescale, acc)  # local by construction
+            up = _own_scale(flat[0], upscale, acc)
+            bound = _UP_BOUND[jnp.finfo(acc).bits]
+            # One reduction with three outputs: one kernel reads the bucket once.
+            sums, sums_down, sums_up = _sum_rows(
+                _abs_sq(y, acc), _abs_sq(y, acc, down), _abs_sq(y, acc, up, bound=bound)
+            )
+            scaled_parts.append(jnp.stack([sums_down, sums_up]))
         else:
             sums = jnp.sum(_abs_sq(y, acc, _own_scale(flat[0], scale, acc)), axis=1)
         link = jax.lax.stop_gradient(sums[0])
@@ -301,16 +324,18 @@ def _square_sums(
         owners.extend(rows + [-1] * (y.shape[0] - len(rows)))
 
     def arrange(parts: list[jax.Array], empty: float) -> jax.Array:
+        """The entries of ``parts`` (along their last axis) in the order of the arrays."""
+        lead = parts[0].shape[:-1] if parts else ()
         if not parts:
-            return jnp.full((n,), empty, acc)
-        values = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+            return jnp.full((*lead, n), empty, acc)
+        values = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
         if owners == list(range(n)):
             return values
         position = {i: k for k, i in enumerate(owners) if i >= 0}
         if len(position) < n:  # empty arrays read this entry
-            values = jnp.concatenate([values, jnp.full((1,), empty, acc)])
-        index = [position.get(i, values.shape[0] - 1) for i in range(n)]
-        return values[np.array(index, np.int32)]
+            values = jnp.concatenate([values, jnp.full((*lead, 1), empty, acc)], axis=-1)
+        index = [position.get(i, values.shape[-1] - 1) for i in range(n)]
+        return values[..., np.array(index, np.int32)]
 
     if scale is not None or not buckets:  # rescaled sums in plain; nothing bucketed
         return _Sums(arrange(plain_parts, 0), None, own)
@@ -335,8 +360,8 @@ def _sums_over_devices(
     def reduce(sums: _Sums) -> _Sums:
         if sums.scaled is None:
             return sums._replace(plain=jax.lax.psum(sums.plain, axis_name))
-        both = jax.lax.psum(jnp.stack([sums.plain, sums.scaled]), axis_name)
-        return sums._replace(plain=both[0], scaled=both[1])
+        all3 = jax.lax.psum(jnp.concatenate([sums.plain[None], sums.scaled]), axis_name)
+        return sums._replace(plain=all3[0], scaled=all3[1:])
 
     if axis_name is None or all(flags) or not any(flags):
         sums = _square_sums(xs, acc, concatenable, **how)
@@ -357,9 +382,10 @@ def _sums_over_devices(
     def join(a: jax.Array | None, b: jax.Array | None, fill: float) -> jax.Array | None:
         if a is None and b is None:
             return None
-        a = jnp.full((len(groups[0]),), fill, acc) if a is None else a
-        b = jnp.full((len(groups[1]),), fill, acc) if b is None else b
-        return jnp.concatenate([a, b])[index]
+        lead = (a if a is not None else b).shape[:-1]
+        a = jnp.full((*lead, len(groups[0])), fill, acc) if a is None else a
+        b = jnp.full((*lead, len(groups[1])), fill, acc) if b is None else b
+        return jnp.concatenate([a, b], axis=-1)[..., index]
 
     return _Sums(
         join(parts[0].plain, parts[1].plain, 0), join(parts[0].scaled, parts[1].scaled, 0), own
@@ -397,59 +423,53 @@ def _leaf_and_global_norms(
     rescale = _RESCALE[jnp.finfo(acc).bits]
     pending = sorted(first.own)  # the leaves reduced on their own
 
-    # Both branches give (a, g): where a leaf's plain sum is not finite, its norm is
-    # sqrt(a) / rescale; g is the norm. The norm reaches the caller only through the
-    # cond: XLA then cannot copy the sum over all leaves into every kernel that reads
-    # it (on thousands of leaves that made compile time grow with the square of their
-    # number).
+    # Both branches give (a, g): where a leaf's plain sum is not finite (or the total is
+    # tiny), its norm is sqrt(a) / factor; g is the norm. The norm reaches the caller
+    # only through the cond: XLA then cannot copy the sum over all leaves into every
+    # kernel that reads it (on thousands of leaves that made compile time grow with the
+    # square of their number).
     bucketed = first.scaled is not None
-    unscale = jnp.asarray(1 / rescale, acc)
+    upscale = _UPSCALE[jnp.finfo(acc).bits]
+    # A tree whose plain total is tiny may have lost squares below the smallest normal
+    # number; one whose total is inf overflowed. Both are rescued by one branch, which
+    # scales by _UPSCALE or _RESCALE (a value it reads at run time: one set of kernels).
+    tiny = jnp.isfinite(total) & (total < _TINY_TOTAL[jnp.finfo(acc).bits])
+    factor = jnp.where(tiny, jnp.asarray(upscale, acc), jnp.asarray(rescale, acc))
 
     def common(operands):
-        return (first.scaled if bucketed else first.plain), safe_sqrt(total)
+        return (first.scaled[0] if bucketed else first.plain), safe_sqrt(total)
 
-    def overflowed(operands):
+    def rescued(operands):
         # Nothing bucketed: zeros stand for the leaves that are neither reduced on their
         # own nor bucketed (the empty ones, whose plain sum is 0 and finite).
-        alt = first.scaled if bucketed else jnp.zeros((n,), acc)
+        if bucketed:
+            alt = jnp.where(tiny, first.scaled[1], first.scaled[0])
+        else:
+            alt = jnp.zeros((n,), acc)
         if pending:
             how = dict(
-                scale=rescale,
+                scale=factor,
                 copy_big=True,
                 witnesses={k: first.own[i] for k, i in enumerate(pending)},
             )
             sub = [operands[i] for i in pending]
             sub_flags, sub_ok = [flags[i] for i in pending], [concatenable[i] for i in pending]
-            rescued = _sums_over_devices(sub, acc, sub_flags, axis_name, sub_ok, **how).plain
+            again = _sums_over_devices(sub, acc, sub_flags, axis_name, sub_ok, **how).plain
             if len(pending) == n:
-                alt = rescued
+                alt = again
             else:
                 index = np.arange(n)
                 index[pending] = n + np.arange(len(pending))
-                alt = jnp.concatenate([alt, rescued])[index]
-        # The rescaled total is accurate: it is only used when the plain one
-        # overflowed, next to which the squares that rescaling flushes to zero are
-        # negligible.
-        return alt, safe_sqrt(jnp.sum(alt)) * unscale
+                alt = jnp.concatenate([alt, again])[index]
+        # The rescaled total is accurate: where the plain one overflowed, the squares
+        # that scaling down flushes to zero are negligible next to it; where it was
+        # tiny, scaling up overflows nothing.
+        return alt, safe_sqrt(jnp.sum(alt)) / factor
 
-    upscale = _UPSCALE[jnp.finfo(acc).bits]
-
-    def underflowed(operands):
-        # Every leaf again, times a large power of two: squares below the smallest
-        # normal number were flushed to zero in the plain sums.
-        how = dict(scale=upscale, copy_big=True, witnesses=dict(first.own))
-        alt = _sums_over_devices(list(operands), acc, flags, axis_name, concatenable, **how)
-        return alt.plain, safe_sqrt(jnp.sum(alt.plain)) / jnp.asarray(upscale, acc)
-
-    def rare(operands):
-        return jax.lax.cond(jnp.isfinite(total), underflowed, overflowed, operands)
-
-    tiny = jnp.isfinite(total) & (total < _TINY_TOTAL[jnp.finfo(acc).bits])
-    alt, norm = jax.lax.cond(jnp.isfinite(total) & ~tiny, common, rare, list(leaves))
-    # Which leaves read their norm from the rescaled sums, and how to undo the scale.
+    alt, norm = jax.lax.cond(jnp.isfinite(total) & ~tiny, common, rescued, list(leaves))
+    # Which leaves read their norm from the rescaled sums.
     use_alt = jnp.where(tiny, True, ~jnp.isfinite(first.plain))
-    alt_unscale = jnp.where(tiny, jnp.asarray(1 / upscale, acc), unscale)
-    leaf_norms = jnp.where(use_alt, safe_sqrt(alt) * alt_unscale, safe_sqrt(first.plain))
+    leaf_norms = jnp.where(use_alt, safe_sqrt(alt) / factor, safe_sqrt(first.plain))
     return leaf_norms, norm
 
 
