@@ -29,6 +29,7 @@ from optaxclip._validation import (
     check_range,
     check_static_int,
     check_threshold,
+    positive_at,
     threshold_at,
 )
 
@@ -185,7 +186,7 @@ def adagc(
         warm_gamma = jnp.where(warm_norms > 0, jnp.minimum(gamma, warm_norms), gamma)
 
         # After warm-up: each leaf against ratio * its own EMA.
-        r = jnp.asarray(ratio, leaf_norms.dtype)
+        r = positive_at("ratio", ratio, state.stats.count).astype(leaf_norms.dtype)
         b = jnp.asarray(beta, leaf_norms.dtype)
         # +inf: no non-zero norm seen yet (0 only from a state built by hand). Either way
         # the leaf passes and its next non-zero norm starts gamma.

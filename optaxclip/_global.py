@@ -291,6 +291,9 @@ def clip_tree_by_global_norm(
         norm = measure(tree)
     else:
         check_float_leaves(tree)
+        # A norm handed over in half precision or as an int is read as float32 (the
+        # dtype the clip's arithmetic runs in); float64 stays float64.
         norm = jnp.asarray(norm)
+        norm = norm.astype(jnp.promote_types(norm.dtype, jnp.float32))
     scale, _, hi, lo = scale_parts(norm, jnp.asarray(max_norm, jnp.float32))
     return jax.tree.map(lambda x: scale_leaf(x, hi, lo), tree), scale

@@ -16,7 +16,12 @@ from optaxclip import _stats
 from optaxclip._global import measure
 from optaxclip._norms import AxisName, Sharded
 from optaxclip._stats import ClipStats
-from optaxclip._validation import check_range, check_static_int, raise_at_runtime_if
+from optaxclip._validation import (
+    check_range,
+    check_static_int,
+    positive_at,
+    raise_at_runtime_if,
+)
 
 __all__ = ["SkipNonfiniteState", "SkipSpikesState", "skip_nonfinite", "skip_spikes"]
 
@@ -322,8 +327,10 @@ def skip_spikes(
     far that a 5x spike a few steps later went through. When skipped entries make up
     more than half the window, the level has shifted rather than spiked: then ``h`` is
     every entry, so a lasting change of scale becomes the new baseline within
-    ``window`` steps (at most ``window // 2 + 1`` steps are skipped) instead of freezing
-    training. ``count_skipped=True`` makes ``h`` every entry always, the rule of
+    ``window`` steps instead of freezing training. The rule suits thresholds ordinary
+    steps rarely cross (``num_sigmas`` of 3 or more): at 1 or 2 sigmas leaving skipped
+    values out narrows the statistics and skips far more than the tail; use
+    ``count_skipped=True`` there. ``count_skipped=True`` makes ``h`` every entry always, the rule of
     OLMo-core, levanter and MaxText (they also use the sample std with no floor).
 
     With ``use_loss=True`` the ``loss=`` extra argument of ``update`` is watched too,
@@ -448,14 +455,15 @@ def skip_spikes(
         norm = _measure_apart(updates, axis_name, sharded)
         value = norm.astype(jnp.float32)
         counted = _counted(state.skipped_history, state.size, count_skipped)
+        sigmas = positive_at("num_sigmas", num_sigmas, state.stats.count)
         norm_threshold = _spike_threshold(
-            state.norm_history, counted, state.size, num_sigmas, min_history
+            state.norm_history, counted, state.size, sigmas, min_history
         )
         finite = jnp.isfinite(value)
         spike = value > norm_threshold
         if use_loss:
             loss_threshold = _spike_threshold(
-                state.loss_history, counted, state.size, num_sigmas, min_history
+                state.loss_history, counted, state.size, sigmas, min_history
             )
             finite = finite & jnp.isfinite(loss)
             spike = spike | (loss > loss_threshold)

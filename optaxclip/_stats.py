@@ -77,10 +77,12 @@ def record(
 
 
 # Fields of Optax's wrappers (and of Flax NNX's optimizer) that only say "the inner
-# state is here": left out of names.
+# state is here": left out of names. As dict keys (the form nnx.state gives them) only
+# the unmistakable ones are: a partition label such as "value" or "stats" is a name.
 _PLUMBING_FIELDS = frozenset(
-    {"inner_state", "inner_states", "inner_opt_state", "opt_state", "stats", "inner"}
+    {"inner_state", "inner_states", "inner_opt_state", "opt_state", "stats", "inner", "value"}
 )
+_PLUMBING_KEYS = frozenset({"inner_state", "inner_states", "inner_opt_state", "opt_state"})
 
 # Extra scalars that some optaxclip states keep beside their ClipStats, reported by
 # stats() with it.
@@ -144,15 +146,13 @@ def _key_name(key: Any) -> str | None:
         return str(key.idx)
     if isinstance(key, jax.tree_util.DictKey):
         name = str(key.key)
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-        name = key.name
-    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return None if name in _PLUMBING_KEYS else name
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        # nnx Variables hold their array in .value
+        return None if key.name in _PLUMBING_FIELDS else key.name
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
         return str(key.key)
-    else:
-        name = str(key)
-    if name in _PLUMBING_FIELDS or name == "value":  # nnx Variables hold their array in .value
-        return None
-    return name
+    return str(key)
 
 
 def _find_clip_stats(node: Any, parts: tuple[str, ...], out: list) -> None:

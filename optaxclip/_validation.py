@@ -181,6 +181,28 @@ def _bad_threshold(name: str) -> Callable[..., Exception]:
     return make
 
 
+def positive_at(name: str, value: Any, count: jax.Array, *, allow_zero: bool = False) -> jax.Array:
+    """A positive (or non-negative) hyperparameter as float32, checked at run time when
+    traced (injected with ``optax.inject_hyperparams`` under ``jit``): a negative, NaN
+    (or zero) value raises naming ``name`` and the step, where it would flip an update's
+    sign or skip every step. A concrete value was checked when the transform was built.
+    """
+    x = jnp.asarray(value, dtype=jnp.float32)
+    if is_concrete(value):
+        return x
+    bad = jnp.isnan(x) | ((x < 0) if allow_zero else (x <= 0))
+    bound = "non-negative" if allow_zero else "positive"
+
+    def make(step: Any, v: Any) -> Exception:
+        return ValueError(
+            f"{name} is {float(v)} at step {int(step)} (count from 1): it must be {bound}. "
+            "Check the value injected with optax.inject_hyperparams."
+        )
+
+    raise_at_runtime_if(bad, make, count + 1, x)
+    return x
+
+
 def threshold_at(value: ThresholdLike, count: jax.Array, name: str = "threshold") -> jax.Array:
     """The threshold in force at step ``count`` as a float32 scalar.
 

@@ -11,13 +11,14 @@ import optax
 
 from optaxclip import _stats
 from optaxclip._global import NONFINITE_POLICIES, clip_with_threshold, measure
-from optaxclip._norms import AxisName, Sharded
+from optaxclip._norms import AxisName, Sharded, safe_sqrt
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
     check_choice,
     check_range,
     check_static_int,
     check_threshold,
+    positive_at,
     threshold_at,
 )
 
@@ -61,7 +62,7 @@ def _ema(old: jax.Array, new: jax.Array, decay: jax.Array) -> jax.Array:
 
 def _saturating_square(s: jax.Array, t: jax.Array) -> jax.Array:
     """``(s * sqrt(t))**2`` for ``t`` in [0, 1], held at the largest float32."""
-    std = s * jnp.sqrt(t)
+    std = s * safe_sqrt(t)
     return jnp.minimum(jnp.square(std), jnp.finfo(jnp.float32).max)
 
 
@@ -72,9 +73,9 @@ def _ema_var(var: jax.Array, d: jax.Array, decay: jax.Array) -> jax.Array:
     |d| ~ 1.8e19) is it recomputed scaled by ``s = max(sqrt(var), |d|)``.
     """
     fast = decay * var + (1 - decay) * jnp.square(d)
-    s = jnp.maximum(jnp.sqrt(var), jnp.abs(d))
+    s = jnp.maximum(safe_sqrt(var), jnp.abs(d))
     s = jnp.where(s > 0, s, 1)
-    t = decay * jnp.square(jnp.sqrt(var) / s) + (1 - decay) * jnp.square(d / s)
+    t = decay * jnp.square(safe_sqrt(var) / s) + (1 - decay) * jnp.square(d / s)
     return jnp.where(jnp.isfinite(fast), fast, _saturating_square(s, t))
 
 
@@ -269,9 +270,9 @@ def zclip(
 
         # After warm-up: spike test against the EMA.
         a = jnp.asarray(alpha, jnp.float32)
-        zt = jnp.asarray(z_thresh, jnp.float32)
+        zt = positive_at("z_thresh", z_thresh, state.stats.count)
         mu, var = state.mean, state.var
-        sigma = jnp.sqrt(var)
+        sigma = safe_sqrt(var)  # zero, not NaN, derivative at var = 0
         if mode == "percentile":
             tau = mu + zt * sigma
             spike = g > tau
@@ -286,7 +287,8 @@ def zclip(
             spike = z > zt
             if clip_option == "adaptive_scaling":
                 eta = jnp.where(spike, z / zt, 1)  # grows with the outlier
-                tau = (mu + zt * sigma / eta) * jnp.asarray(clip_factor, jnp.float32)
+                factor = positive_at("clip_factor", clip_factor, state.stats.count, allow_zero=True)
+                tau = (mu + zt * sigma / eta) * factor
             else:
                 tau = mu
         x = jnp.where(spike, tau, g)

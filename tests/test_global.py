@@ -330,3 +330,11 @@ def test_clip_tree_by_global_norm_per_example_under_vmap():
         assert float(scales[i]) == pytest.approx(s, rel=1e-6)
         np.testing.assert_allclose(np64(out["w"][i]), expected["w"], rtol=1e-6)
     assert norm64({"w": out["w"][0]}) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("norm", [jnp.bfloat16(5.0), jnp.float16(5.0), 5, np.float32(5.0)])
+def test_clip_tree_by_global_norm_takes_a_norm_in_any_real_dtype(norm):
+    # optax.global_norm of a bf16 tree is a bf16 scalar: a natural thing to hand over.
+    tree, scale = optaxclip.clip_tree_by_global_norm({"a": jnp.array([3.0, 4.0])}, 1.0, norm=norm)
+    np.testing.assert_allclose(tree["a"], [0.6, 0.8], rtol=1e-6)
+    assert float(scale) == pytest.approx(0.2)

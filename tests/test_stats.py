@@ -102,3 +102,16 @@ def test_clip_stats_dtypes_are_fixed():
     init_types = jax.tree.map(lambda x: (x.shape, x.dtype), state)
     _, state = tx.update(jax.tree.map(lambda x: x.astype(jnp.bfloat16), G), state)
     assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == init_types
+
+
+def test_partition_labels_that_look_like_plumbing_still_name_their_group():
+    # "value" (an actor-critic's value head) and "stats" are labels a user picks; only
+    # the attribute names of wrappers' inner states are left out of the keys.
+    labels = {"v": "value", "s": "stats", "p": "policy"}
+    clip = optaxclip.clip_by_global_norm(1.0)
+    tx = optax.partition({"value": clip, "stats": clip, "policy": clip}, labels)
+    grads = {"v": jnp.ones(2), "s": jnp.ones(3), "p": jnp.ones(4)}
+    _, state = tx.update(grads, tx.init(grads))
+    s = optaxclip.stats(state)
+    for label, size in (("value", 2), ("stats", 3), ("policy", 4)):
+        assert float(s[f"{label}/clip_by_global_norm/norm"]) == pytest.approx(size**0.5)

@@ -124,3 +124,36 @@ def test_nonfinite_error_under_vmap_raises_only_for_a_bad_example(make):
     assert np.all(np.isfinite(out))
     with pytest.raises(Exception, match="global norm is nan at step 1"):
         jax.block_until_ready(step(per_example.at[2, 1].set(jnp.nan)))
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "static", "arg", "bad"),
+    [
+        (optaxclip.adagc, {"warmup_steps": 1}, ("warmup_steps",), "ratio", -1.0),
+        (optaxclip.zclip, {"warmup_steps": 1}, ("warmup_steps",), "clip_factor", -1.0),
+        (optaxclip.zclip, {"warmup_steps": 1}, ("warmup_steps",), "z_thresh", 0.0),
+    ],
+    ids=["adagc-ratio", "zclip-clip_factor", "zclip-z_thresh"],
+)
+def test_injected_multipliers_that_would_flip_or_disable_a_clip_raise(
+    factory, kwargs, static, arg, bad
+):
+    # A negative AdaGC ratio or ZClip clip_factor turned [30, 40] into a negative update.
+    tx = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
+    big = {"w": jnp.array([30.0, 40.0])}
+    state = tx.init(big)
+    _, state = jax.jit(tx.update)(G, state, G)  # the warm-up step
+    state.hyperparams[arg] = jnp.asarray(bad, jnp.float32)
+    with pytest.raises(Exception, match=rf"{arg} is {bad} at step 2"):
+        jax.block_until_ready(jax.jit(tx.update)(big, state, big))
+
+
+def test_an_injected_negative_num_sigmas_raises_instead_of_skipping_every_step():
+    inject = optax.inject_hyperparams(
+        optaxclip.skip_spikes, static_args=("window", "min_history", "max_consecutive_skips")
+    )
+    tx = inject(optax.sgd(1.0), window=4, min_history=1)
+    state = tx.init(G)
+    state.hyperparams["num_sigmas"] = jnp.asarray(-5.0, jnp.float32)
+    with pytest.raises(Exception, match="num_sigmas is -5.0 at step 1"):
+        jax.block_until_ready(jax.jit(tx.update)(G, state, G))

@@ -517,3 +517,22 @@ def test_skip_update_on_spike_jitted_compiles_once():
     assert traces == 1
     want = zclip_reference(np.array(measured), **kwargs)[0]
     np.testing.assert_allclose(thresholds, want, rtol=1e-5)
+
+
+def test_gradient_through_the_state_across_steps_is_finite_and_right():
+    # Differentiating through two steps (unrolled or meta-gradients) reads the EMA's
+    # derivative at var = 0, where a plain sqrt gives NaN.
+    tx = optaxclip.zclip(warmup_steps=2, max_norm=None)
+
+    def f(a):
+        state = tx.init(None)
+        _, state = tx.update([jnp.array([a, a])], state)
+        out, state = tx.update([jnp.array([a, 2 * a])], state)
+        out, _ = tx.update([jnp.array([3 * a, a])], state)
+        return jnp.sum(out[0])
+
+    grad = float(jax.grad(f)(1.0))
+    h = 1e-2
+    numeric = (float(f(1.0 + h)) - float(f(1.0 - h))) / (2 * h)
+    assert np.isfinite(grad)
+    assert grad == pytest.approx(numeric, rel=1e-2)
