@@ -11,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -50,3 +52,40 @@ def run_json_script(
     if proc.returncode != 0 or not lines:
         pytest.fail(f"{args[0]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1])
+
+
+def shared_across_xdist_workers(
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    run: Callable[[], dict],
+    wait_s: float,
+) -> dict:
+    """``run()``'s report, computed once per test session even under pytest-xdist.
+
+    The first worker to get here runs it and writes the result to the session's shared
+    temporary directory; the others wait up to ``wait_s`` seconds for that file.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return run()
+    shared = tmp_path_factory.getbasetemp().parent
+    result, lock = shared / f"{name}.json", shared / f"{name}.lock"
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        deadline = time.monotonic() + wait_s
+        while not result.exists() and time.monotonic() < deadline:
+            time.sleep(1)
+        if not result.exists():
+            pytest.fail(f"no {result.name} from the xdist worker that ran the checks")
+        return json.loads(result.read_text())
+    data = run()
+    tmp = result.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.rename(result)
+    return data
+
+
+def assert_check_ok(report: dict, name: str) -> None:
+    """Fails with the check's own detail when ``report[name]`` is missing or not ok."""
+    assert name in report, f"{name} was not reported; got {sorted(report)}"
+    assert report[name]["ok"], report[name]["detail"]

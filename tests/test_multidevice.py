@@ -9,14 +9,11 @@ on one entry of the JSON report it prints. Under pytest-xdist the workers share 
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import time
 
 import jax.numpy as jnp
 import pytest
-from _devices import run_json_script
+from _devices import assert_check_ok, run_json_script, shared_across_xdist_workers
 from multidevice_checks import PMAP_TRANSFORMS
 
 import optaxclip
@@ -34,29 +31,7 @@ def _run_checks() -> dict:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        return _run_checks()
-    # Under xdist, the first worker to get here runs the checks; the others wait for
-    # its result in the session's shared temporary directory.
-    shared = tmp_path_factory.getbasetemp().parent
-    result, lock = shared / "multidevice.json", shared / "multidevice.lock"
-    try:
-        os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not result.exists() and time.monotonic() < deadline:
-            time.sleep(1)
-        return json.loads(result.read_text())
-    data = _run_checks()
-    tmp = result.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.rename(result)
-    return data
-
-
-def _assert_ok(report: dict, name: str) -> None:
-    assert name in report, f"{name} was not reported; got {sorted(report)}"
-    assert report[name]["ok"], report[name]["detail"]
+    return shared_across_xdist_workers(tmp_path_factory, "multidevice", _run_checks, TIMEOUT_S)
 
 
 @pytest.mark.parametrize("transform", ALL_TRANSFORMS)
@@ -64,44 +39,44 @@ def test_jit_over_a_2x4_mesh_matches_one_device(report, transform):
     # FSDP- and tensor-parallel-sharded gradients, several steps (adaptive states
     # exercised): updates, statistics and state equal the single-device run, and the
     # updates keep the parameters' shardings.
-    _assert_ok(report, f"mesh_jit/{transform}")
+    assert_check_ok(report, f"mesh_jit/{transform}")
 
 
 @pytest.mark.parametrize("transform", ALL_TRANSFORMS)
 def test_shard_map_with_axis_name_matches_one_device(report, transform):
     # Leaves split along different axes, others replicated; statistics and adaptive
     # state declared replicated, which shard_map(check_vma=True) verifies.
-    _assert_ok(report, f"shard_map/{transform}")
+    assert_check_ok(report, f"shard_map/{transform}")
 
 
 def test_shard_map_without_axis_name_each_shard_uses_its_own_norm(report):
     # The control: without axis_name the answer is per-shard and differs.
-    _assert_ok(report, "shard_map/without_axis_name_each_shard_uses_its_own_norm")
+    assert_check_ok(report, "shard_map/without_axis_name_each_shard_uses_its_own_norm")
 
 
 def test_shard_map_tuple_axis_name_over_a_2x4_mesh(report):
-    _assert_ok(report, "shard_map/tuple_axis_name_over_a_2x4_mesh")
+    assert_check_ok(report, "shard_map/tuple_axis_name_over_a_2x4_mesh")
 
 
 @pytest.mark.parametrize("transform", PMAP_TRANSFORMS)
 def test_pmap_with_axis_name_matches_one_device(report, transform):
     # Outputs not tied to a split leaf must also be equal on all 8 devices.
-    _assert_ok(report, f"pmap/{transform}")
+    assert_check_ok(report, f"pmap/{transform}")
 
 
 def test_nan_on_one_shard_skips_on_every_device_under_jit(report):
-    _assert_ok(report, "mesh_jit/nan_on_one_shard_skips_everywhere")
+    assert_check_ok(report, "mesh_jit/nan_on_one_shard_skips_everywhere")
 
 
 def test_nan_on_one_shard_skips_on_every_device_under_shard_map(report):
     # And without axis_name only the device holding the NaN would skip.
-    _assert_ok(report, "shard_map/nan_on_one_shard_skips_on_every_device")
+    assert_check_ok(report, "shard_map/nan_on_one_shard_skips_on_every_device")
 
 
 def test_sharded_clip_by_global_norm_step_all_reduces_scalars_only(report):
     # The compiled program has no all-gather (or other gradient-sized collective), and
     # its all-reduces carry at most one scalar per leaf.
-    _assert_ok(report, "hlo/clip_by_global_norm_all_reduces_scalars_only")
+    assert_check_ok(report, "hlo/clip_by_global_norm_all_reduces_scalars_only")
 
 
 # In-process checks of the arguments (no devices needed).

@@ -16,8 +16,6 @@ session: the first worker to get here runs them and the others read its report).
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 import pickle
 import socket
@@ -28,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _devices import simulated_devices_env
+from _devices import assert_check_ok, shared_across_xdist_workers, simulated_devices_env
 from multidevice_checks import tree_mismatches
 from multiprocess_checks import NAN_STEP, SPIKE_STEP
 
@@ -214,32 +212,17 @@ def _run_checks(out: pathlib.Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        return _run_checks(tmp_path_factory.mktemp("multiprocess"))
-    # Under xdist, the first worker to get here runs the checks; the others wait for
-    # its result in the session's shared temporary directory.
-    shared = tmp_path_factory.getbasetemp().parent
-    result, lock = shared / "multiprocess.json", shared / "multiprocess.lock"
-    try:
-        os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        deadline = time.monotonic() + TIMEOUT_S + 60
-        while not result.exists() and time.monotonic() < deadline:
-            time.sleep(1)
-        if not result.exists():
-            pytest.fail(f"no {result.name} from the xdist worker that ran the processes")
-        return json.loads(result.read_text())
-    data = _run_checks(tmp_path_factory.mktemp("multiprocess"))
-    tmp = result.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.rename(result)
-    return data
+    return shared_across_xdist_workers(
+        tmp_path_factory,
+        "multiprocess",
+        lambda: _run_checks(tmp_path_factory.mktemp("multiprocess")),
+        TIMEOUT_S + 60,
+    )
 
 
 def _assert_ok(report: dict, name: str) -> None:
     assert report["setup"]["ok"], report["setup"]["detail"]
-    assert name in report, f"{name} was not reported; got {sorted(report)}"
-    assert report[name]["ok"], report[name]["detail"]
+    assert_check_ok(report, name)
 
 
 def test_two_processes_each_hold_half_of_the_mesh_and_one_holds_the_nan(report):
