@@ -22,6 +22,7 @@ from optaxclip._norms import (
     _leaf_and_global_norms,
     _vector_norm,
 )
+from optaxclip._numerics import finite_ema
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
     check_choice,
@@ -34,16 +35,6 @@ from optaxclip._validation import (
 )
 
 __all__ = ["AdagcState", "adagc"]
-
-
-def _ema(old: jax.Array, new: jax.Array, decay: jax.Array) -> jax.Array:
-    """``decay * old + (1 - decay) * new``, finite whenever ``old`` and ``new`` are.
-
-    Near the float32 maximum the two rounded products can sum past it; the rare
-    fallback ``old + (1 - decay) * (new - old)`` stays between ``old`` and ``new``.
-    """
-    fast = decay * old + (1 - decay) * new
-    return jnp.where(jnp.isfinite(fast), fast, old + (1 - decay) * (new - old))
 
 
 class AdagcState(NamedTuple):
@@ -207,7 +198,8 @@ def adagc(
         # The EMA is fed min(||g_i||, ratio * gamma_i), never the eps-shrunk clipped norm;
         # an exactly-zero norm leaves gamma_i as it was.
         fed = jnp.where(leaf_over, bound, leaf_norms)
-        ema_gamma = jnp.where(positive, jnp.where(unset, leaf_norms, _ema(gamma, fed, b)), gamma)
+        ema_gamma = jnp.where(unset, leaf_norms, finite_ema(gamma, fed, b))
+        ema_gamma = jnp.where(positive, ema_gamma, gamma)
 
         scales = jnp.where(in_warmup, global_scale, h)
         over = jnp.where(in_warmup, global_over, jnp.any(leaf_over))

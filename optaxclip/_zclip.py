@@ -12,6 +12,7 @@ import optax
 from optaxclip import _stats
 from optaxclip._global import NONFINITE_POLICIES, clip_with_threshold, measure
 from optaxclip._norms import AxisName, Sharded, safe_sqrt
+from optaxclip._numerics import finite_ema
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
     check_choice,
@@ -48,16 +49,6 @@ class ZclipState(NamedTuple):
     var: jax.Array
     recorded: jax.Array
     stats: ClipStats
-
-
-def _ema(old: jax.Array, new: jax.Array, decay: jax.Array) -> jax.Array:
-    """``decay * old + (1 - decay) * new``, finite whenever ``old`` and ``new`` are.
-
-    Near the float32 maximum the two rounded products can sum past it; the rare
-    fallback ``old + (1 - decay) * (new - old)`` stays between ``old`` and ``new``.
-    """
-    fast = decay * old + (1 - decay) * new
-    return jnp.where(jnp.isfinite(fast), fast, old + (1 - decay) * (new - old))
 
 
 def _saturating_square(s: jax.Array, t: jax.Array) -> jax.Array:
@@ -292,7 +283,7 @@ def zclip(
             else:
                 tau = mu
         x = jnp.where(spike, tau, g)
-        new_mu = _ema(mu, x, a)
+        new_mu = finite_ema(mu, x, a)
         new_var = _ema_var(var, x - new_mu, a)
 
         # A NaN/inf or zero norm is outside the adaptive rule: its threshold is the cap.
