@@ -9,7 +9,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from optaxclip import _stats
@@ -18,6 +17,7 @@ from optaxclip._norms import AxisName, Sharded
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
     check_range,
+    check_static_bool,
     check_static_int,
     positive_at,
     raise_at_runtime_if,
@@ -408,10 +408,8 @@ def skip_spikes(
             f"window={window}; lower min_history or raise window."
         )
     check_range("num_sigmas", num_sigmas, 0.0, math.inf, low_open=True)
-    if not isinstance(use_loss, (bool, np.bool_)):
-        raise TypeError(f"use_loss must be a bool, got {use_loss!r}.")
-    if not isinstance(count_skipped, (bool, np.bool_)):
-        raise TypeError(f"count_skipped must be a bool, got {count_skipped!r}.")
+    use_loss = check_static_bool("skip_spikes", "use_loss", use_loss, static)
+    count_skipped = check_static_bool("skip_spikes", "count_skipped", count_skipped, static)
     _check_inner("skip_spikes", inner)
     inner = optax.with_extra_args_support(inner)
     # One unused slot rather than none without use_loss: Orbax refuses to save

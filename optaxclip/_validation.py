@@ -114,6 +114,32 @@ def static_hint(who: str, name: str, static: Sequence[str]) -> str:
     )
 
 
+def check_static_bool(who: str, name: str, value: Any, static: Sequence[str]) -> bool:
+    """``value`` as a Python bool; a TypeError naming ``name`` for anything else.
+
+    An array (concrete or traced) is refused with a hint: the option picks the
+    computation when the step is compiled, so it cannot be a traced hyperparameter.
+
+    Args:
+      who: the transform's name, for the message.
+      name: the argument's name.
+      value: its value.
+      static: the transform's other ``static_args``, for the hint.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (jax.Array, jax.core.Tracer, np.ndarray)):
+        names = ", ".join(repr(n) for n in (*static, name))
+        raise TypeError(
+            f"{who}: {name} picks the computation when the step is compiled, so it must "
+            f"be a Python bool, got the array {value!r}. optax.inject_hyperparams keeps a "
+            "Python bool as it is but turns an array into a traced hyperparameter: pass "
+            f"True or False, or build it as optax.inject_hyperparams(optaxclip.{who}, "
+            f"static_args=({names}))(...)."
+        )
+    raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}.")
+
+
 def check_static_int(
     who: str,
     name: str,

@@ -6,7 +6,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from optaxclip import _stats
@@ -17,6 +16,7 @@ from optaxclip._stats import ClipStats
 from optaxclip._validation import (
     check_choice,
     check_range,
+    check_static_bool,
     check_static_int,
     check_threshold,
     positive_at,
@@ -80,25 +80,6 @@ def _mean_var(buffer: jax.Array) -> tuple[jax.Array, jax.Array]:
     s = jnp.where(s > 0, s, 1)
     slow = _saturating_square(s, jnp.mean(jnp.square(dev / s)))
     return mean, jnp.where(jnp.isfinite(var), var, slow)
-
-
-def _check_static_bool(name: str, value: Any) -> bool:
-    """``value`` as a Python bool; a TypeError naming ``name`` for anything else.
-
-    An array (concrete or traced) is refused with a hint: the option picks the
-    computation when the step is compiled, so it cannot be a traced hyperparameter.
-    """
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (jax.Array, jax.core.Tracer, np.ndarray)):
-        raise TypeError(
-            f"zclip: {name} picks the computation when the step is compiled, so it must "
-            f"be a Python bool, got the array {value!r}. optax.inject_hyperparams keeps a "
-            "Python bool as it is but turns an array into a traced hyperparameter: pass "
-            "True or False, or build it as optax.inject_hyperparams(optaxclip.zclip, "
-            f"static_args=('warmup_steps', {name!r}))(...)."
-        )
-    raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}.")
 
 
 def zclip(
@@ -225,7 +206,9 @@ def zclip(
     check_threshold("clip_factor", clip_factor)
     check_threshold("eps", eps)
     check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-    skip_on_spike = _check_static_bool("skip_update_on_spike", skip_update_on_spike)
+    skip_on_spike = check_static_bool(
+        "zclip", "skip_update_on_spike", skip_update_on_spike, ("warmup_steps",)
+    )
     size = max(warmup_steps, 1)
 
     def init_fn(params):
