@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import optax
 
 from optaxclip import _stats
-from optaxclip._global import (
+from optaxclip._mechanics import (
     NONFINITE_POLICIES,
     check_finite_at_runtime,
+    finite_ema,
     scale_for,
     scale_leaf,
 )
@@ -22,7 +23,6 @@ from optaxclip._norms import (
     _leaf_and_global_norms,
     _vector_norm,
 )
-from optaxclip._numerics import finite_ema
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
     check_choice,

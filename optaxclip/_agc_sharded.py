@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optaxclip._global import scale_leaf
+from optaxclip._mechanics import scale_leaf
 from optaxclip._norms import (
     AxisName,
     _abs_sq,

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from optaxclip import _stats
-from optaxclip._global import NONFINITE_POLICIES, clip_with_threshold, measure
+from optaxclip._mechanics import NONFINITE_POLICIES, clip_with_threshold, measure
 from optaxclip._norms import AxisName, Sharded
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (

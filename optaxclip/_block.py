@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optaxclip import _stats
-from optaxclip._global import scale_leaf
+from optaxclip._mechanics import scale_leaf
 from optaxclip._norms import AxisName, Sharded, _flags_for, _leaf_and_global_norms, _vector_norm
 from optaxclip._stats import ClipStats
 from optaxclip._validation import check_float_leaves, check_threshold, threshold_at

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from optaxclip import _stats
-from optaxclip._global import measure
+from optaxclip._mechanics import measure
 from optaxclip._norms import AxisName, Sharded
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optaxclip import _stats
-from optaxclip._global import measure
+from optaxclip._mechanics import measure
 from optaxclip._norms import (
     AxisName,
     Sharded,

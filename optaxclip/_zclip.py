@@ -9,9 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from optaxclip import _stats
-from optaxclip._global import NONFINITE_POLICIES, clip_with_threshold, measure
+from optaxclip._mechanics import NONFINITE_POLICIES, clip_with_threshold, finite_ema, measure
 from optaxclip._norms import AxisName, Sharded, safe_sqrt
-from optaxclip._numerics import finite_ema
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
     check_choice,

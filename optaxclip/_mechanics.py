@@ -1,0 +1,168 @@
+"""The mechanics every transform is built from.
+
+Measure a tree (:func:`measure`), turn a norm and a threshold into a scale
+(:func:`scale_for`, :func:`scale_parts`), scale a leaf (:func:`scale_leaf`), clip a tree
+to a threshold and record the step (:func:`clip_with_threshold`), apply the
+``nonfinite`` policy (:data:`NONFINITE_POLICIES`, :func:`check_finite_at_runtime`), and
+keep running statistics finite (:func:`finite_ema`). A transform module composes these;
+none of them belongs to one transform. Argument checks live in ``_validation.py``, the
+norms themselves in ``_norms.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optaxclip import _stats
+from optaxclip._norms import AxisName, Sharded, _flags_for, _leaf_and_global_norms
+from optaxclip._stats import ClipStats
+from optaxclip._validation import check_float_leaves, raise_at_runtime_if
+
+NONFINITE_POLICIES = ("propagate", "zero", "error")
+
+
+def scale_leaf(x: jax.Array, scale: jax.Array, lo: jax.Array | None = None) -> jax.Array:
+    """``x * scale`` (``x * scale * lo`` when ``lo`` is given) keeping x's dtype.
+
+    Half-precision leaves multiply in float32: a float32 scalar never turns into inf or
+    0 when cast to fp16 first, which is how Optax zeroes fp16 leaves whose tree has a
+    norm above 65504. ``lo`` is a power of two that carries the part of a scale too
+    small for one float (see :func:`scale_parts`); multiplying by 1 changes nothing.
+    """
+    info = jnp.finfo(x.dtype)
+    wide = x if info.bits >= 32 else x.astype(jnp.float32)
+    real = jnp.finfo(wide.dtype).dtype
+    out = wide * scale.astype(real)
+    if lo is not None:
+        out = out * lo.astype(real)
+    return out if info.bits >= 32 else out.astype(x.dtype)
+
+
+@jax.custom_jvp
+def _ratio(t: jax.Array, n: jax.Array) -> jax.Array:
+    """``t / n``, whose derivative is taken as ``(dt - (t/n) dn) / n``.
+
+    JAX differentiates a division through ``n**-2``, which flushes to 0 for n > ~1.8e19
+    in float32: the clip's gradient would then miss its dependence on the norm.
+    """
+    return t / n
+
+
+@_ratio.defjvp
+def _ratio_jvp(primals, tangents):
+    t, n = primals
+    dt, dn = tangents
+    r = t / n
+    return r, (dt - r * dn) / n
+
+
+def scale_for(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(scale, over)``: scale = min(1, threshold / norm), 1 for a NaN/inf or zero norm."""
+    over = jnp.isfinite(norm) & (norm > threshold)
+    safe_norm = jnp.where(over, norm, 1)
+    ratio = _ratio(threshold.astype(norm.dtype), safe_norm)
+    return jnp.where(over, ratio, 1).astype(norm.dtype), over
+
+
+# A scale below the smallest normal float flushes to 0 (threshold 1e-10 over a norm of
+# 1e30), though the clipped values it makes are representable: it is then applied as
+# (scale * 2^64) * 2^-64.
+_SCALE_SPLIT = {32: 2.0**64, 64: 2.0**512}
+
+
+def scale_parts(
+    norm: jax.Array, threshold: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(scale, over, hi, lo)`` for a clip of a tree of global norm ``norm``.
+
+    ``scale`` and ``over`` are :func:`scale_for`'s. The leaves are multiplied by
+    ``hi * lo`` (:func:`scale_leaf`), which equals ``scale`` except that
+
+    - a scale too small for one float is carried by two factors (``lo`` a power of
+      two), so the clipped values do not flush to zero;
+    - a zero threshold gives 0 even where the norm is 0 (where the reported scale is 1):
+      the clip is then identically 0, and so is its derivative.
+    """
+    scale, over = scale_for(norm, threshold)
+    dtype = norm.dtype
+    info = jnp.finfo(dtype)
+    split = _SCALE_SPLIT[info.bits]
+    t = threshold.astype(dtype)
+    tiny = over & (scale < info.tiny)
+    # Only where t / norm < tiny: then t < norm * tiny, so t * split cannot overflow.
+    hi = jnp.where(tiny, _ratio(jnp.where(tiny, t, 0) * split, jnp.where(over, norm, 1)), scale)
+    hi = jnp.where((t == 0) & jnp.isfinite(norm), 0, hi).astype(dtype)
+    lo = jnp.where(tiny, 1 / split, 1).astype(dtype)
+    return scale, over, hi, lo
+
+
+def _nonfinite_error(who: str) -> Callable[..., Exception]:
+    def make(step: Any, norm: Any) -> Exception:
+        return FloatingPointError(
+            f"optaxclip.{who}: the gradient's global norm is {float(norm)} at step "
+            f"{int(step)} (count from 1). Use nonfinite='propagate' or 'zero', or wrap the "
+            "optimizer in optaxclip.skip_nonfinite, to train through such steps."
+        )
+
+    return make
+
+
+def check_finite_at_runtime(who: str, finite: jax.Array, step: jax.Array, norm: jax.Array):
+    """Raises (from inside ``jit``) when ``finite`` is False; free when it is True."""
+    raise_at_runtime_if(~finite, _nonfinite_error(who), step, norm)
+
+
+def clip_with_threshold(
+    updates: Any,
+    norm: jax.Array,
+    threshold: jax.Array,
+    prev: ClipStats,
+    *,
+    nonfinite: str,
+    who: str,
+) -> tuple[Any, ClipStats]:
+    """Scales ``updates`` (whose global norm is ``norm``) down to ``threshold``.
+
+    Applies the ``nonfinite`` policy and records the step in a new ClipStats. The norm
+    is taken as given: this function never reads the updates to measure them again.
+    """
+    finite = jnp.isfinite(norm)
+    scale, over, hi, lo = scale_parts(norm, threshold)
+    if nonfinite == "zero":
+        updates = jax.tree.map(
+            lambda x: jnp.where(finite, scale_leaf(x, hi, lo), jnp.zeros_like(x)), updates
+        )
+        clipped = over | ~finite
+        clipped_norm = jnp.where(finite, norm * scale, 0)
+    else:
+        updates = jax.tree.map(lambda x: scale_leaf(x, hi, lo), updates)
+        clipped = over
+        clipped_norm = norm * scale
+        if nonfinite == "error":
+            check_finite_at_runtime(who, finite, prev.count + 1, norm)
+    new_stats = _stats.record(
+        prev, norm=norm, clipped_norm=clipped_norm, threshold=threshold, clipped=clipped
+    )
+    return updates, new_stats
+
+
+def measure(tree: Any, axis_name: AxisName = None, sharded: Sharded = None) -> jax.Array:
+    """Global norm of the updates after checking that every leaf is floating point."""
+    check_float_leaves(tree)
+    leaves = jax.tree_util.tree_leaves(tree)
+    _, norm = _leaf_and_global_norms(leaves, axis_name=axis_name, flags=_flags_for(tree, sharded))
+    return norm
+
+
+def finite_ema(old: jax.Array, new: jax.Array, decay: jax.Array) -> jax.Array:
+    """``decay * old + (1 - decay) * new``, finite whenever ``old`` and ``new`` are.
+
+    Near the float32 maximum the two rounded products can sum past it; the rare
+    fallback ``old + (1 - decay) * (new - old)`` stays between ``old`` and ``new``.
+    """
+    fast = decay * old + (1 - decay) * new
+    return jnp.where(jnp.isfinite(fast), fast, old + (1 - decay) * (new - old))
