@@ -11,22 +11,16 @@ import optax
 from optaxclip import _stats
 from optaxclip._mechanics import (
     NONFINITE_POLICIES,
-    check_finite_at_runtime,
+    apply_nonfinite_policy,
     finite_ema,
-    scale_for,
-    scale_leaf,
+    measure_leaves,
+    scale_leaves,
+    scale_parts,
 )
-from optaxclip._norms import (
-    AxisName,
-    Sharded,
-    _flags_for,
-    _leaf_and_global_norms,
-    _vector_norm,
-)
+from optaxclip._norms import AxisName, Sharded, vector_norm
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
     check_choice,
-    check_float_leaves,
     check_range,
     check_static_int,
     check_threshold,
@@ -148,20 +142,14 @@ def adagc(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        check_float_leaves(updates)
-        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        leaves, treedef, leaf_norms, norm = measure_leaves(updates, axis_name, sharded)
         if len(leaves) != state.gamma.shape[0]:
             raise ValueError(
                 f"adagc: the updates have {len(leaves)} leaves but the state was built for "
                 f"{state.gamma.shape[0]}; call init with the params tree the updates match."
             )
-        leaf_norms, norm = _leaf_and_global_norms(
-            leaves, axis_name=axis_name, flags=_flags_for(updates, sharded)
-        )
         finite = jnp.isfinite(norm)
         cap = threshold_at(warmup_max_norm, state.stats.count, "warmup_max_norm")
-        if nonfinite == "error":
-            check_finite_at_runtime("adagc", finite, state.stats.count + 1, norm)
         if not leaves:
             new_stats = _stats.record(
                 state.stats, norm=norm, clipped_norm=norm, threshold=cap, clipped=False
@@ -172,7 +160,7 @@ def adagc(
         in_warmup = state.stats.count - state.stats.nonfinite_count < warmup_steps
 
         # Warm-up: one global clip; gamma tracks the smallest non-zero leaf norm after it.
-        global_scale, global_over = scale_for(norm, cap)
+        global_scale, global_over, global_hi, global_lo = scale_parts(norm, cap)
         warm_norms = leaf_norms * global_scale
         warm_gamma = jnp.where(warm_norms > 0, jnp.minimum(gamma, warm_norms), gamma)
 
@@ -184,15 +172,14 @@ def adagc(
         unset = jnp.isinf(gamma) | (gamma <= 0)
         positive = leaf_norms > 0
         bound = r * jnp.where(unset, 1, gamma)
-        # Only a leaf whose norm (+ eps) exceeds a finite bound is divided; elsewhere the
-        # division sees 1, so that no branch jnp.where leaves out computes inf/x or x/0
-        # (their zero cotangent times an infinite derivative would make the gradient NaN).
         denom = leaf_norms + jnp.asarray(eps, leaf_norms.dtype)
         # Clipped when ||g_i|| > ratio * gamma_i, as the reference decides; eps only
         # enters the scale (a test on ||g_i|| + eps would clip every tensor whose norm is
         # within a few orders of eps, to nearly zero).
         candidate = ~unset & positive & jnp.isfinite(bound) & (leaf_norms > bound)
-        h = jnp.where(candidate, bound / jnp.where(candidate, denom, 1), 1)
+        # bound / (||g_i|| + eps) by the global clip's safe scale (finite derivative, split
+        # below the smallest normal float); a non-candidate gets threshold = denom: 1.
+        h, _, h_hi, h_lo = scale_parts(denom, jnp.where(candidate, bound, denom))
         leaf_over = candidate & (h < 1)
         h = jnp.where(leaf_over, h, 1)
         # The EMA is fed min(||g_i||, ratio * gamma_i), never the eps-shrunk clipped norm;
@@ -202,21 +189,26 @@ def adagc(
         ema_gamma = jnp.where(positive, ema_gamma, gamma)
 
         scales = jnp.where(in_warmup, global_scale, h)
+        hi = jnp.where(in_warmup, global_hi, jnp.where(leaf_over, h_hi, 1))
+        lo = jnp.where(in_warmup, global_lo, jnp.where(leaf_over, h_lo, 1))
         over = jnp.where(in_warmup, global_over, jnp.any(leaf_over))
         threshold = jnp.where(in_warmup, cap, jnp.max(r * gamma))
         new_gamma = jnp.where(in_warmup, warm_gamma, ema_gamma)
 
         # A NaN/inf step: the policy decides the updates; gamma stays as it was.
         scales = jnp.where(finite, scales, 1)
-        over = finite & over
+        hi, lo = jnp.where(finite, hi, 1), jnp.where(finite, lo, 1)
         new_gamma = jnp.where(finite, new_gamma, gamma)
-        clipped_norm = jnp.where(finite, _vector_norm(leaf_norms * scales), norm)
-        new_leaves = [scale_leaf(x, scales[i]) for i, x in enumerate(leaves)]
-        if nonfinite == "zero":
-            new_leaves = [jnp.where(finite, x, jnp.zeros_like(x)) for x in new_leaves]
-            clipped_norm = jnp.where(finite, clipped_norm, 0)
-            over = over | ~finite
-
+        new_leaves, clipped_norm, over = apply_nonfinite_policy(
+            scale_leaves(leaves, hi, lo),
+            finite,
+            jnp.where(finite, vector_norm(leaf_norms * scales), norm),
+            finite & over,
+            nonfinite=nonfinite,
+            who="adagc",
+            step=state.stats.count + 1,
+            norm=norm,
+        )
         new_stats = _stats.record(
             state.stats, norm=norm, clipped_norm=clipped_norm, threshold=threshold, clipped=over
         )

@@ -3,7 +3,6 @@ relative to the norm of the weights it updates."""
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -13,14 +12,8 @@ import numpy as np
 import optax
 
 from optaxclip import _stats
-from optaxclip._agc_sharded import (
-    check_sharded_axis,
-    clip_units_across_devices,
-    scale_units,
-    split_axes,
-    unit_norms,
-)
-from optaxclip._norms import AxisName, _vector_norm
+from optaxclip._agc_units import check_sharded_axis, clip_units, split_axes
+from optaxclip._norms import AxisName, unit_axes
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
     check_float_leaves,
@@ -130,48 +123,6 @@ def _devices_along(axis_name: AxisName) -> int:
             "inside the shard_map or pmap that maps that axis (or build the transform "
             f"without axis_name). {err}"
         ) from err
-
-
-def _layer_unit_axes(shape: tuple[int, ...], axis: Axis, where: str) -> tuple[int, ...]:
-    """The axes of one layer (shape without its stacked axes) that make up a unit.
-
-    Mirrors ``optax.unitwise_norm``'s convention (and optaxclip's ``unitwise_norm``),
-    on shapes rather than arrays so that it can be applied to a slice of a stack.
-    """
-    rank = len(shape)
-    if axis is not None:
-        axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
-        out = []
-        for a in axes:
-            a = operator.index(a)
-            if not -rank <= a < rank:
-                raise ValueError(
-                    f"adaptive_grad_clip: axis {axis!r} is out of range for the leaf{where} "
-                    f"whose unstacked shape is {shape}."
-                )
-            out.append(a % rank)
-        return tuple(sorted(set(out)))
-    if sum(d != 1 for d in shape) <= 1:  # scalars and vectors: one unit
-        return tuple(range(rank))
-    if rank in (2, 3):  # linear (in, out) or multi-head linear: one unit per output
-        return (0,)
-    if rank == 4:  # conv HWIO
-        return (0, 1, 2)
-    if rank == 5:  # conv3d DHWIO
-        return (0, 1, 2, 3)
-    raise ValueError(
-        f"adaptive_grad_clip: no default unit for the leaf{where} of (unstacked) shape "
-        f"{shape}; pass `axis` (the axes that make up one unit) or `stacked_axes`."
-    )
-
-
-def _flat(vectors: list[jax.Array]) -> jax.Array:
-    """All the per-unit values of the tree as one vector, for the statistics.
-
-    The barrier keeps XLA from fusing every leaf's producer into one giant concatenate
-    fusion, whose compile time grows much faster than the number of leaves.
-    """
-    return jax.lax.optimization_barrier(jnp.concatenate([v.ravel() for v in vectors]))
 
 
 class AdaptiveGradClipState(NamedTuple):
@@ -334,38 +285,26 @@ def adaptive_grad_clip(
                 shape = (*shape[:a], shape[a] * _devices_along(axis_name), *shape[a + 1 :])
             i += 1
             present.append((g, w))
-            axes.append(tuple(k + a for a in _layer_unit_axes(shape[k:], axis, where)))
+            axes.append(tuple(k + a for a in unit_axes(
+                shape[k:], axis, "adaptive_grad_clip", where, " or `stacked_axes`"
+            )))
         if not present:
             new_stats = _stats.record(
                 state.stats, norm=0.0, clipped_norm=0.0, threshold=limit, clipped=False
             )
             return updates, AdaptiveGradClipState(new_stats)
 
-        if axis_name is not None:  # shard_map / pmap: leaves split across devices
-            clipped_leaves, norm, clipped_norm, clipped = clip_units_across_devices(
-                present, axes, splits, axis_name, limit, floor, tiny_weights, tiny_updates
-            )
-            it = iter(clipped_leaves)
-            out = [None if g is None else next(it) for g in all_leaves]
-            new_stats = _stats.record(
-                state.stats, norm=norm, clipped_norm=clipped_norm, threshold=limit, clipped=clipped
-            )
-            return jax.tree_util.tree_unflatten(treedef, out), AdaptiveGradClipState(new_stats)
-
-        gs = [g for g, _ in present]
-        norms = unit_norms(
-            tuple(ax for ax in axes for _ in range(2)),
-            None,
-            (False,) * (2 * len(present)),
-            (tiny_updates, tiny_weights) * len(present),
-            [x for pair in present for x in pair],
+        # Under shard_map / pmap (axis_name given) leaves may be split across devices.
+        clipped_leaves, norm, clipped_norm, clipped = clip_units(
+            present,
+            axes,
+            splits or [None] * len(present),
+            axis_name,
+            limit,
+            floor,
+            tiny_weights,
+            tiny_updates,
         )
-        before = norms[0::2]
-        clipped_leaves, after, _ = scale_units(gs, before, norms[1::2], limit, floor)
-        before, after = _flat(before), _flat(after)
-        norm = _vector_norm(before)
-        clipped_norm = _vector_norm(after)
-        clipped = jnp.any(after < before)  # exactly the units scaled down
         it = iter(clipped_leaves)
         out = [None if g is None else next(it) for g in all_leaves]
         new_stats = _stats.record(

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import optax
 
 from optaxclip import _stats
-from optaxclip._mechanics import scale_leaf
-from optaxclip._norms import AxisName, Sharded, _flags_for, _leaf_and_global_norms, _vector_norm
+from optaxclip._mechanics import measure_leaves, scale_leaves, scale_parts
+from optaxclip._norms import AxisName, Sharded, sharded_flags, vector_norm
 from optaxclip._stats import ClipStats
-from optaxclip._validation import check_float_leaves, check_threshold, threshold_at
+from optaxclip._validation import check_threshold, threshold_at
 
 __all__ = [
     "ClipByBlockNormState",
@@ -46,25 +46,21 @@ def clip_blocks(
       ``(clipped updates, new stats, per-leaf norms after clipping)``. A leaf whose norm
       is NaN/inf is left as it is.
     """
-    check_float_leaves(updates)
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
-    leaf_norms, norm = _leaf_and_global_norms(
-        leaves, axis_name=axis_name, flags=_flags_for(updates, sharded)
-    )
+    leaves, treedef, leaf_norms, norm = measure_leaves(updates, axis_name, sharded)
     if not leaves:
         new_stats = _stats.record(
             prev, norm=norm, clipped_norm=norm, threshold=threshold, clipped=False
         )
         return updates, new_stats, leaf_norms
     bounds = jnp.asarray(bounds_for(leaf_norms, leaves), leaf_norms.dtype)
-    over = jnp.isfinite(leaf_norms) & (leaf_norms > bounds)
-    scales = jnp.where(over, bounds / jnp.where(over, leaf_norms, 1), 1)
-    new_leaves = [scale_leaf(x, scales[i]) for i, x in enumerate(leaves)]
+    # The overflow- and underflow-safe scale of the global clip, one per leaf.
+    scales, over, hi, lo = scale_parts(leaf_norms, bounds)
+    new_leaves = scale_leaves(leaves, hi, lo)
     out_norms = leaf_norms * scales
     new_stats = _stats.record(
         prev,
         norm=norm,
-        clipped_norm=_vector_norm(out_norms),
+        clipped_norm=vector_norm(out_norms),
         threshold=threshold,
         clipped=jnp.any(over),
     )
@@ -204,7 +200,7 @@ def clip_by_block_rms(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         limit = threshold_at(threshold, state.stats.count, "threshold")
-        flags = _flags_for(updates, sharded)
+        flags = sharded_flags(updates, sharded)
 
         def bounds(norms, leaves):
             sizes = []

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from optaxclip import _stats
-from optaxclip._norms import AxisName, Sharded, _flags_for, _leaf_and_global_norms
+from optaxclip._norm_engine import leaf_and_global_norms
+from optaxclip._norms import AxisName, Sharded, sharded_flags
 from optaxclip._stats import ClipStats
 from optaxclip._validation import check_float_leaves, raise_at_runtime_if
 
@@ -116,6 +117,39 @@ def check_finite_at_runtime(who: str, finite: jax.Array, step: jax.Array, norm: 
     raise_at_runtime_if(~finite, _nonfinite_error(who), step, norm)
 
 
+def scale_leaves(leaves: list[jax.Array], hi: jax.Array, lo: jax.Array) -> list[jax.Array]:
+    """Leaf ``i`` times ``hi[i] * lo[i]`` (per-leaf :func:`scale_parts`), dtype kept."""
+    return [scale_leaf(x, hi[i], lo[i]) for i, x in enumerate(leaves)]
+
+
+def apply_nonfinite_policy(
+    leaves: list[jax.Array],
+    finite: jax.Array,
+    clipped_norm: jax.Array,
+    clipped: jax.Array,
+    *,
+    nonfinite: str,
+    who: str,
+    step: jax.Array,
+    norm: jax.Array,
+) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    """The ``nonfinite`` policy on a step's already-scaled leaves.
+
+    ``"zero"``: where the norm is not finite, the leaves become zeros, the clipped norm
+    0 and the step counts as clipped. ``"error"``: raises from inside ``jit`` (naming
+    ``who``, the step and the norm) when it is not finite. ``"propagate"``: as given.
+
+    Returns:
+      ``(leaves, clipped_norm, clipped)`` after the policy.
+    """
+    if nonfinite == "zero":
+        leaves = [jnp.where(finite, x, jnp.zeros_like(x)) for x in leaves]
+        return leaves, jnp.where(finite, clipped_norm, 0), clipped | ~finite
+    if nonfinite == "error":
+        check_finite_at_runtime(who, finite, step, norm)
+    return leaves, clipped_norm, clipped
+
+
 def clip_with_threshold(
     updates: Any,
     norm: jax.Array,
@@ -130,31 +164,29 @@ def clip_with_threshold(
     Applies the ``nonfinite`` policy and records the step in a new ClipStats. The norm
     is taken as given: this function never reads the updates to measure them again.
     """
-    finite = jnp.isfinite(norm)
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
     scale, over, hi, lo = scale_parts(norm, threshold)
-    if nonfinite == "zero":
-        updates = jax.tree.map(
-            lambda x: jnp.where(finite, scale_leaf(x, hi, lo), jnp.zeros_like(x)), updates
-        )
-        clipped = over | ~finite
-        clipped_norm = jnp.where(finite, norm * scale, 0)
-    else:
-        updates = jax.tree.map(lambda x: scale_leaf(x, hi, lo), updates)
-        clipped = over
-        clipped_norm = norm * scale
-        if nonfinite == "error":
-            check_finite_at_runtime(who, finite, prev.count + 1, norm)
+    leaves, clipped_norm, clipped = apply_nonfinite_policy(
+        [scale_leaf(x, hi, lo) for x in leaves],
+        jnp.isfinite(norm),
+        norm * scale,
+        over,
+        nonfinite=nonfinite,
+        who=who,
+        step=prev.count + 1,
+        norm=norm,
+    )
     new_stats = _stats.record(
         prev, norm=norm, clipped_norm=clipped_norm, threshold=threshold, clipped=clipped
     )
-    return updates, new_stats
+    return jax.tree_util.tree_unflatten(treedef, leaves), new_stats
 
 
 def measure(tree: Any, axis_name: AxisName = None, sharded: Sharded = None) -> jax.Array:
     """Global norm of the updates after checking that every leaf is floating point."""
     check_float_leaves(tree)
     leaves = jax.tree_util.tree_leaves(tree)
-    _, norm = _leaf_and_global_norms(leaves, axis_name=axis_name, flags=_flags_for(tree, sharded))
+    _, norm = leaf_and_global_norms(leaves, axis_name=axis_name, flags=sharded_flags(tree, sharded))
     return norm
 
 
@@ -166,3 +198,15 @@ def finite_ema(old: jax.Array, new: jax.Array, decay: jax.Array) -> jax.Array:
     """
     fast = decay * old + (1 - decay) * new
     return jnp.where(jnp.isfinite(fast), fast, old + (1 - decay) * (new - old))
+
+
+def measure_leaves(
+    tree: Any, axis_name: AxisName = None, sharded: Sharded = None
+) -> tuple[list[jax.Array], Any, jax.Array, jax.Array]:
+    """``(leaves, treedef, leaf_norms, norm)``: each leaf's norm and the global norm of
+    ``tree`` in one pass (float leaves checked), for the per-leaf transforms."""
+    check_float_leaves(tree)
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    flags = sharded_flags(tree, sharded)
+    leaf_norms, norm = leaf_and_global_norms(leaves, axis_name=axis_name, flags=flags)
+    return leaves, treedef, leaf_norms, norm

@@ -13,9 +13,9 @@ from optaxclip._mechanics import measure
 from optaxclip._norms import (
     AxisName,
     Sharded,
-    _flags_for,
-    _leaf_and_global_norms,
-    _reduce_over_devices,
+    leaf_and_global_norms,
+    reduce_over_devices,
+    sharded_flags,
 )
 from optaxclip._stats import ClipStats
 from optaxclip._validation import check_threshold, threshold_at
@@ -105,15 +105,15 @@ def clip_by_value(
         norm = measure(updates, axis_name, sharded)
         limit = threshold_at(max_delta, state.stats.count, "max_delta")
         leaves, treedef = jax.tree_util.tree_flatten(updates)
-        flags = _flags_for(updates, sharded)
+        flags = sharded_flags(updates, sharded)
         results = [_clip_leaf(x, limit) for x in leaves]
         new_leaves = [r[0] for r in results]
         if results:
             over = [r[1].astype(jnp.int32) for r in results]
-            clipped = jnp.any(_reduce_over_devices(over, flags, axis_name, jax.lax.pmax) > 0)
+            clipped = jnp.any(reduce_over_devices(over, flags, axis_name, jax.lax.pmax) > 0)
         else:
             clipped = jnp.array(False)
-        _, clipped_norm = _leaf_and_global_norms(new_leaves, axis_name=axis_name, flags=flags)
+        _, clipped_norm = leaf_and_global_norms(new_leaves, axis_name=axis_name, flags=flags)
         new_stats = _stats.record(
             state.stats, norm=norm, clipped_norm=clipped_norm, threshold=limit, clipped=clipped
         )

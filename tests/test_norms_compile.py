@@ -1,6 +1,6 @@
 """The fast-compiling norm: buckets of small leaves, a rescue pass behind lax.cond.
 
-``_leaf_and_global_norms`` copies leaves of fewer than 4096 elements into a few shared
+``leaf_and_global_norms`` copies leaves of fewer than 4096 elements into a few shared
 buckets (so that thousands of leaves compile to a few dozen kernels) and rescues
 overflowed sums with a rescaled pass. These tests pin that this changes nothing a
 user can see: per-leaf and global norms equal a float64 NumPy reference on trees of
@@ -22,7 +22,7 @@ from _devices import run_json_script
 from _reference import norm64, norms64, np64
 
 import optaxclip
-from optaxclip._norms import _SMALL, _leaf_and_global_norms
+from optaxclip._norm_engine import _SMALL, leaf_and_global_norms
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.complex64)
 # Sizes below and above the bucketing limit (4096), repeated ones (rows of exactly
@@ -68,7 +68,7 @@ def _small_f32_leaf(leaves: list[jax.Array]) -> int:
     )
 
 
-norms = jax.jit(lambda leaves: _leaf_and_global_norms(leaves))
+norms = jax.jit(lambda leaves: leaf_and_global_norms(leaves))
 
 
 @pytest.mark.parametrize("n_leaves", [1, 10, 300, 3000])
@@ -136,7 +136,7 @@ def test_hundreds_of_big_leaves_keep_nan_inf_and_overflow():
 
 def test_gradient_through_buckets_and_rescue_is_x_over_norm():
     leaves = [x for x in _tree(200, seed=3) if x.dtype == jnp.float32 and x.size]
-    grad = jax.jit(jax.grad(lambda t: _leaf_and_global_norms(t)[1]))
+    grad = jax.jit(jax.grad(lambda t: leaf_and_global_norms(t)[1]))
     for tree in (leaves, _set(leaves, _small_f32_leaf(leaves), [3e19, 4e19])):
         _, norm = _reference(tree)
         for g, x in zip(grad(tree), tree, strict=True):

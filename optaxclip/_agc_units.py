@@ -1,29 +1,29 @@
-"""Adaptive gradient clipping inside ``shard_map``/``pmap``, where a leaf may be split
-across devices along one of its axes.
+"""AGC's clip of units, on one device or inside ``shard_map``/``pmap``, where a leaf
+may be split across devices along one of its axes.
 
-A unit (a slice over the unit axes, see :func:`optaxclip.unitwise_norm`) either lies
-whole on one device or is cut by the split:
+The per-unit norms come from :func:`optaxclip._norms.unit_norms` (the routine
+``unitwise_norm`` uses), the rule is :func:`scale_units`, and :func:`clip_units` is
+the one loop over the leaves, for both cases. A unit (a slice over the unit axes, see
+:func:`optaxclip.unitwise_norm`) either lies whole on one device or is cut by the split:
 
 - a leaf split along one of its unit axes (a kernel's input axis: FSDP, row-parallel)
   holds on each device a part of every unit: the per-unit sums of squares are
   ``psum``-ed (one collective for all such leaves, of up to six floats per unit: the
-  plain and the rescaled sums, see ``_SCALES``, of the update and of the weight);
+  plain and the rescaled sums, see ``_norms._UNIT_SCALES``, of the update and of the
+  weight);
 - a leaf split along another axis (a kernel's output axis: column-parallel; a stacked
   layer axis) holds whole units, different ones on each device: the clip needs no
   communication, only the statistics (global norms, "anything clipped") are combined;
-- a leaf that is not split (replicated) is clipped as on one device.
+- a leaf that is not split (replicated, or no ``axis_name``) is clipped as on one
+  device.
 
 The statistics of units held whole by different devices are combined across devices
 apart from the others, so that under ``shard_map(check_vma=True)`` a replicated leaf
 comes out replicated and the statistics are the same on every device.
-
-The per-unit norms (:func:`unit_norms`) and the rule (:func:`scale_units`) are also
-those of the single-device path in ``_agc.py``.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -31,14 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optaxclip._mechanics import scale_leaf
-from optaxclip._norms import (
-    AxisName,
-    _abs_sq,
-    _divide,
-    _vector_norm,
-    accumulation_dtype,
-    safe_sqrt,
-)
+from optaxclip._norms import AxisName, safe_sqrt, unit_norms, vector_norm
 from optaxclip._validation import resolve_per_leaf
 
 
@@ -82,110 +75,6 @@ def split_axes(sharded_axis: Any, updates: Any) -> list[int | None]:
         _split_value(v, " " + (jax.tree_util.keystr(path) or "<root>"), jnp.ndim(leaf))
         for v, (path, leaf) in zip(values, with_path, strict=True)
     ]
-
-
-# Each unit's sum of squares is accumulated three times from the same read of x: plain,
-# times _DOWN (cannot overflow: used where the plain sum is inf) and times _UP (the
-# squares of the smallest normal numbers stay normal: used where the plain sum is below
-# _LOW, including 0, where squares flushed to zero may have been most of it). Multiplying
-# by a power of two is exact. No lax.cond: one per leaf, or one for the tree with
-# per-leaf outputs, made a model of 200 leaves compile several times slower. Per
-# accumulation dtype's bits: (_DOWN, _UP, _LOW). Where the plain sum is at least _LOW,
-# the squares it lost are below 2^-46 (2^-100) of it per element; below _LOW, the
-# upscaled sum cannot overflow; the downscaled sum is read only above the largest float.
-_SCALES = {32: (2.0**-100, 2.0**100, 2.0**-80), 64: (2.0**-600, 2.0**600, 2.0**-900)}
-
-
-def _unit_sums(x: jax.Array, axes: tuple[int, ...], tiny: bool) -> tuple[jax.Array, ...]:
-    """The plain, downscaled and (when ``tiny``) upscaled per-unit sums of squares."""
-    acc = accumulation_dtype([x])
-    down, up, _ = _SCALES[jnp.finfo(acc).bits]
-    sums = [jnp.sum(_abs_sq(x, acc), axis=axes, keepdims=True)]
-    for scale in (down, up) if tiny else (down,):  # x / (1 / scale): a form XLA keeps
-        scaled = _divide(x, jnp.asarray(1 / scale, acc), acc)
-        sums.append(jnp.sum(_abs_sq(scaled, acc), axis=axes, keepdims=True))
-    return tuple(sums)
-
-
-def _norms_from_sums(sums: tuple[jax.Array, ...]) -> jax.Array:
-    """Per-unit norms from :func:`_unit_sums`; NaN/inf in x gives NaN/inf."""
-    plain, downscaled = sums[0], sums[1]
-    down, up, low = _SCALES[jnp.finfo(plain.dtype).bits]
-    # sqrt(downscaled) / down and sqrt(upscaled) / up (1 / down == up, exactly).
-    huge = jnp.sqrt(downscaled) * jnp.asarray(up, plain.dtype)
-    # No where-NaN trap: unit_norms has its own derivative, which reads none of these.
-    normal = jax.lax.select(jnp.isfinite(plain), jnp.sqrt(plain), huge)  # NaN stays NaN
-    if len(sums) == 2:
-        return normal
-    tiny = jnp.sqrt(sums[2]) * jnp.asarray(down, plain.dtype)
-    return jax.lax.select(plain < low, tiny, normal)
-
-
-def _psum_some(
-    values: list[tuple[jax.Array, ...]], reduced: tuple[bool, ...], axis_name: AxisName
-) -> list[tuple[jax.Array, ...]]:
-    """``values`` with the arrays of those flagged in ``reduced`` psum-ed, all in one
-    collective."""
-    parts = [x for flag, group in zip(reduced, values, strict=True) if flag for x in group]
-    if not parts:
-        return values
-    flat = jax.lax.psum(jnp.concatenate([x.ravel() for x in parts]), axis_name)
-    out, offset = [], 0
-    for flag, group in zip(reduced, values, strict=True):
-        if flag:
-            summed = []
-            for x in group:
-                summed.append(flat[offset : offset + x.size].reshape(x.shape))
-                offset += x.size
-            group = tuple(summed)
-        out.append(group)
-    return out
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
-def unit_norms(
-    axes: tuple[tuple[int, ...], ...],
-    axis_name: AxisName,
-    reduced: tuple[bool, ...],
-    tiny: tuple[bool, ...],
-    xs: list[jax.Array],
-) -> list[jax.Array]:
-    """The per-unit L2 norms of each array of ``xs`` (unit axes kept as size 1).
-
-    float32 accumulation (float64 for float64 leaves), right beyond the float32
-    overflow point and down to the smallest normal number, NaN/inf where x holds one.
-    The three sums of each unit (see ``_SCALES``) are reductions of the same ``x``, with
-    no ``lax.cond``. Where ``reduced[i]``, ``xs[i]`` is a part of each unit and its sums
-    are ``psum``-ed over ``axis_name`` (one collective for all of them). Where not
-    ``tiny[i]``, the caller has no use for the norms of units below ~1e-12 (float32):
-    the upscaled sum is left out and those read as their plain sums (0 where flushed).
-
-    Differentiable everywhere (its own JVP: ``d||u|| = <u / ||u||, du>``, 0 at a zero
-    unit), so gradients neither pass through the unselected sums (the where-NaN trap)
-    nor through the rescaled ones (whose chain rule overflows near 1e20).
-    """
-    sums = [_unit_sums(x, ax, t) for x, ax, t in zip(xs, axes, tiny, strict=True)]
-    return [_norms_from_sums(s) for s in _psum_some(sums, reduced, axis_name)]
-
-
-@unit_norms.defjvp
-def _unit_norms_jvp(axes, axis_name, reduced, tiny, primals, tangents):
-    (xs,), (dxs,) = primals, tangents
-    norms = unit_norms(axes, axis_name, reduced, tiny, xs)
-    parts = []
-    for x, dx, norm, ax in zip(xs, dxs, norms, axes, strict=True):
-        acc = norm.dtype
-        # x / ||x|| is at most 1: no overflow at any scale. A zero unit has x = 0.
-        denom = jnp.where(norm > 0, norm, 1)
-        if jnp.iscomplexobj(x):
-            x, dx = jnp.asarray(x), jnp.asarray(dx)
-            dot = (jnp.real(x).astype(acc) / denom) * jnp.real(dx).astype(acc) + (
-                jnp.imag(x).astype(acc) / denom
-            ) * jnp.imag(dx).astype(acc)
-        else:
-            dot = (x.astype(acc) / denom) * dx.astype(acc)
-        parts.append((jnp.sum(dot, axis=ax, keepdims=True),))
-    return norms, [t for (t,) in _psum_some(parts, reduced, axis_name)]
 
 
 @jax.custom_jvp
@@ -244,7 +133,16 @@ def _norm_across(local: jax.Array, axis_name: AxisName) -> jax.Array:
     return jnp.where(ok, unit * safe_sqrt(total[:n]), total[n:])
 
 
-def clip_units_across_devices(
+def _flat(vectors: list[jax.Array]) -> jax.Array:
+    """All the per-unit values of the tree as one vector, for the statistics.
+
+    The barrier keeps XLA from fusing every leaf's producer into one giant concatenate
+    fusion, whose compile time grows much faster than the number of leaves.
+    """
+    return jax.lax.optimization_barrier(jnp.concatenate([v.ravel() for v in vectors]))
+
+
+def clip_units(
     pairs: list[tuple[jax.Array, jax.Array]],
     axes: list[tuple[int, ...]],
     splits: list[int | None],
@@ -254,13 +152,13 @@ def clip_units_across_devices(
     tiny_weights: bool = True,
     tiny_updates: bool = True,
 ) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]:
-    """AGC on (update, weight) pairs that may be split across devices.
+    """AGC on (update, weight) pairs, which may be split across devices.
 
     Args:
       pairs: the (update, weight) leaves as each device holds them.
       axes: each leaf's unit axes.
       splits: each leaf's axis split along ``axis_name`` (None: not split).
-      axis_name: the mapped axis.
+      axis_name: the mapped axis (None: not inside shard_map / pmap).
       limit: the clipping ratio in force.
       floor: the smallest weight norm used (``eps``).
       tiny_weights: False when ``eps`` is known to exceed any weight norm whose plain
@@ -297,8 +195,8 @@ def clip_units_across_devices(
     for local, (before, after, overs) in stats.items():
         if not before:
             continue
-        norm = _vector_norm(jnp.concatenate(before))
-        clipped_norm = _vector_norm(jnp.concatenate(after))
+        norm = vector_norm(_flat(before))
+        clipped_norm = vector_norm(_flat(after))
         over = jnp.any(jnp.stack(overs))
         if local:
             norm, clipped_norm = _norm_across(jnp.stack([norm, clipped_norm]), axis_name)
@@ -308,7 +206,7 @@ def clip_units_across_devices(
         any_over.append(over)
     return (
         clipped,
-        _vector_norm(jnp.stack(norms)),
-        _vector_norm(jnp.stack(clipped_norms)),
+        vector_norm(jnp.stack(norms)),
+        vector_norm(jnp.stack(clipped_norms)),
         jnp.any(jnp.stack(any_over)),
     )

@@ -1,0 +1,435 @@
+"""The engine behind every norm: per-leaf and global sums of squares in one pass.
+
+What it is for: :func:`leaf_and_global_norms` returns the L2 norm of each leaf and of
+the whole tree, in float32 (float64 for float64 leaves), right where squares overflow
+(above ~1.8e19) or flush to zero (below ~1e-19), NaN/inf where the input holds one.
+Every public norm (``_norms.py``) and every transform measures through it.
+
+Why it is more than ``sum(x**2)`` per leaf: on XLA:CPU, compile time grows with the
+number of kernels, and a reduction per leaf is a kernel (three below 4096 elements), so
+small leaves are copied into a few shared buckets whose row sums are the per-leaf sums
+(see :func:`_layout`). The rare overflow/underflow rescue sits behind one ``lax.cond``.
+
+What guards it: ``tests/test_norms_compile.py`` (kernel counts, compile-time ratios)
+and the ``clip`` section of ``python -m benchmarks`` (compile time and temp memory at
+10, 100 and 2,000 leaves against Optax); ``tests/test_norms.py`` for the numerics.
+Change the layout only with both in hand.
+
+Names used below: a leaf "reduced on its own" (``solo``) keeps its own reduction; a
+"bucketed" leaf is a row of a shared bucket; the "rescued" sums are those of the
+leaves times a power of two (``_RESCALE`` down for overflow, ``_UPSCALE`` up for
+underflow); a "witness" is a value that only one reduction reads (:func:`_own_scale`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+AxisName = Any  # str | tuple[str, ...] | None
+
+def accumulation_dtype(leaves: Sequence[jax.Array]) -> jnp.dtype:
+    """float64 when any leaf is float64/complex128, else float32."""
+    for leaf in leaves:
+        if jnp.finfo(jnp.result_type(leaf)).bits == 64:
+            return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
+
+
+def abs_sq(x: jax.Array, acc: jnp.dtype, scale: Any = None, bound: Any = None) -> jax.Array:
+    """|scale * x|^2 elementwise in the accumulation dtype (upcast before scaling).
+
+    ``bound`` first clamps each real component to [-bound, bound]: a sum scaled up for
+    underflow is read only when every value lies inside it, and elsewhere the clamp
+    keeps it (and its derivative) finite, so that it cannot turn a gradient into NaN.
+    """
+    parts = [jnp.real(x), jnp.imag(x)] if jnp.iscomplexobj(x) else [x]
+    out = None
+    for part in parts:
+        y = part.astype(acc)
+        if bound is not None:
+            y = jnp.clip(y, -bound, bound)
+        if scale is not None:
+            y = y * scale
+        out = y * y if out is None else out + y * y
+    return out
+
+
+def safe_sqrt(s: jax.Array) -> jax.Array:
+    """sqrt with a zero (not NaN) gradient at 0; NaN and inf pass through."""
+    zero = s == 0
+    return jnp.where(zero, jnp.zeros_like(s), jnp.sqrt(jnp.where(zero, 1, s)))
+
+
+# Compile time grows with the number of kernels, and a reduction per leaf is one
+# kernel per leaf (three on XLA:CPU below 4096 elements, with the squares written out
+# to memory). So leaves with fewer than _SMALL elements are copied, as they are, into
+# a few shared [rows, width] buckets (one zero-padded row per leaf) whose row sums of
+# squares are the per-leaf sums, while bigger leaves keep a reduction each (one fused
+# read, nothing copied). A bucket holds at most about 1/_BUCKETS of the tree's
+# elements and the buckets run one after another, so the extra memory stays a few
+# percent of the tree.
+#
+# The overflow rescue of a bucket is computed with its plain sums, from the same
+# buffer while it is in cache: a second (rescaled) reduction of a few dozen small
+# buckets costs little time and, unlike a rare branch that copies the buckets again,
+# almost no compile time. The leaves reduced on their own are rescued behind a
+# lax.cond that runs only when the plain total is not finite (a second read of a big
+# leaf would cost a pass); when there are many of them it buckets those that share a
+# size, so that it adds a few dozen kernels instead of one per leaf.
+_SMALL = 4096
+_BUCKETS = 32
+_BUCKET_MIN = 1 << 14  # elements
+_SHARED_LENGTH = 8  # this many small leaves of one size get rows of exactly that size
+_STACK = 64  # the sums of the leaves reduced on their own are stacked this many at a time
+# Multiplying by a power of two is exact, after it no finite float32 (float64) value
+# overflows when squared and summed, and a sum that overflowed unscaled stays far
+# above the smallest normal number.
+_RESCALE = {32: 2.0**-96, 64: 2.0**-768}
+# Squares below the smallest normal number flush to zero (|x| < ~1.1e-19 in float32), so
+# a total sum of squares below _TINY_TOTAL may have lost terms that matter; such a tree
+# is summed again times _UPSCALE. Below _TINY_TOTAL every |x| < sqrt(_TINY_TOTAL), whose
+# upscaled squares cannot overflow, and the smallest normal value's upscaled square is
+# still normal. Above it, the lost squares are < 2^-80 (2^-600) of the total.
+_TINY_TOTAL = {32: 2.0**-40, 64: 2.0**-400}
+_UPSCALE = {32: 2.0**64, 64: 2.0**540}
+_UP_BOUND = {bits: math.sqrt(total) for bits, total in _TINY_TOTAL.items()}
+
+
+def _padded_width(n: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, ... (2^k or 3 * 2^k) that is >= n."""
+    k = max(0, (n - 1).bit_length())
+    if k >= 2 and 3 << (k - 2) >= n:
+        return 3 << (k - 2)
+    return 1 << k
+
+
+def _is_known_unsharded(x: jax.Array) -> bool:
+    """True when x's type says it is whole on every device (explicit or manual axes)."""
+    typeof = getattr(jax, "typeof", None)
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    if typeof is None or axis_type is None:
+        return False
+    try:
+        sharding = typeof(x).sharding
+        mesh = sharding.mesh
+        if mesh.empty:
+            return False
+        if all(t in (axis_type.Explicit, axis_type.Manual) for t in mesh.axis_types):
+            return all(p is None for p in sharding.spec)
+    except Exception:  # noqa: BLE001 - a JAX without this information
+        return False
+    return False
+
+
+def _concatenable(leaves: Sequence[jax.Array], axis_name: AxisName) -> list[bool]:
+    """Which leaves may be copied into a shared bucket without any data movement.
+
+    Inside ``shard_map``/``pmap`` (``axis_name`` given) and on a single device every
+    leaf is local. Under plain ``jit`` with several devices GSPMD may have sharded a
+    leaf, and concatenating it would make XLA all-gather it, so there only leaves
+    whose type says they are replicated are bucketed; the others keep their own
+    reduction, which partitions into local sums and an all-reduce of scalars.
+    """
+    if axis_name is not None or jax.device_count() == 1:
+        return [True] * len(leaves)
+    return [_is_known_unsharded(x) for x in leaves]
+
+
+def _layout(
+    xs: Sequence[jax.Array], sizes: list[int], concatenable: Sequence[bool], copy_big: bool
+) -> tuple[list[int], list[tuple[int, list[int]]]]:
+    """(arrays reduced on their own, buckets as (row width, rows)).
+
+    Empty arrays are in neither list.
+    """
+    # The rescue copies big leaves too, in bigger buckets: fewer kernels.
+    bucket_size = max(_BUCKET_MIN, sum(sizes) // (_BUCKETS // 2 if copy_big else _BUCKETS))
+    counts: dict[tuple[str, int], int] = {}
+    for x, size in zip(xs, sizes, strict=True):
+        key = (jnp.dtype(x.dtype).name, size)
+        counts[key] = counts.get(key, 0) + 1
+    direct: list[int] = []
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, (x, size) in enumerate(zip(xs, sizes, strict=True)):
+        key = (jnp.dtype(x.dtype).name, size)
+        if size == 0:
+            continue
+        if not concatenable[i]:
+            direct.append(i)
+        elif size < _SMALL:
+            width = size if counts[key] >= _SHARED_LENGTH else _padded_width(size)
+            groups.setdefault((key[0], width), []).append(i)
+        elif copy_big and size <= bucket_size and counts[key] > 1:
+            groups.setdefault(key, []).append(i)
+        else:
+            direct.append(i)
+    buckets = []
+    for (_, width), members in sorted(groups.items()):
+        per_bucket = max(1, bucket_size // width)
+        for k in range(0, len(members), per_bucket):
+            buckets.append((width, members[k : k + per_bucket]))
+    return direct, buckets
+
+
+def _sum_rows(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """The row sums of each of several same-shaped 2-D arrays, as one variadic reduction."""
+    zero = tuple(jnp.zeros((), a.dtype) for a in arrays)
+    return tuple(
+        jax.lax.reduce(
+            arrays, zero, lambda x, y: tuple(a + b for a, b in zip(x, y, strict=True)), (1,)
+        )
+    )
+
+
+def _own_scale(witness: jax.Array, scale: float, acc: jnp.dtype) -> jax.Array:
+    """``scale`` as a scalar that XLA cannot see through, tied to ``witness``.
+
+    A constant would not do: XLA rewrites (c x)^2 as x^2 c^2, and c^2 is 0 in float32.
+    A scalar shared by several reductions would not do either: XLA:CPU writes its
+    broadcast out in full. So each reduction gets its own, halved where the witness
+    (a value only that reduction reads) is NaN (see :class:`_Sums` for why reading
+    every rescaled sum as if it used ``scale`` is right).
+    """
+    bad = jnp.isnan(witness)
+    return jax.lax.select(bad, jnp.asarray(scale / 2, acc), jnp.asarray(scale, acc))
+
+
+class _Sums(NamedTuple):
+    """Per-array sums of squares, in the order of the arrays.
+
+    ``plain``: sum |x|^2. ``scaled``: two rows, sum |c x|^2 with c = _RESCALE (row 0,
+    for overflow) and c = _UPSCALE (row 1, for underflow) for bucketed arrays (0 for the
+    others, whose rescue runs apart), None when nothing is bucketed and in the rescue
+    pass. ``solo``: the plain sums of the arrays reduced on their own, by index.
+
+    Every rescaled sum is read as if c were _RESCALE (_UPSCALE). :func:`_own_scale` halves c only
+    in a reduction whose witness is NaN: a leaf reduced on its own whose sum is NaN
+    anyway, or a bucket whose first leaf holds a NaN (the total is then NaN, and
+    another leaf of that bucket whose plain sum overflowed would read a norm half its
+    size in that NaN step).
+    """
+
+    plain: jax.Array
+    scaled: jax.Array | None
+    solo: dict[int, jax.Array]
+
+
+def _square_sums(
+    xs: Sequence[jax.Array],
+    acc: jnp.dtype,
+    concatenable: Sequence[bool],
+    *,
+    scale: float | None = None,
+    copy_big: bool = False,
+    witnesses: dict[int, jax.Array] | None = None,
+) -> _Sums:
+    """The sums of squares of each array (``scale * x`` when ``scale`` is given).
+
+    Without ``scale`` (the common pass) the buckets also give their rescaled sums. With
+    it (the rescue of the arrays reduced on their own), ``witnesses`` holds their plain
+    sums, which tie each reduction to a scale of its own (see :func:`_own_scale`).
+    """
+    sizes = [math.prod(np.shape(x)) for x in xs]
+    direct, buckets = _layout(xs, sizes, concatenable, copy_big)
+    rescale = _RESCALE[jnp.finfo(acc).bits]
+    upscale = _UPSCALE[jnp.finfo(acc).bits]
+    n = len(xs)
+    plain_parts: list[jax.Array] = []
+    scaled_parts: list[jax.Array] = []
+    owners: list[int] = []  # the array of each entry of concatenate(parts); -1: none
+    solo: dict[int, jax.Array] = {}
+    for i in direct:
+        c = None if scale is None else _own_scale(witnesses[i], scale, acc)
+        solo[i] = jnp.sum(abs_sq(xs[i], acc, c))
+    for k in range(0, len(direct), _STACK):
+        # A concatenation of thousands of scalars compiles superlinearly slowly, so
+        # they are stacked a few dozen at a time; the max (a no-op on sums of squares
+        # that keeps NaN) stops XLA from merging the stacks back into one.
+        group = direct[k : k + _STACK]
+        stacked = jnp.stack([solo[i] for i in group])
+        plain_parts.append(jnp.maximum(stacked, 0) if len(direct) > 4 * _STACK else stacked)
+        scaled_parts.append(jnp.zeros((2, len(group)), acc))
+        owners.extend(group)
+    link = None
+    for width, rows in buckets:
+        dtype = xs[rows[0]].dtype
+        block = []
+        for i in rows:
+            block.append(xs[i].reshape(-1))
+            if sizes[i] < width:
+                block.append(np.zeros((width - sizes[i],), dtype))
+        if link is not None:
+            # An extra row, dropped, that depends on the previous bucket's result: the
+            # buckets then run one after another, sharing one buffer.
+            block.append(jnp.broadcast_to(link.astype(dtype), (width,)))
+        flat = jnp.concatenate(block) if len(block) > 1 else block[0]
+        y = flat.reshape(-1, width)
+        if scale is None:
+            down = _own_scale(flat[0], rescale, acc)  # local by construction
+            up = _own_scale(flat[0], upscale, acc)
+            bound = _UP_BOUND[jnp.finfo(acc).bits]
+            # One reduction with three outputs: one kernel reads the bucket once.
+            sums, sums_down, sums_up = _sum_rows(
+                abs_sq(y, acc), abs_sq(y, acc, down), abs_sq(y, acc, up, bound=bound)
+            )
+            scaled_parts.append(jnp.stack([sums_down, sums_up]))
+        else:
+            sums = jnp.sum(abs_sq(y, acc, _own_scale(flat[0], scale, acc)), axis=1)
+        link = jax.lax.stop_gradient(sums[0])
+        plain_parts.append(sums)
+        owners.extend(rows + [-1] * (y.shape[0] - len(rows)))
+
+    def arrange(parts: list[jax.Array], empty: float) -> jax.Array:
+        """The entries of ``parts`` (along their last axis) in the order of the arrays."""
+        lead = parts[0].shape[:-1] if parts else ()
+        if not parts:
+            return jnp.full((*lead, n), empty, acc)
+        values = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+        if owners == list(range(n)):
+            return values
+        position = {i: k for k, i in enumerate(owners) if i >= 0}
+        if len(position) < n:  # empty arrays read this entry
+            values = jnp.concatenate([values, jnp.full((*lead, 1), empty, acc)], axis=-1)
+        index = [position.get(i, values.shape[-1] - 1) for i in range(n)]
+        return values[..., np.array(index, np.int32)]
+
+    if scale is not None or not buckets:  # rescaled sums in plain; nothing bucketed
+        return _Sums(arrange(plain_parts, 0), None, solo)
+    return _Sums(arrange(plain_parts, 0), arrange(scaled_parts, 0), solo)
+
+
+def _sums_over_devices(
+    xs: Sequence[jax.Array],
+    acc: jnp.dtype,
+    flags: Sequence[bool],
+    axis_name: AxisName,
+    concatenable: Sequence[bool],
+    **options: Any,
+) -> _Sums:
+    """:func:`_square_sums`, ``psum``-ed over ``axis_name`` for the sharded arrays.
+
+    Sharded and replicated arrays are summed in separate buckets and only the
+    sharded ones enter the (single) collective, so that under
+    ``shard_map(check_vma=True)`` a replicated leaf's sum stays device-invariant.
+    """
+
+    def reduce(sums: _Sums) -> _Sums:
+        if sums.scaled is None:
+            return sums._replace(plain=jax.lax.psum(sums.plain, axis_name))
+        all3 = jax.lax.psum(jnp.concatenate([sums.plain[None], sums.scaled]), axis_name)
+        return sums._replace(plain=all3[0], scaled=all3[1:])
+
+    if axis_name is None or all(flags) or not any(flags):
+        sums = _square_sums(xs, acc, concatenable, **options)
+        return reduce(sums) if axis_name is not None and all(flags) else sums
+    groups = [[i for i, f in enumerate(flags) if f], [i for i, f in enumerate(flags) if not f]]
+    witnesses = options.pop("witnesses", None)
+    parts, solo = [], {}
+    for k, g in enumerate(groups):
+        local = witnesses and {j: witnesses[i] for j, i in enumerate(g) if i in witnesses}
+        sums = _square_sums(
+            [xs[i] for i in g], acc, [concatenable[i] for i in g], witnesses=local, **options
+        )
+        parts.append(reduce(sums) if k == 0 else sums)
+        solo.update({g[j]: v for j, v in sums.solo.items()})
+    index = np.empty(len(xs), np.int32)
+    index[groups[0] + groups[1]] = np.arange(len(xs))
+
+    def join(a: jax.Array | None, b: jax.Array | None, fill: float) -> jax.Array | None:
+        if a is None and b is None:
+            return None
+        lead = (a if a is not None else b).shape[:-1]
+        a = jnp.full((*lead, len(groups[0])), fill, acc) if a is None else a
+        b = jnp.full((*lead, len(groups[1])), fill, acc) if b is None else b
+        return jnp.concatenate([a, b], axis=-1)[..., index]
+
+    return _Sums(
+        join(parts[0].plain, parts[1].plain, 0), join(parts[0].scaled, parts[1].scaled, 0), solo
+    )
+
+
+def leaf_and_global_norms(
+    leaves: Sequence[jax.Array], *, axis_name: AxisName = None, flags: Sequence[bool] = ()
+) -> tuple[jax.Array, jax.Array]:
+    """Per-leaf L2 norms (a vector) and the global L2 norm, computed in one pass.
+
+    The float32 (float64) sums of squares come first; only when their total is not
+    finite does a second pass run over the leaves reduced on their own (behind a
+    ``lax.cond``), multiplying them by a fixed power of two before squaring (the
+    bucketed small leaves got that rescaled sum in the first pass), so that a leaf
+    whose sum overflowed gets its right, finite norm while a NaN/inf input still gives
+    NaN/inf.
+
+    Args:
+      leaves: the arrays (no None).
+      axis_name: mapped axis over which sharded leaves' partial sums are ``psum``-ed.
+      flags: one bool per leaf, True when that leaf is sharded along ``axis_name``.
+
+    Returns:
+      ``(leaf_norms, norm)`` in the accumulation dtype.
+    """
+    acc = accumulation_dtype(leaves)
+    n = len(leaves)
+    if not n:
+        return jnp.zeros((0,), acc), jnp.zeros((), acc)
+    flags = list(flags) or [True] * n
+    concatenable = _concatenable(leaves, axis_name)
+    first = _sums_over_devices(leaves, acc, flags, axis_name, concatenable)
+    total = jnp.sum(first.plain)
+    rescale = _RESCALE[jnp.finfo(acc).bits]
+    pending = sorted(first.solo)  # the leaves reduced on their own
+
+    # Both branches give (a, g): where a leaf's plain sum is not finite (or the total is
+    # tiny), its norm is sqrt(a) / factor; g is the norm. The norm reaches the caller
+    # only through the cond: XLA then cannot copy the sum over all leaves into every
+    # kernel that reads it (on thousands of leaves that made compile time grow with the
+    # square of their number).
+    bucketed = first.scaled is not None
+    upscale = _UPSCALE[jnp.finfo(acc).bits]
+    # A tree whose plain total is tiny may have lost squares below the smallest normal
+    # number; one whose total is inf overflowed. Both are rescued by one branch, which
+    # scales by _UPSCALE or _RESCALE (a value it reads at run time: one set of kernels).
+    tiny = jnp.isfinite(total) & (total < _TINY_TOTAL[jnp.finfo(acc).bits])
+    factor = jnp.where(tiny, jnp.asarray(upscale, acc), jnp.asarray(rescale, acc))
+
+    def common(operands):
+        return (first.scaled[0] if bucketed else first.plain), safe_sqrt(total)
+
+    def rescued(operands):
+        # Nothing bucketed: zeros stand for the leaves that are neither reduced on their
+        # own nor bucketed (the empty ones, whose plain sum is 0 and finite).
+        if bucketed:
+            rescued_sums = jnp.where(tiny, first.scaled[1], first.scaled[0])
+        else:
+            rescued_sums = jnp.zeros((n,), acc)
+        if pending:
+            options = dict(
+                scale=factor,
+                copy_big=True,
+                witnesses={k: first.solo[i] for k, i in enumerate(pending)},
+            )
+            sub = [operands[i] for i in pending]
+            sub_flags, sub_ok = [flags[i] for i in pending], [concatenable[i] for i in pending]
+            again = _sums_over_devices(sub, acc, sub_flags, axis_name, sub_ok, **options).plain
+            if len(pending) == n:
+                rescued_sums = again
+            else:
+                index = np.arange(n)
+                index[pending] = n + np.arange(len(pending))
+                rescued_sums = jnp.concatenate([rescued_sums, again])[index]
+        # The rescaled total is accurate: where the plain one overflowed, the squares
+        # that scaling down flushes to zero are negligible next to it; where it was
+        # tiny, scaling up overflows nothing.
+        return rescued_sums, safe_sqrt(jnp.sum(rescued_sums)) / factor
+
+    rescued_sums, norm = jax.lax.cond(jnp.isfinite(total) & ~tiny, common, rescued, list(leaves))
+    # Which leaves read their norm from the rescaled sums.
+    use_rescued = jnp.where(tiny, True, ~jnp.isfinite(first.plain))
+    leaf_norms = jnp.where(use_rescued, safe_sqrt(rescued_sums) / factor, safe_sqrt(first.plain))
+    return leaf_norms, norm
