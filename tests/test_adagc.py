@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _reference import jit_run
+from _reference import jit_run, np64
 
 import optaxclip
 
@@ -407,3 +407,14 @@ def test_gamma_follows_the_reference_feeding_the_bound_not_the_clipped_norm():
         _, state = tx.update([jnp.array([g], jnp.float32)], state)
         gammas.append(float(state.gamma[0]))
     np.testing.assert_allclose(gammas, [1e-5, 1.02e-5, 1.0404e-5], rtol=1e-5)
+
+
+def test_a_per_tensor_scale_below_the_smallest_normal_float_does_not_flush_the_tensor():
+    # gamma settles at 1e-10 in the warm-up; then a tensor of norm 1e30 is clipped to
+    # ratio * gamma = 1.04e-10 (the reference's bound with eps = 0): a scale of 1e-40,
+    # below float32's smallest normal number, applied without flushing to zero.
+    tx = optaxclip.adagc(warmup_steps=1, warmup_max_norm=1.0, eps=0.0)
+    grads = [jnp.array([6e-11, 8e-11], jnp.float32)]
+    _, state = tx.update(grads, tx.init(grads))
+    out, _ = tx.update([jnp.array([6e29, 8e29], jnp.float32)], state)
+    np.testing.assert_allclose(np64(out[0]), np.array([0.6, 0.8]) * 1.04e-10, rtol=1e-5)

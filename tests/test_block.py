@@ -108,3 +108,28 @@ def test_block_transforms_under_inject_hyperparams_and_scan(factory):
     assert int(optaxclip.stats(state)["count"]) == 5
     assert np.all(np.linalg.norm(np64(outs), axis=1) <= np.linalg.norm([3.0, 4.0]))
     assert bool(state.inner_state.stats.clipped)
+
+
+@pytest.mark.parametrize("factory", [optaxclip.clip_by_block_norm, optaxclip.clip_by_block_rms])
+def test_a_scale_below_the_smallest_normal_float_does_not_flush_the_leaf_to_zero(factory):
+    # 1e-10 / 1e30 = 1e-40 is below float32's smallest normal number; the clipped values
+    # themselves (1e-10, or 1e-10 * sqrt(2) for the rms bound) are representable.
+    tx = factory(1e-10)
+    grads = {"a": jnp.array([1e30, 0.0]), "b": jnp.array([3.0, 4.0])}
+    out, _ = tx.update(grads, tx.init(grads))
+    bound = 1e-10 * (np.sqrt(2) if factory is optaxclip.clip_by_block_rms else 1)
+    np.testing.assert_allclose(np64(out["a"]), [bound, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(np64(out["b"]), np.array([3.0, 4.0]) / 5 * bound, rtol=1e-6)
+
+
+def test_block_clip_gradient_beyond_the_float32_square_overflow_matches_float64():
+    # d(x / ||x||)/dx needs ||x||^2, which overflows float32 above ~1.8e19.
+    def first(x):
+        tx = optaxclip.clip_by_block_norm(1.0)
+        return tx.update({"a": x}, tx.init({"a": x}))[0]["a"][0]
+
+    x = np.array([2e20, 4e20])
+    n = np.linalg.norm(x)
+    want = [1 / n - x[0] ** 2 / n**3, -x[0] * x[1] / n**3]
+    got = jax.grad(first)(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np64(got), want, rtol=1e-5)
