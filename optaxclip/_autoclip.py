@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from optaxclip import _stats
-from optaxclip._mechanics import NONFINITE_POLICIES, clip_with_threshold, measure
+from optaxclip._mechanics import NONFINITE_POLICIES, clip_with_threshold, measure, ring_write
 from optaxclip._norms import AxisName, Sharded
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
@@ -248,8 +248,7 @@ def autoclip(
             n = total
             value_at = _sketch_order_statistic(buffer, lowest, highest, n)
         else:
-            written = state.history.at[recorded % history].set(g)
-            buffer = jnp.where(takes, written, state.history)
+            buffer = ring_write(state.history, recorded, g, takes)
             n = jnp.minimum(total, history)
             ordered = jnp.sort(buffer)  # +inf in empty slots sorts last
             value_at = lambda k: ordered[k]

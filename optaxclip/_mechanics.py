@@ -4,7 +4,8 @@ Measure a tree (:func:`measure`), turn a norm and a threshold into a scale
 (:func:`scale_for`, :func:`scale_parts`), scale a leaf (:func:`scale_leaf`), clip a tree
 to a threshold and record the step (:func:`clip_with_threshold`), apply the
 ``nonfinite`` policy (:data:`NONFINITE_POLICIES`, :func:`check_finite_at_runtime`), and
-keep running statistics finite (:func:`finite_ema`). A transform module composes these;
+keep running statistics finite (:func:`finite_ema`, :func:`masked_mean_std`) and
+histories of fixed size (:func:`ring_write`). A transform module composes these;
 none of them belongs to one transform. Argument checks live in ``_validation.py``, the
 norms themselves in ``_norms.py``.
 """
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from optaxclip import _stats
-from optaxclip._norm_engine import leaf_and_global_norms
+from optaxclip._norm_engine import leaf_and_global_norms, safe_sqrt
 from optaxclip._norms import AxisName, Sharded, sharded_flags
 from optaxclip._stats import ClipStats
 from optaxclip._validation import check_float_leaves, raise_at_runtime_if
@@ -210,3 +211,28 @@ def measure_leaves(
     flags = sharded_flags(tree, sharded)
     leaf_norms, norm = leaf_and_global_norms(leaves, axis_name=axis_name, flags=flags)
     return leaves, treedef, leaf_norms, norm
+
+
+def masked_mean_std(values: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean and population standard deviation of ``values[mask]`` (0 and 0 for none).
+
+    Finite for finite values: the values are divided by their largest magnitude first,
+    so that a huge (finite) norm in a history cannot overflow the variance to inf.
+    """
+    n = jnp.maximum(jnp.sum(mask), 1).astype(values.dtype)
+    big = jnp.max(jnp.where(mask, jnp.abs(values), 0), initial=0.0)
+    unit = jnp.where(big > 0, big, 1)
+    x = jnp.where(mask, values / unit, 0)
+    mean = jnp.sum(x) / n
+    var = jnp.sum(jnp.where(mask, jnp.square(x - mean), 0)) / n
+    return unit * mean, unit * safe_sqrt(var)
+
+
+def ring_write(buffer: jax.Array, position: jax.Array, value: Any, when: jax.Array) -> jax.Array:
+    """``buffer`` with ``value`` written at ``position % len(buffer)`` where ``when``.
+
+    The fixed-size histories (AutoClip's window, ZClip's warm-up, skip_spikes' window)
+    are written this way: a select, not a ``lax.cond``, so it is free under ``vmap``.
+    """
+    slot = position % buffer.shape[0]
+    return jnp.where(when, buffer.at[slot].set(value), buffer)

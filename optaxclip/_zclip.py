@@ -9,7 +9,14 @@ import jax.numpy as jnp
 import optax
 
 from optaxclip import _stats
-from optaxclip._mechanics import NONFINITE_POLICIES, clip_with_threshold, finite_ema, measure
+from optaxclip._mechanics import (
+    NONFINITE_POLICIES,
+    clip_with_threshold,
+    finite_ema,
+    masked_mean_std,
+    measure,
+    ring_write,
+)
 from optaxclip._norms import AxisName, Sharded, safe_sqrt
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
@@ -67,18 +74,6 @@ def _ema_var(var: jax.Array, d: jax.Array, decay: jax.Array) -> jax.Array:
     s = jnp.where(s > 0, s, 1)
     t = decay * jnp.square(safe_sqrt(var) / s) + (1 - decay) * jnp.square(d / s)
     return jnp.where(jnp.isfinite(fast), fast, _saturating_square(s, t))
-
-
-def _mean_var(buffer: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean and population variance of the warm-up norms, finite for finite norms."""
-    mean = jnp.mean(buffer)
-    mean = jnp.where(jnp.isfinite(mean), mean, jnp.sum(buffer / buffer.shape[0]))
-    dev = buffer - mean
-    var = jnp.mean(jnp.square(dev))
-    s = jnp.max(jnp.abs(dev))
-    s = jnp.where(s > 0, s, 1)
-    slow = _saturating_square(s, jnp.mean(jnp.square(dev / s)))
-    return mean, jnp.where(jnp.isfinite(var), var, slow)
 
 
 def zclip(
@@ -236,10 +231,10 @@ def zclip(
             cap = threshold_at(max_norm, state.stats.count, "max_norm")
 
         # Warm-up: buffer the norm; the step that fills the buffer starts the EMA.
-        buffered = state.buffer.at[jnp.minimum(seen, size - 1)].set(g)
-        buffer = jnp.where(takes & in_warmup, buffered, state.buffer)
+        buffer = ring_write(state.buffer, seen, g, takes & in_warmup)
         start = takes & (seen == size - 1)
-        start_mean, start_var = _mean_var(buffer)
+        start_mean, start_std = masked_mean_std(buffer, jnp.ones(buffer.shape, bool))
+        start_var = _saturating_square(start_std, jnp.ones((), jnp.float32))
 
         # After warm-up: spike test against the EMA.
         a = jnp.asarray(alpha, jnp.float32)
