@@ -15,8 +15,12 @@ from optaxclip._global import (
     clip_by_global_norm,
     clip_tree_by_global_norm,
 )
+from optaxclip._monitor import MonitorState, monitor
+from optaxclip._multisteps import skip_nonfinite_microbatch
 from optaxclip._norms import block_norms, global_norm, unitwise_norm
+from optaxclip._per_example import per_example_global_norm_clip, per_example_layer_norm_clip
 from optaxclip._skip import SkipNonfiniteState, SkipSpikesState, skip_nonfinite, skip_spikes
+from optaxclip._spike_aware import SpikeAwareClipState, spike_aware_clip
 from optaxclip._stats import ClipStats, stats
 from optaxclip._value import ClipByValueState, clip_by_value
 from optaxclip._zclip import ZclipState, zclip
@@ -36,6 +40,13 @@ __all__ = [
     "SkipSpikesState",
     "skip_nonfinite",
     "skip_spikes",
+    "SpikeAwareClipState",
+    "spike_aware_clip",
+    "MonitorState",
+    "monitor",
+    "per_example_global_norm_clip",
+    "per_example_layer_norm_clip",
+    "skip_nonfinite_microbatch",
     "ClipByBlockNormState",
     "ClipByBlockRmsState",
     "ClipByValueState",

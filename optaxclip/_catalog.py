@@ -27,7 +27,9 @@ from optaxclip._agc import adaptive_grad_clip
 from optaxclip._autoclip import autoclip
 from optaxclip._block import clip_by_block_norm, clip_by_block_rms
 from optaxclip._global import clip_by_global_norm
+from optaxclip._monitor import monitor
 from optaxclip._skip import skip_nonfinite, skip_spikes
+from optaxclip._spike_aware import spike_aware_clip
 from optaxclip._value import clip_by_value
 from optaxclip._zclip import zclip
 
@@ -54,6 +56,8 @@ class Entry:
       static: the arguments that size the state (``static_args`` of
         ``optax.inject_hyperparams``).
       wraps: True for the skip wrappers, which wrap the optimizer instead of preceding it.
+      clips: False for a transform that only records (``monitor``): it never clips or
+        skips, so its ``clip_count`` stays 0.
     """
 
     name: str
@@ -63,6 +67,7 @@ class Entry:
     knob: str | None = None
     static: tuple[str, ...] = ()
     wraps: bool = False
+    clips: bool = True
 
     def build(
         self, scale: float = 1.0, inner: Any = None, *, defaults: bool = False, **extra: Any
@@ -169,6 +174,16 @@ ENTRIES: tuple[Entry, ...] = (
         knob="ratio",
         static=("warmup_steps",),
     ),
+    Entry(
+        "spike_aware_clip",
+        spike_aware_clip,
+        # A ratio of 2 to an EMA (decay 0.9) of g**2 after a 2-step warm-up clips the
+        # coordinates of the test runs' spikes, and some ordinary ones.
+        {"threshold": 2.0, "beta": 0.9, "warmup_steps": 2},
+        knob="threshold",
+    ),
+    Entry("monitor", monitor, {}, clips=False),
+    Entry("monitor_per_leaf", monitor, {"per_leaf": True}, {"per_leaf": True}, clips=False),
     Entry("skip_nonfinite", skip_nonfinite, {}, wraps=True),
     Entry(
         "skip_spikes",

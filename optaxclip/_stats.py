@@ -87,6 +87,10 @@ _PLUMBING_KEYS = frozenset({"inner_state", "inner_states", "inner_opt_state", "o
 # Extra scalars that some optaxclip states keep beside their ClipStats, reported by
 # stats() with it.
 _EXTRA_FIELDS = ("consecutive_skips",)
+# Per-leaf values that some optaxclip states keep beside their ClipStats, as a dict from
+# leaf path to scalar: reported by stats() as "<prefix>/<leaf path>" (monitor's
+# leaf_norms as "leaf_norm/hidden/kernel").
+_PER_LEAF_FIELDS = {"leaf_norms": "leaf_norm"}
 
 
 def _snake(class_name: str) -> str:
@@ -167,10 +171,17 @@ def _find_clip_stats(node: Any, parts: tuple[str, ...], out: list) -> None:
         parts = (*parts, own)
         fields = _fields_of(node)
         extras = {k: fields[k] for k in _EXTRA_FIELDS if k in fields}
-        for value in fields.values():
+        for field, prefix in _PER_LEAF_FIELDS.items():
+            if isinstance(fields.get(field), Mapping):
+                extras.update({f"{prefix}/{leaf}": v for leaf, v in fields[field].items()})
+        for field, value in fields.items():
             if _is_clip_stats(value):
                 out.append(("/".join(parts), _as_clip_stats(value), extras))
-            elif value is not None and not any(value is e for e in extras.values()):
+            elif (
+                value is not None
+                and field not in _PER_LEAF_FIELDS
+                and not any(value is e for e in extras.values())
+            ):
                 _find_clip_stats(value, parts, out)
         return
     children = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
@@ -204,17 +215,15 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     (``clip_count / max(count, 1)``). With several, each key is prefixed by where its
     ClipStats sits: chain positions, dict keys and the transform's name, for example
     ``"0/clip_by_global_norm/norm"`` (fields that only hold an inner state, like
-    ``inner_state``, are left out).
+    ``inner_state``, are left out). A :func:`optaxclip.monitor` built with
+    ``per_leaf=True`` adds one ``leaf_norm/<leaf path>`` key per leaf beside its fields
+    (``leaf_norm/hidden/kernel``, or ``0/monitor/leaf_norm/hidden/kernel``).
 
     Args:
       opt_state: any optimizer state, or pytree containing one.
 
     Returns:
       A dict from names to scalar arrays; empty when there is no ClipStats.
-
-    References:
-      Pascanu et al., `On the difficulty of training recurrent neural networks
-      <https://arxiv.org/abs/1211.5063>`_, 2013 (monitoring the gradient norm).
 
     Examples:
       >>> import jax.numpy as jnp

@@ -1,0 +1,323 @@
+"""Per-example clipping (DP-SGD): each example's gradient clipped, then the batch summed.
+
+Optax's ``per_example_global_norm_clip`` and ``per_example_layer_norm_clip``, with their
+signatures and results on finite inputs, measured the optaxclip way: squares summed in
+float32 (float64 for float64 leaves) whatever the leaf dtype, and a rare rescaled pass
+where a sum of squares overflows or underflows, so that an example of norm 1e20 in
+float32, or of norm 300 in fp16, is clipped to the bound instead of dropped (Optax's
+norm is inf there, and its multiplier 0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optaxclip._mechanics import scale_parts
+from optaxclip._norm_engine import (
+    _RESCALE,
+    _TINY_TOTAL,
+    _UPSCALE,
+    abs_sq,
+    accumulation_dtype,
+    safe_sqrt,
+)
+from optaxclip._validation import (
+    _as_float,
+    check_float_leaves,
+    check_range,
+    is_concrete,
+    raise_at_runtime_if,
+)
+
+__all__ = ["per_example_global_norm_clip", "per_example_layer_norm_clip"]
+
+# A group of values whose plain sum of squares is below _TINY_TOTAL has a norm below
+# sqrt(2 * _TINY_TOTAL) even counting the squares that flushed to zero: it cannot exceed
+# a bound at least this large, so reading its norm low changes nothing.
+_TINY_NORM = {32: 2.0**-19, 64: 2.0**-199}
+
+
+def _examples(grads: Any, who: str) -> tuple[list[jax.Array], Any]:
+    """The leaves of ``grads`` and its treedef, after checking the examples' axis."""
+    check_float_leaves(grads, "grads")
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(grads)
+    leaves = [x for _, x in with_path]
+    if not leaves:
+        return leaves, treedef
+    first_path, first = with_path[0]
+    for path, x in with_path:
+        where = jax.tree_util.keystr(path) or "<root>"
+        if np.ndim(x) == 0:
+            raise ValueError(
+                f"{who}: grads leaf {where} is a scalar; per-example gradients carry the "
+                "examples on axis 0 of every leaf (jax.vmap(jax.grad(loss)) makes them)."
+            )
+        if np.shape(x)[0] != np.shape(first)[0]:
+            raise ValueError(
+                f"{who}: grads leaf {where} has shape {np.shape(x)}, so "
+                f"{np.shape(x)[0]} examples on axis 0, but grads leaf "
+                f"{jax.tree_util.keystr(first_path) or '<root>'} has shape {np.shape(first)}, "
+                f"so {np.shape(first)[0]}: every leaf needs the same examples on axis 0."
+            )
+    return leaves, treedef
+
+
+def _bound(who: str, name: str, value: Any, acc: jnp.dtype) -> jax.Array:
+    """A non-negative clip norm as a scalar of ``acc``: checked now, or at run time if traced."""
+    if callable(value) and not is_concrete(value):
+        raise TypeError(
+            f"{who}: {name} must be a number, got a callable. Pass schedule(step) for a "
+            "clip norm that changes during training."
+        )
+    x = _as_float(name, value)  # TypeError for anything but a real scalar, naming it
+    if x is not None and (math.isnan(x) or x < 0):
+        raise ValueError(
+            f"{who}: {name} must be a non-negative number (the largest L2 norm an "
+            f"example's gradient keeps), got {value!r}."
+        )
+    t = jnp.asarray(value, acc)
+    if x is None:
+
+        def make(v: Any) -> Exception:
+            return ValueError(
+                f"{who}: {name} is {float(v)}; it must be non-negative and not NaN (a "
+                "negative bound would flip the sign of every clipped example)."
+            )
+
+        raise_at_runtime_if(jnp.isnan(t) | (t < 0), make, t)
+    return t
+
+
+def _example_sums(leaves: list[jax.Array], acc: jnp.dtype, factors: Any = None) -> jax.Array:
+    """(leaves, examples): the sum of |x|^2 over each example's slice of each leaf.
+
+    ``factors`` (leaves, examples), when given, multiplies each slice before squaring.
+    """
+    rows = []
+    for i, x in enumerate(leaves):
+        scale = None
+        if factors is not None:
+            scale = factors[i].reshape((-1,) + (1,) * (x.ndim - 1))
+        rows.append(jnp.sum(abs_sq(x, acc, scale), axis=tuple(range(1, x.ndim))))
+    return jnp.stack(rows)
+
+
+def _group_norms(
+    leaves: list[jax.Array], group_of: np.ndarray, n_groups: int, bounds: jax.Array, acc: jnp.dtype
+) -> jax.Array:
+    """(groups, examples): the L2 norm of each example's slice of each group of leaves.
+
+    One read of the leaves when every sum of squares is finite and every tiny one
+    (below ``_TINY_TOTAL``, where squares may have flushed to zero) faces a bound too
+    large for it to matter. Otherwise a ``lax.cond`` branch sums each rescued group's
+    squares again, times a power of two (down where the plain sum overflowed, up where
+    it is tiny), which a NaN or inf input still turns into a NaN or inf norm.
+    """
+    bits = jnp.finfo(acc).bits
+    plain = _example_sums(leaves, acc)
+    if n_groups == 1:
+        totals = jnp.sum(plain, axis=0, keepdims=True)
+    else:  # one group per leaf
+        totals = plain
+    tiny = totals < _TINY_TOTAL[bits]
+    unsafe = ~jnp.isfinite(totals) | (tiny & (bounds[:, None] < _TINY_NORM[bits]))
+
+    def common(_):
+        return safe_sqrt(totals)
+
+    def rescued(operands):
+        # A factor read at run time: XLA cannot fold a constant's square (0 in float32).
+        factor = jnp.where(
+            ~jnp.isfinite(totals),
+            jnp.asarray(_RESCALE[bits], acc),
+            jnp.where(tiny, jnp.asarray(_UPSCALE[bits], acc), jnp.ones((), acc)),
+        )
+        again = _example_sums(operands, acc, factor[group_of])
+        again = jnp.sum(again, axis=0, keepdims=True) if n_groups == 1 else again
+        return jnp.where(factor != 1, safe_sqrt(again) / factor, safe_sqrt(totals))
+
+    return jax.lax.cond(jnp.any(unsafe), rescued, common, list(leaves))
+
+
+def _clip_and_sum(
+    leaves: list[jax.Array],
+    group_of: np.ndarray,
+    n_groups: int,
+    bounds: jax.Array,
+    eps: Any,
+    acc: jnp.dtype,
+) -> tuple[list[jax.Array], jax.Array]:
+    """Each group's per-example slices scaled to its bound, summed over the examples.
+
+    Returns:
+      ``(summed leaves in their dtypes, clipped examples per group as int32)``.
+    """
+    norms = _group_norms(leaves, group_of, n_groups, bounds, acc)
+    limit = jnp.broadcast_to(bounds[:, None], norms.shape)
+    # A clipped slice ends at limit / (1 + eps): just inside its bound at every scale.
+    _, _, hi, lo = scale_parts(norms, limit / (1 + jnp.asarray(eps, acc)))
+    over = jnp.isfinite(norms) & (norms > limit)
+    if not (is_concrete(eps) and float(eps) == 0):
+        # A norm between limit / (1 + eps) and limit is not clipped: no scale there.
+        keep = ~over & (limit != 0)
+        hi, lo = jnp.where(keep, 1, hi), jnp.where(keep, 1, lo)
+
+    # sum_i hi_i lo_i x_i as one dot product per leaf (a multiply and a sum over axis 0
+    # runs ~10x slower on XLA:CPU), at full precision (TPUs default to bfloat16 passes).
+    # lo is 1 except where a scale is too small for one float (then a power of two): the
+    # dot takes hi_i lo_i / lo_min and its result is multiplied by lo_min. That cannot
+    # overflow: every term is at most the bound over lo_min, and lo_min < 1 only where
+    # bound / norm < the smallest normal float, so the bound is below ~4 sqrt(size).
+    lo_min = jnp.min(lo, axis=1, keepdims=True)
+    weights = jnp.where(lo != 1, hi, hi / lo_min)
+    rows = [(weights[g], lo_min[g, 0]) for g in range(n_groups)]
+    sums = []
+    for i, x in enumerate(leaves):
+        # Half precision is summed in float32 and rounded once; float32 beside float64
+        # leaves in float64, whose scale may not fit a float32.
+        wide = x.astype(jnp.promote_types(x.dtype, acc))
+        real = jnp.finfo(wide.dtype).dtype
+        w, factor = rows[group_of[i]]
+        sums.append((_dot(w.astype(real), wide) * factor.astype(real)).astype(x.dtype))
+    return sums, jnp.sum(over, axis=1).astype(jnp.int32)
+
+
+def _dot(weights: jax.Array, x: jax.Array) -> jax.Array:
+    """sum_i weights[i] * x[i] over axis 0, at full precision."""
+    return jnp.tensordot(weights, x, axes=1, precision=jax.lax.Precision.HIGHEST)
+
+
+def per_example_global_norm_clip(grads: Any, l2_norm_clip: Any) -> tuple[Any, jax.Array]:
+    """Clips each example's gradient to global L2 norm ``l2_norm_clip``, then sums them.
+
+    The clipping step of DP-SGD: ``grads`` holds one gradient per example on axis 0 of
+    every leaf (``jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, batch)``). Example
+    ``i``, whose global norm over all leaves is ``n_i``, is scaled by
+    ``min(1, l2_norm_clip / n_i)`` (1 at ``n_i = 0``), and the scaled examples are summed
+    leaf by leaf, as ``optax.per_example_global_norm_clip`` does and with its results on
+    finite inputs (to float32 rounding). The norms accumulate in float32 (float64 for
+    float64 leaves) and survive what Optax's do not: an example whose norm is above ~1e19
+    in float32, or above 256 in fp16, is clipped to the bound where Optax drops it (its
+    norm overflows to inf and its multiplier to 0), and one with values below ~1e-19 gets
+    its true norm. The sum is accumulated in float32 (the leaf's dtype if wider) and
+    returned in the leaf's dtype. A NaN/inf example is left unscaled, so the NaN/inf
+    reaches the sum, and is not counted as clipped.
+
+    Args:
+      grads: a pytree of floating point (or complex) arrays, each with the examples on
+        axis 0 (the same number in every leaf).
+      l2_norm_clip: the largest global L2 norm an example keeps (a non-negative scalar;
+        ``inf`` clips nothing).
+
+    Returns:
+      ``(summed_clipped_grads, num_clipped)``: a tree of ``grads``' structure whose leaves
+      drop axis 0, and the number of examples that were scaled down (int32 scalar).
+
+    References:
+      Abadi et al., `Deep Learning with Differential Privacy
+      <https://arxiv.org/abs/1607.00133>`_, 2016.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip
+      >>> grads = [jnp.array([[0.0, 0.0, 0.0], [0.0, 3.0, 4.0], [4.0, 0.0, 3.0],
+      ...                     [3.0, 4.0, 0.0]])]
+      >>> summed, num_clipped = optaxclip.per_example_global_norm_clip(grads, 1.25)
+      >>> print(summed[0], num_clipped)
+      [1.75 1.75 1.75] 3
+      >>> big = [jnp.array([[3e19, 4e19], [0.3, 0.4]])]  # Optax's sum: [0.3 0.4]
+      >>> print(optaxclip.per_example_global_norm_clip(big, 1.0)[0][0])
+      [0.90000004 1.2       ]
+    """
+    who = "per_example_global_norm_clip"
+    leaves, treedef = _examples(grads, who)
+    acc = accumulation_dtype(leaves)
+    bound = _bound(who, "l2_norm_clip", l2_norm_clip, acc)
+    if not leaves:
+        return grads, jnp.zeros((), jnp.int32)
+    group_of = np.zeros(len(leaves), np.int32)
+    sums, clipped = _clip_and_sum(leaves, group_of, 1, bound[None], 0, acc)
+    return jax.tree_util.tree_unflatten(treedef, sums), clipped[0]
+
+
+def per_example_layer_norm_clip(
+    grads: Any, global_l2_norm_clip: Any, uniform: bool = True, eps: Any = 1e-8
+) -> tuple[Any, Any]:
+    """Clips each example's gradient layer by layer (one bound per leaf), then sums them.
+
+    Per-layer DP clipping: leaf ``k`` of example ``i`` is clipped to its own bound
+    ``C_k``, where ``C = global_l2_norm_clip`` and, for ``K`` leaves,
+    ``C_k = C / sqrt(K)`` (``uniform=True``) or ``C_k = C * sqrt(D_k / D)`` with ``D_k``
+    the number of values of one example in leaf ``k`` and ``D`` their total
+    (``uniform=False``), so that a clipped example's global norm is at most ``C``
+    either way. A slice whose norm ``n_ik`` exceeds ``C_k`` is scaled by
+    ``C_k / (n_ik (1 + eps))``; the others are kept. The slices are summed over the
+    examples leaf by leaf. With one leaf (and ``eps=0``) this is
+    :func:`per_example_global_norm_clip`. These are the rules and the results of
+    ``optax.per_example_layer_norm_clip`` on finite inputs (Optax has no ``eps``; the
+    default 1e-8 moves a clipped slice by 1e-8 relative, below float32's resolution),
+    with the robust float32 accumulation of :func:`per_example_global_norm_clip`.
+
+    Args:
+      grads: a pytree of floating point (or complex) arrays, each with the examples on
+        axis 0 (the same number in every leaf).
+      global_l2_norm_clip: the bound ``C`` on an example's whole gradient
+        (a non-negative scalar).
+      uniform: split ``C`` equally among the leaves (True) or in proportion to the
+        square root of their sizes (False).
+      eps: a relative margin: a clipped slice ends at norm ``C_k / (1 + eps)``, just
+        inside its bound, whatever its scale (non-negative; 0 gives Optax's rule
+        exactly). Relative, not Opacus's absolute ``C / (n + eps)``, which shrinks slices
+        whose norm is far below ``eps`` toward zero.
+
+    Returns:
+      ``(sum_clipped_grads, num_clipped_per_layer)``: a tree of ``grads``' structure whose
+      leaves drop axis 0, and a tree of the same structure holding, per leaf, the number
+      of examples whose slice was scaled down (int32 scalars).
+
+    References:
+      Abadi et al., `Deep Learning with Differential Privacy
+      <https://arxiv.org/abs/1607.00133>`_, 2016; McMahan et al., `Learning
+      Differentially Private Recurrent Language Models
+      <https://arxiv.org/abs/1710.06963>`_, 2018 (per-layer clipping).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip
+      >>> grads = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]]), "b": jnp.array([[0.5], [0.1]])}
+      >>> summed, num_clipped = optaxclip.per_example_layer_norm_clip(grads, 2.0 ** 0.5)
+      >>> print(summed["w"], summed["b"])
+      [0.90000004 1.2       ] [0.6]
+      >>> print(int(num_clipped["w"]), int(num_clipped["b"]))
+      1 0
+    """
+    who = "per_example_layer_norm_clip"
+    leaves, treedef = _examples(grads, who)
+    if not isinstance(uniform, (bool, np.bool_)):
+        raise TypeError(f"{who}: uniform must be a bool (True or False), got {uniform!r}.")
+    check_range("eps", eps, 0.0, math.inf)
+    acc = accumulation_dtype(leaves)
+    bound = _bound(who, "global_l2_norm_clip", global_l2_norm_clip, acc)
+    if not leaves:
+        return grads, grads
+    sizes = np.array([math.prod(np.shape(x)[1:]) for x in leaves], np.float64)
+    if uniform or sizes.sum() == 0:
+        fractions = np.full(len(leaves), 1.0 / len(leaves))
+    else:
+        fractions = sizes / sizes.sum()
+    if is_concrete(global_l2_norm_clip):  # in float64 first, as Optax's Python floats are
+        bounds = jnp.asarray(float(global_l2_norm_clip) * np.sqrt(fractions), acc)
+    else:
+        bounds = bound * jnp.asarray(np.sqrt(fractions), acc)
+    group_of = np.arange(len(leaves), dtype=np.int32)
+    sums, clipped = _clip_and_sum(leaves, group_of, len(leaves), bounds, eps, acc)
+    counts = [clipped[i] for i in range(len(leaves))]
+    return (
+        jax.tree_util.tree_unflatten(treedef, sums),
+        jax.tree_util.tree_unflatten(treedef, counts),
+    )

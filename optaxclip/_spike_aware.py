@@ -1,0 +1,339 @@
+"""Spike-aware clipping (SPAM, Huang et al. 2025): each coordinate against an EMA of its g²."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optaxclip import _stats
+from optaxclip._mechanics import NONFINITE_POLICIES, check_finite_at_runtime
+from optaxclip._norms import (
+    AxisName,
+    Sharded,
+    leaf_and_global_norms,
+    reduce_over_devices,
+    safe_sqrt,
+    sharded_flags,
+)
+from optaxclip._stats import ClipStats
+from optaxclip._validation import (
+    check_choice,
+    check_float_leaves,
+    check_range,
+    check_threshold,
+    is_concrete,
+    raise_at_runtime_if,
+    threshold_at,
+)
+
+__all__ = ["SpikeAwareClipState", "spike_aware_clip"]
+
+
+class SpikeAwareClipState(NamedTuple):
+    """State of :func:`spike_aware_clip`.
+
+    Attributes:
+      rms: per coordinate, ``sqrt(v)``, the root of the EMA of the squared (clipped)
+        gradient: a pytree shaped like the parameters, float32 (float64 for float64
+        leaves), one float per parameter. ``rms**2`` is the reference's ``v``. It is
+        kept as a root so that it stays finite, and non-zero, for every finite
+        gradient: ``v`` itself overflows float32 for gradients above ~1.8e19 and
+        flushes to 0 below ~1e-19.
+      recorded: the number of steps taken into ``rms`` (int32): the finite ones. The
+        warm-up counts these.
+      clipped_fraction: the fraction of the coordinates clipped this step (float32).
+      stats: the :class:`ClipStats`.
+    """
+
+    rms: Any
+    recorded: jax.Array
+    clipped_fraction: jax.Array
+    stats: ClipStats
+
+
+def _real_dtype(dtype: Any) -> jnp.dtype:
+    """float64 for float64/complex128 leaves, float32 for every other one."""
+    return jnp.dtype(jnp.float64 if jnp.finfo(dtype).bits == 64 else jnp.float32)
+
+
+def _init_rms(x: Any) -> jax.Array:
+    dtype = jnp.result_type(x)
+    real = _real_dtype(dtype) if jnp.issubdtype(dtype, jnp.inexact) else jnp.dtype(jnp.float32)
+    if isinstance(x, jax.Array):
+        # Like the parameter: its sharding, and inside shard_map its varying axes
+        # (a scan carry must keep its type).
+        return jnp.zeros_like(x, dtype=real)
+    return jnp.zeros(jnp.shape(x), real)  # a buffer per leaf either way
+
+
+def _ema_rms(r: jax.Array, c: jax.Array, beta: jax.Array, rest: jax.Array) -> jax.Array:
+    """``sqrt(beta * r**2 + rest * |c|**2)`` (``rest = 1 - beta``), finite and exact for
+    every finite c.
+
+    Computed scaled by ``s = max(r, |c|)``, so that no square overflows (|c| above
+    ~1.8e19 in float32) or flushes to zero (below ~1e-19). The result does not depend
+    on ``s``: it is held out of the derivative, which is then finite everywhere.
+    """
+    a = jnp.abs(c)
+    s = jax.lax.stop_gradient(jnp.maximum(r, a))
+    s = jnp.where(s > 0, s, 1)
+    if jnp.iscomplexobj(c):
+        c_sq = jnp.square(c.real / s) + jnp.square(c.imag / s)
+    else:
+        c_sq = jnp.square(c / s)
+    return s * safe_sqrt(beta * jnp.square(r / s) + rest * c_sq)
+
+
+def _clip_leaf(
+    x: jax.Array, r: jax.Array, active: jax.Array, hyper: Callable[[Any], tuple]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(clipped x, new rms, number of coordinates clipped)`` for one leaf.
+
+    ``active`` is the scalar "this step may clip": finite, past the warm-up, threshold
+    positive. ``hyper(dtype)`` gives ``(sqrt(threshold), beta, 1 - beta)`` in the
+    leaf's working precision. A coordinate whose ``rms`` is 0 has no scale to be judged
+    against and passes (its first non-zero gradient enters ``rms``).
+    """
+    work = jnp.promote_types(_real_dtype(x.dtype), r.dtype)
+    xc = x.astype(jnp.promote_types(x.dtype, work))
+    rc = r.astype(work)
+    root_threshold, beta, rest = hyper(work)
+    has_scale = rc > 0
+    # Where rms is 0, or the threshold inf, no bound: inf * 0 would make a NaN.
+    bound = jnp.where(has_scale, root_threshold * rc, jnp.inf)
+    over = active & (jnp.abs(xc) > bound)
+    safe_bound = jnp.where(over, bound, 0)  # finite in the branch not taken (gradients)
+    if jnp.iscomplexobj(xc):
+        z = jnp.where(over, xc, 1)
+        clipped = jnp.where(over, z * (safe_bound / jnp.abs(z)), xc)
+    else:
+        clipped = jnp.where(over, jnp.sign(xc) * safe_bound, xc)
+    new_r = _ema_rms(rc, clipped, beta, rest).astype(r.dtype)
+    return clipped.astype(x.dtype), new_r, jnp.sum(over, dtype=jnp.int32)
+
+
+def _check_warmup(value: Any) -> None:
+    """A non-negative integer (an int or an integer array); traced values pass."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    arr = np.asarray(value) if is_concrete(value) else None
+    if isinstance(value, (bool, np.bool_)) or arr is None or arr.dtype.kind not in "iu":
+        raise TypeError(f"warmup_steps must be an integer, got {value!r}.")
+    if arr.ndim != 0:
+        raise ValueError(f"warmup_steps must be a scalar, got an array of shape {arr.shape}.")
+    if int(arr) < 0:
+        raise ValueError(f"warmup_steps must be a non-negative integer, got {value!r}.")
+
+
+def _hyperparameters(
+    threshold: Any, beta: Any, count: jax.Array
+) -> tuple[jax.Array, Callable[[Any], tuple]]:
+    """The threshold in force (float32, for the statistics), and a function giving
+    ``(sqrt(threshold), beta, 1 - beta)`` in a leaf's working dtype.
+
+    Constants are rounded once, from their exact values, to each working dtype (a
+    float64 leaf gets float64 ones), and ``1 - beta`` too: ``1 - float32(0.999)`` is
+    1.3e-5 off 0.001, an error that would scale ``v`` for good. A schedule's or an
+    injected value is float32 (checked at run time: a traced ``beta`` outside (0, 1)
+    raises, naming the step).
+    """
+    t = threshold_at(threshold, count, "threshold")
+    exact_t = float(np.asarray(threshold)) if is_concrete(threshold) else None
+    if is_concrete(beta):
+        exact_b = float(np.asarray(beta))
+        b = rest = None
+    else:
+        exact_b = None
+        b = _checked_beta(beta, count)
+        rest = 1 - b
+
+    def in_dtype(dtype: Any) -> tuple:
+        root = jnp.sqrt(t.astype(dtype)) if exact_t is None else jnp.asarray(exact_t**0.5, dtype)
+        if exact_b is None:
+            return root, b.astype(dtype), rest.astype(dtype)
+        return root, jnp.asarray(exact_b, dtype), jnp.asarray(1.0 - exact_b, dtype)
+
+    return t, in_dtype
+
+
+def _checked_beta(beta: Any, count: jax.Array) -> jax.Array:
+    """A traced ``beta`` as float32; outside (0, 1) it raises at run time."""
+    b = jnp.asarray(beta, jnp.float32)
+
+    def make(step: Any, value: Any) -> Exception:
+        return ValueError(
+            f"beta is {float(value)} at step {int(step)} (count from 1): it must lie in "
+            "(0, 1). Check the value injected with optax.inject_hyperparams."
+        )
+
+    raise_at_runtime_if(~((b > 0) & (b < 1)), make, count + 1, b)
+    return b
+
+
+def spike_aware_clip(
+    threshold: Any = 5000.0,
+    *,
+    beta: Any = 0.999,
+    warmup_steps: Any = 19,
+    nonfinite: str = "propagate",
+    axis_name: AxisName = None,
+    sharded: Sharded = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Clips each coordinate whose square exceeds ``threshold`` times its EMA (SPAM).
+
+    Spike-aware clipping from SPAM (Huang et al. 2025). Per coordinate, with ``v`` an
+    EMA of the squared gradient (decay ``beta``) kept in this transform's state: where
+    ``g**2 > threshold * v``, ``g`` becomes ``sign(g) * sqrt(threshold * v)``; every
+    other coordinate passes unchanged. A spike in a few coordinates is cut back to a
+    multiple of their own typical size, which a global-norm clip, diluted over millions
+    of coordinates, hardly notices. ``v`` starts at zero and, as in the reference
+    implementation, is compared before this step's update, without bias correction,
+    and then takes in the *clipped* gradient: ``v <- beta * v + (1 - beta) * g_clipped**2``.
+    The first ``warmup_steps`` steps only feed ``v``. With the defaults (those of the
+    paper), ``v`` after 19 steps is about 2% of the mean ``g**2``, so the clip then bites
+    at ~10 times a coordinate's RMS, and at ``sqrt(5000)`` ~ 71 times it once ``v`` has
+    settled (after a few thousand steps).
+
+    Differences from the reference (``TianjinYellow/SPAM-Optimizer``, ``SPAM.py``),
+    where the clip lives inside its Adam step:
+
+    - ``v`` is this transform's own buffer (one float per parameter); the reference
+      reuses Adam's ``exp_avg_sq``. Chained before ``optax.adam(b2=beta)``, the two
+      hold the same values; the memory is paid twice.
+    - SPAM's momentum reset every ``DeltaT`` steps, and the learning-rate warm-up after
+      it, belong to the optimizer and are not part of this transform: ``v`` is never
+      reset. The reference clips from step 20 (its ``grad_accu_steps=20``, counted from
+      1, hence ``warmup_steps=19``) and, after each reset, again from 20 steps later.
+    - ``threshold=0`` turns the clip off, as in the reference (``if self.thres != 0``).
+    - A coordinate whose ``v`` is exactly 0 (its gradient was 0 on every step so far:
+      a gate or a zero-initialised branch that has not opened yet) is not clipped. The
+      reference compares it with ``threshold * 0`` and zeroes its first non-zero
+      gradient, which keeps ``v`` at 0, so that coordinate never trains again.
+    - A step with a NaN/inf gradient anywhere is handled by ``nonfinite`` and leaves
+      ``v`` and the warm-up count as they were; the reference clips an inf coordinate
+      to the bound and lets a NaN into ``v`` (and Adam's state) for good.
+    - Arithmetic is float32 (float64 for float64 leaves) whatever the leaf dtype, and
+      ``v`` is kept as ``sqrt(v)`` (see :class:`SpikeAwareClipState`); the reference
+      keeps ``v`` in the parameters' dtype (bfloat16 in its LLaMA runs), and the
+      comparison is made as ``|g| > sqrt(threshold) * sqrt(v)``.
+    - Complex leaves: ``|g|**2`` enters ``v`` and a clipped coordinate keeps its phase.
+
+    Statistics (:class:`ClipStats`): ``norm`` and ``clipped_norm`` are the global L2
+    norms of the updates received and returned; ``threshold`` is the ratio
+    ``threshold`` in force (not a norm: the bound differs per coordinate); ``clipped``
+    is whether any coordinate was clipped this step, so ``clip_count`` counts steps
+    with at least one clipped coordinate. The state's ``clipped_fraction`` holds the
+    fraction of coordinates clipped this step.
+
+    Args:
+      threshold: the ratio ``g**2 / v`` above which a coordinate is clipped: a
+        non-negative scalar or an ``optax.Schedule`` evaluated at this transform's
+        step count. 0 turns the clip off (as in the reference); inf too.
+      beta: the EMA decay of ``v``, in (0, 1) (the reference uses Adam's ``beta2``).
+      warmup_steps: the number of finite steps that only feed ``v`` before the clip
+        starts (a non-negative int; 19 reproduces the reference's first clip at step
+        20). It may be a traced hyperparameter.
+      nonfinite: when the gradient holds a NaN or inf: ``"propagate"`` returns the
+        updates unchanged, ``"zero"`` returns zeros, ``"error"`` raises from inside
+        ``jit`` naming the step. Either way ``v`` is left as it was and the step is
+        counted in ``nonfinite_count``.
+      axis_name: inside ``shard_map``/``pmap``, the mapped axis over which the
+        statistics (norms, clipped coordinates, the NaN/inf decision) are combined.
+        The clip itself is per coordinate and needs no communication.
+      sharded: which leaves are sharded along ``axis_name``; default all.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`SpikeAwareClipState`. Its ``init`` needs the parameters (or anything of
+      their shapes), as Adam's does.
+
+    References:
+      Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM
+      Training <https://arxiv.org/abs/2501.06842>`_, 2025; reference implementation
+      https://github.com/TianjinYellow/SPAM-Optimizer.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip
+      >>> tx = optaxclip.spike_aware_clip(threshold=4.0, beta=0.5, warmup_steps=1)
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> for g in [[1.0, -1.0], [1.0, -1.0], [1.0, -30.0]]:
+      ...     out, state = tx.update({"w": jnp.array(g)}, state)
+      ...     print(out["w"], float(state.clipped_fraction))
+      [ 1. -1.] 0.0
+      [ 1. -1.] 0.0
+      [ 1.        -1.7320508] 0.5
+    """
+    check_threshold("threshold", threshold)
+    check_range("beta", beta, 0.0, 1.0, low_open=True, high_open=True)
+    _check_warmup(warmup_steps)
+    check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+
+    def init_fn(params):
+        return SpikeAwareClipState(
+            rms=jax.tree.map(_init_rms, params),
+            recorded=jnp.zeros((), jnp.int32),
+            clipped_fraction=jnp.zeros((), jnp.float32),
+            stats=_stats.init_stats(),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        check_float_leaves(updates)
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        rms_leaves, rms_def = jax.tree_util.tree_flatten(state.rms)
+        if rms_def != treedef:
+            raise ValueError(
+                "spike_aware_clip keeps one value per coordinate, so its state must be "
+                f"built from a tree shaped like the updates: the updates are {treedef}, "
+                f"the state was built for {rms_def}. Call tx.init(params) with the "
+                "parameters being trained."
+            )
+        flags = sharded_flags(updates, sharded)
+        _, norm = leaf_and_global_norms(leaves, axis_name=axis_name, flags=flags)
+        finite = jnp.isfinite(norm)
+        count = state.stats.count
+        t, hyper = _hyperparameters(threshold, beta, count)
+        active = finite & (state.recorded >= warmup_steps) & (t > 0)
+        results = [_clip_leaf(x, r, active, hyper) for x, r in zip(leaves, rms_leaves, strict=True)]
+        out = [res[0] for res in results]
+        # A NaN/inf step leaves the statistics as they were.
+        new_rms = [jnp.where(finite, res[1], r) for res, r in zip(results, rms_leaves, strict=True)]
+        if results:
+            counts = reduce_over_devices(
+                [res[2] for res in results], flags, axis_name, jax.lax.psum
+            )
+            sizes = [float(x.size) for x in leaves]
+            if axis_name is not None:
+                devices = jax.lax.psum(1, axis_name)
+                sizes = [n * devices if flag else n for n, flag in zip(sizes, flags, strict=True)]
+            n_clipped = jnp.sum(counts.astype(jnp.float32))
+            fraction = n_clipped / jnp.maximum(sum(sizes), 1.0).astype(jnp.float32)
+        else:
+            n_clipped = fraction = jnp.zeros((), jnp.float32)
+
+        # A NaN/inf step clipped nothing (``active`` is False): "propagate" returns
+        # the updates as they came.
+        if nonfinite == "zero":
+            out = [jnp.where(finite, o, jnp.zeros_like(o)) for o in out]
+        elif nonfinite == "error":
+            check_finite_at_runtime("spike_aware_clip", finite, count + 1, norm)
+        _, clipped_norm = leaf_and_global_norms(out, axis_name=axis_name, flags=flags)
+        clipped = (n_clipped > 0) | (~finite if nonfinite == "zero" else False)
+        new_stats = _stats.record(
+            state.stats, norm=norm, clipped_norm=clipped_norm, threshold=t, clipped=clipped
+        )
+        new_state = SpikeAwareClipState(
+            rms=jax.tree_util.tree_unflatten(rms_def, new_rms),
+            recorded=state.recorded + finite.astype(jnp.int32),
+            clipped_fraction=jnp.asarray(fraction, jnp.float32),
+            stats=new_stats,
+        )
+        return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,514 @@
+"""spike_aware_clip (SPAM): checked step by step against the reference rule in float64.
+
+The reference is ``TianjinYellow/SPAM-Optimizer``'s ``galore_torch/SPAM.py``, whose clip
+(inside its Adam step, with ``DeltaT=0``: no momentum reset) reads, per parameter::
+
+    current_step = total_step + 1                      # counts from 1
+    if thres != 0 and current_step >= grad_accu_steps:
+        mask = grad**2 > thres * exp_avg_sq            # v before this step's update
+        grad[mask] = grad[mask].sign() * sqrt(exp_avg_sq[mask] * thres)
+    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad   # the clipped grad
+
+:func:`spam64` writes that out in float64 NumPy; nothing in it comes from optaxclip.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _reference import norm64, np64
+from hypothesis import given
+from hypothesis import strategies as st
+
+import optaxclip
+
+
+def spam64(grads, *, threshold, beta, grad_accu_steps, pass_zero_v=False):
+    """The reference's clip over a sequence of gradient arrays, in float64.
+
+    ``grads``: an array of shape (steps, ...); ``threshold`` a number or one per step.
+    ``pass_zero_v`` adds optaxclip's one documented change to the rule: a coordinate
+    whose ``v`` is exactly 0 is not clipped (the reference zeroes it, for good).
+    Returns the clipped gradients, the clip mask and ``v`` after each step.
+    """
+    grads = np.asarray(grads, np.float64)
+    thresholds = np.broadcast_to(np.asarray(threshold, np.float64), grads.shape[:1])
+    v = np.zeros(grads.shape[1:])
+    outs, masks, vs = [], [], []
+    for t, g in enumerate(grads, start=1):
+        g = g.copy()
+        mask = np.zeros(g.shape, bool)
+        thres = thresholds[t - 1]
+        if thres != 0 and t >= grad_accu_steps:
+            with np.errstate(invalid="ignore"):  # inf * 0: NaN, no clip (as in torch)
+                mask = g**2 > thres * v
+            if pass_zero_v:
+                mask &= v > 0
+            g[mask] = np.sign(g[mask]) * np.sqrt(v[mask] * thres)
+        v = beta * v + (1 - beta) * g * g
+        outs.append(g)
+        masks.append(mask)
+        vs.append(v)
+    return np.stack(outs), np.stack(masks), np.stack(vs)
+
+
+def spiky_grads(steps, shape, *, seed, spikes=40, first_spike=25, scale=1.0):
+    """Gaussian gradients whose per-coordinate scale drifts, with 100x-3000x spikes in
+    single coordinates on random steps after ``first_spike``."""
+    rng = np.random.default_rng(seed)
+    size = int(np.prod(shape))
+    coord_scale = np.exp(rng.uniform(-2, 2, size))  # coordinates of different sizes
+    drift = np.linspace(1.0, 2.0, steps)[:, None]
+    g = rng.standard_normal((steps, size)) * coord_scale * drift
+    at = rng.integers(first_spike, steps, spikes)
+    where = rng.integers(0, size, spikes)
+    g[at, where] *= rng.uniform(100, 3000, spikes) * rng.choice([-1, 1], spikes)
+    return (g * scale).reshape((steps, *shape)).astype(np.float32)
+
+
+def run(tx, grads, params=None):
+    """``tx`` over the leading axis of ``grads`` (a pytree) in a jitted lax.scan.
+
+    Returns the outputs per step, the state after each step (stacked) and the final state.
+    """
+
+    def body(state, g):
+        out, state = tx.update(g, state)
+        return state, (out, state)
+
+    init = tx.init(jax.tree.map(lambda x: x[0], grads) if params is None else params)
+    final, (outs, states) = jax.jit(lambda s, g: jax.lax.scan(body, s, g))(init, grads)
+    return outs, states, final
+
+
+def margin_ok(grads, vs, threshold, grad_accu_steps, rel=1e-5):
+    """No active comparison ``g**2 > threshold * v`` sits within ``rel`` of equality, so
+    float32 rounding cannot flip a decision (a precondition on the data)."""
+    g2 = np.asarray(grads, np.float64) ** 2
+    prev = np.concatenate([np.zeros_like(vs[:1]), vs[:-1]])
+    bound = threshold * prev
+    live = (np.arange(len(g2)) + 1 >= grad_accu_steps).reshape((-1,) + (1,) * (g2.ndim - 1))
+    near = live & (bound > 0) & (np.abs(g2 - bound) <= rel * bound)
+    return not near.any()
+
+
+CONFIGS = [
+    # The paper's defaults: clipping from step 20 (the reference's grad_accu_steps).
+    dict(threshold=5000.0, beta=0.999, warmup_steps=19, steps=400),
+    # Tight: ordinary coordinates are clipped too, and clipped values feed v.
+    dict(threshold=4.0, beta=0.9, warmup_steps=2, steps=120),
+    dict(threshold=50.0, beta=0.99, warmup_steps=0, steps=150),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"t{c['threshold']:g}_b{c['beta']}")
+def test_matches_the_reference_rule_over_many_steps_with_coordinate_spikes(config):
+    steps, threshold, beta, warmup = (
+        config["steps"], config["threshold"], config["beta"], config["warmup_steps"]
+    )  # fmt: skip
+    grads = {
+        "w": spiky_grads(steps, (6, 8), seed=1),
+        "b": spiky_grads(steps, (8,), seed=2, scale=1e-3),
+    }
+    tx = optaxclip.spike_aware_clip(threshold, beta=beta, warmup_steps=warmup)
+    outs, states, final = run(tx, jax.tree.map(jnp.asarray, grads))
+    total_clipped = 0
+    for key in grads:
+        want, mask, vs = spam64(grads[key], threshold=threshold, beta=beta,
+                                grad_accu_steps=warmup + 1, pass_zero_v=True)  # fmt: skip
+        assert margin_ok(grads[key], vs, threshold, warmup + 1)
+        if warmup > 0:  # then no coordinate meets the clip with v = 0: the literal rule
+            literal = spam64(grads[key], threshold=threshold, beta=beta,
+                             grad_accu_steps=warmup + 1)  # fmt: skip
+            np.testing.assert_array_equal(literal[0], want)
+        np.testing.assert_allclose(np64(outs[key]), want, rtol=2e-5, atol=0)
+        # v is kept as its square root.
+        np.testing.assert_allclose(np64(states.rms[key]) ** 2, vs, rtol=2e-5, atol=0)
+        assert np.array_equal(np64(outs[key]) != grads[key], mask)
+        total_clipped += mask.reshape(steps, -1).sum(axis=1)
+    assert total_clipped[:warmup].sum() == 0
+    assert total_clipped.sum() > 0
+    size = sum(x[0].size for x in grads.values())
+    np.testing.assert_allclose(np64(states.clipped_fraction), total_clipped / size, rtol=1e-6)
+    np.testing.assert_array_equal(np64(states.stats.clipped), total_clipped > 0)
+    assert int(final.stats.clip_count) == int(np.sum(total_clipped > 0))
+    assert int(final.recorded) == steps
+    # norm and clipped_norm: the global L2 norms of what came in and what went out.
+    for t in (0, steps // 2, steps - 1):
+        np.testing.assert_allclose(
+            float(states.stats.norm[t]), norm64({k: g[t] for k, g in grads.items()}), rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            float(states.stats.clipped_norm[t]),
+            norm64({k: o[t] for k, o in outs.items()}),
+            rtol=1e-5,
+        )
+    np.testing.assert_array_equal(np64(states.stats.threshold), threshold)
+
+
+def test_a_spike_in_one_coordinate_is_cut_back_where_a_global_clip_does_not_see_it():
+    # 10,000 coordinates of RMS 1, one of them 40 at step 50: the global norm rises from
+    # ~100 to ~108, under a global clip set 10% above the usual norm.
+    rng = np.random.default_rng(0)
+    grads = rng.standard_normal((60, 10_000)).astype(np.float32)
+    grads[50, 7] = 40.0
+    outs, _, _ = run(optaxclip.spike_aware_clip(), {"g": jnp.asarray(grads)})
+    want, mask, _ = spam64(grads, threshold=5000.0, beta=0.999, grad_accu_steps=20)
+    assert mask[50, 7] and mask[50].sum() == 1
+    np.testing.assert_allclose(float(outs["g"][50, 7]), want[50, 7], rtol=1e-5)
+    assert float(outs["g"][50, 7]) < 20  # sqrt(5000 * v) with v ~ 5% of E[g**2]
+    g50 = {"g": jnp.asarray(grads[50])}
+    clip = optaxclip.clip_by_global_norm(1.1 * 100.0)
+    assert float(jax.jit(clip.update)(g50, clip.init(g50))[0]["g"][7]) == 40.0
+
+
+def test_a_scheduled_threshold_is_read_at_the_transforms_own_step_count():
+    steps = 60
+    grads = spiky_grads(steps, (16,), seed=3, first_spike=10)
+    schedule = optax.linear_schedule(2.0, 40.0, transition_steps=steps)
+    tx = optaxclip.spike_aware_clip(schedule, beta=0.9, warmup_steps=3)
+    outs, states, _ = run(tx, {"g": jnp.asarray(grads)})
+    per_step = np.array([float(schedule(t)) for t in range(steps)])
+    want, mask, vs = spam64(grads, threshold=per_step, beta=0.9, grad_accu_steps=4)
+    np.testing.assert_allclose(np64(outs["g"]), want, rtol=2e-5)
+    np.testing.assert_allclose(np64(states.stats.threshold), per_step, rtol=1e-6)
+    assert mask.any()
+
+
+def test_a_schedule_that_goes_negative_raises_naming_the_threshold_and_the_step():
+    tx = optaxclip.spike_aware_clip(lambda count: 3.0 - count, warmup_steps=0)
+    g = {"g": jnp.ones(3)}
+    step = jax.jit(tx.update)
+    state = tx.init(g)
+    for _ in range(4):
+        _, state = step(g, state)
+    with pytest.raises(Exception, match=r"threshold is -1\.0 at step 5"):
+        jax.block_until_ready(step(g, state))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"threshold": -1.0}, ValueError, "threshold"),
+        ({"threshold": float("nan")}, ValueError, "threshold"),
+        ({"threshold": "5000"}, TypeError, "threshold"),
+        ({"threshold": (1.0, 2.0)}, TypeError, "threshold"),
+        ({"threshold": 1 + 2j}, TypeError, "threshold"),
+        ({"beta": 1.0}, ValueError, "beta"),
+        ({"beta": 0.0}, ValueError, "beta"),
+        ({"beta": float("nan")}, ValueError, "beta"),
+        ({"warmup_steps": -1}, ValueError, "warmup_steps"),
+        ({"warmup_steps": 2.5}, TypeError, "warmup_steps"),
+        ({"warmup_steps": True}, TypeError, "warmup_steps"),
+        ({"nonfinite": "skip"}, ValueError, "nonfinite"),
+    ],
+)
+def test_bad_arguments_are_rejected_when_built_naming_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        optaxclip.spike_aware_clip(**kwargs)
+
+
+def test_an_injected_beta_outside_the_unit_interval_raises_at_run_time():
+    tx = optax.inject_hyperparams(optaxclip.spike_aware_clip)(beta=0.9)
+    g = {"g": jnp.ones(3)}
+    state = tx.init(g)
+    state.hyperparams["beta"] = jnp.asarray(1.5, jnp.float32)
+    with pytest.raises(Exception, match=r"beta is 1\.5 at step 1"):
+        jax.block_until_ready(jax.jit(tx.update)(g, state))
+
+
+def test_injected_hyperparameters_warmup_included_give_the_plain_results():
+    grads = {"g": jnp.asarray(spiky_grads(40, (12,), seed=4, first_spike=5))}
+    kwargs = dict(threshold=4.0, beta=0.8, warmup_steps=3)
+    plain, _, _ = run(optaxclip.spike_aware_clip(**kwargs), grads)
+    injected, states, _ = run(optax.inject_hyperparams(optaxclip.spike_aware_clip)(**kwargs), grads)
+    # Injected values are float32 arrays: 1 - beta is rounded from float32(beta).
+    np.testing.assert_allclose(np64(injected["g"]), np64(plain["g"]), rtol=1e-6)
+    assert int(states.hyperparams["warmup_steps"][0]) == 3
+
+
+# ---------------------------------------------------------------------------------------
+# Where the transform departs from the reference, on purpose (see the docstring).
+
+
+def test_a_coordinate_whose_v_is_still_zero_is_not_zeroed_for_good():
+    # A gated coordinate: zero gradient for 30 steps, then ordinary ones. The reference
+    # compares its first non-zero gradient with threshold * 0, zeroes it, keeps v at 0
+    # and so zeroes it on every later step.
+    steps = 60
+    rng = np.random.default_rng(5)
+    grads = rng.standard_normal((steps, 4)).astype(np.float32)
+    grads[:30, 0] = 0.0
+    ref, _, ref_v = spam64(grads, threshold=5000.0, beta=0.999, grad_accu_steps=20)
+    assert np.all(ref[30:, 0] == 0) and np.all(ref_v[:, 0] == 0)
+
+    outs, states, _ = run(optaxclip.spike_aware_clip(), {"g": jnp.asarray(grads)})
+    got = np64(outs["g"])
+    np.testing.assert_array_equal(got[:, 0], grads[:, 0])  # nothing to clip it against
+    np.testing.assert_allclose(got[:, 1:], ref[:, 1:], rtol=2e-5)
+    # From then on it is judged like the others: its v is the reference's v of the
+    # same coordinate started at step 31.
+    _, _, v_from_31 = spam64(
+        grads[30:, :1], threshold=5000.0, beta=0.999, grad_accu_steps=1, pass_zero_v=True
+    )
+    np.testing.assert_allclose(np64(states.rms["g"][30:, 0]) ** 2, v_from_31[:, 0], rtol=2e-5)
+
+
+def test_threshold_zero_turns_the_clip_off_as_in_the_reference_and_inf_never_clips():
+    grads = {"g": jnp.asarray(spiky_grads(40, (8,), seed=6, first_spike=3))}
+    for threshold in (0.0, float("inf")):
+        outs, states, final = run(optaxclip.spike_aware_clip(threshold, warmup_steps=0), grads)
+        np.testing.assert_array_equal(np64(outs["g"]), np64(grads["g"]))
+        assert int(final.stats.clip_count) == 0
+        want, _, vs = spam64(
+            np64(grads["g"]), threshold=threshold, beta=0.999, grad_accu_steps=1, pass_zero_v=True
+        )
+        np.testing.assert_allclose(np64(states.rms["g"]) ** 2, vs, rtol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# NaN and inf: the policy, and v left alone.
+
+
+def _with_bad_step(grads, step, value):
+    grads = grads.copy()
+    grads[step, 3] = value
+    return grads
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_nonfinite_step_passes_unchanged_and_leaves_v_and_the_warmup_alone(bad):
+    steps, at = 50, 20
+    clean = spiky_grads(steps, (10,), seed=7, first_spike=5)
+    grads = _with_bad_step(clean, at, bad)
+    tx = optaxclip.spike_aware_clip(4.0, beta=0.9, warmup_steps=2)
+    outs, states, final = run(tx, {"g": jnp.asarray(grads)})
+    got = np64(outs["g"])
+    # The bad step comes back as it came in (NaN/inf where it was, the rest unclipped).
+    np.testing.assert_array_equal(got[at], grads[at])
+    np.testing.assert_array_equal(np64(states.rms["g"][at]), np64(states.rms["g"][at - 1]))
+    assert int(states.recorded[at]) == at
+    assert int(final.stats.nonfinite_count) == 1
+    assert not bool(states.stats.clipped[at])
+    # Every other step is the reference run without the bad step.
+    kept = np.delete(clean, at, axis=0)
+    want, _, vs = spam64(kept, threshold=4.0, beta=0.9, grad_accu_steps=3)
+    np.testing.assert_allclose(np.delete(got, at, axis=0), want, rtol=2e-5)
+    np.testing.assert_allclose(np64(final.rms["g"]) ** 2, vs[-1], rtol=2e-5)
+
+
+def test_nonfinite_zero_returns_zeros_and_counts_the_step_as_clipped():
+    grads = _with_bad_step(spiky_grads(8, (10,), seed=8, first_spike=2), 5, np.nan)
+    tx = optaxclip.spike_aware_clip(nonfinite="zero", warmup_steps=0)
+    outs, states, final = run(tx, {"g": jnp.asarray(grads)})
+    np.testing.assert_array_equal(np64(outs["g"][5]), 0.0)
+    assert bool(states.stats.clipped[5]) and float(states.stats.clipped_norm[5]) == 0.0
+    np.testing.assert_array_equal(np64(states.rms["g"][5]), np64(states.rms["g"][4]))
+    assert int(final.stats.nonfinite_count) == 1
+    assert np.all(np.isfinite(np64(outs["g"])))
+
+
+def test_nonfinite_error_raises_from_inside_jit_naming_the_step():
+    tx = optaxclip.spike_aware_clip(nonfinite="error")
+    g = {"g": jnp.ones(3)}
+    step = jax.jit(tx.update)
+    _, state = step(g, tx.init(g))
+    with pytest.raises(Exception, match=r"spike_aware_clip.*at step 2"):
+        jax.block_until_ready(step({"g": jnp.array([1.0, jnp.inf, 0.0])}, state))
+
+
+# ---------------------------------------------------------------------------------------
+# Dtypes: half precision in, half precision out, float32 arithmetic; float64; complex.
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_leaves_keep_their_dtype_and_get_the_float32_rule(dtype):
+    steps = 80
+    # fp16 gradients up to 3e4 (their squares overflow fp16, not the float32 rule).
+    raw = spiky_grads(steps, (12,), seed=9, first_spike=10, scale=10.0)
+    raw = np.clip(raw, -3e4, 3e4)
+    grads = np.asarray(jnp.asarray(raw, dtype).astype(jnp.float32))  # what goes in
+    tx = optaxclip.spike_aware_clip(jnp.float32(8.0), beta=0.9, warmup_steps=2)
+    outs, states, _ = run(tx, {"g": jnp.asarray(grads, dtype)})
+    assert outs["g"].dtype == dtype
+    assert states.rms["g"].dtype == jnp.float32
+    want, mask, vs = spam64(grads, threshold=8.0, beta=0.9, grad_accu_steps=3)
+    assert mask.any() and margin_ok(grads, vs, 8.0, 3, rel=1e-3)
+    # Each clipped value is rounded to the leaf's dtype once; v takes in the float32 one.
+    eps = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(np64(outs["g"]), want, rtol=eps, atol=0)
+    np.testing.assert_allclose(np64(states.rms["g"]) ** 2, vs, rtol=1e-5)
+
+
+def test_float64_leaves_keep_v_in_float64():
+    with jax.enable_x64(True):
+        grads = spiky_grads(60, (10,), seed=10, first_spike=5).astype(np.float64) * np.pi
+        tx = optaxclip.spike_aware_clip(4.0, beta=0.9, warmup_steps=2)
+        outs, states, _ = run(tx, {"g": jnp.asarray(grads)})
+        assert outs["g"].dtype == jnp.float64 and states.rms["g"].dtype == jnp.float64
+        want, mask, vs = spam64(grads, threshold=4.0, beta=0.9, grad_accu_steps=3)
+        assert mask.any()
+        np.testing.assert_allclose(np64(outs["g"]), want, rtol=1e-12)
+        np.testing.assert_allclose(np64(states.rms["g"]) ** 2, vs, rtol=1e-12)
+
+
+def test_complex_leaves_are_judged_by_their_magnitude_and_keep_their_phase():
+    rng = np.random.default_rng(11)
+    steps = 40
+    z = (rng.standard_normal((steps, 6)) + 1j * rng.standard_normal((steps, 6))).astype(
+        np.complex64
+    )
+    z[30, 2] *= 500
+    tx = optaxclip.spike_aware_clip(6.0, beta=0.9, warmup_steps=3)
+    outs, states, _ = run(tx, {"z": jnp.asarray(z)})
+    assert outs["z"].dtype == jnp.complex64 and states.rms["z"].dtype == jnp.float32
+    # The reference rule on |z|, with the phase of z.
+    mag, mask, vs = spam64(np.abs(z), threshold=6.0, beta=0.9, grad_accu_steps=4)
+    want = mag * np.exp(1j * np.angle(z.astype(np.complex128)))
+    assert mask[30, 2]
+    np.testing.assert_allclose(np64(outs["z"]), want, rtol=2e-5)
+    np.testing.assert_allclose(np64(states.rms["z"]) ** 2, vs, rtol=2e-5)
+
+
+def test_v_stays_finite_and_exact_from_1e_minus_30_to_1e30():
+    # g**2 overflows float32 above ~1.8e19 and flushes to 0 below ~1e-19: v kept as
+    # sqrt(v) does neither, and the rule holds at both ends.
+    for scale in (1e30, 1e-30):
+        grads = spiky_grads(50, (8,), seed=12, first_spike=5, scale=scale)
+        tx = optaxclip.spike_aware_clip(4.0, beta=0.9, warmup_steps=2)
+        outs, states, _ = run(tx, {"g": jnp.asarray(grads)})
+        want, mask, vs = spam64(grads, threshold=4.0, beta=0.9, grad_accu_steps=3)
+        assert mask.any()
+        assert np.all(np.isfinite(np64(outs["g"]))) and np.all(np64(outs["g"]) != 0)
+        np.testing.assert_allclose(np64(outs["g"]), want, rtol=2e-5)
+        np.testing.assert_allclose(np64(states.rms["g"]), np.sqrt(vs), rtol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Trees, errors, jit and grad.
+
+
+def test_none_leaves_and_empty_trees_pass_through():
+    tx = optaxclip.spike_aware_clip(warmup_steps=0)
+    tree = {"a": jnp.ones(2), "frozen": None}
+    out, state = tx.update(tree, tx.init(tree))
+    assert out["frozen"] is None and state.rms["frozen"] is None
+    out, state = tx.update({}, tx.init({}))
+    assert out == {} and float(state.clipped_fraction) == 0.0 and int(state.stats.count) == 1
+
+
+def test_an_integer_leaf_raises_naming_its_path():
+    tx = optaxclip.spike_aware_clip()
+    tree = {"ok": jnp.ones(2), "ids": jnp.arange(3)}
+    with pytest.raises(TypeError, match=r"\['ids'\]"):
+        tx.update(tree, tx.init(tree))
+
+
+def test_a_state_built_for_another_tree_is_refused_with_what_to_do():
+    tx = optaxclip.spike_aware_clip()
+    with pytest.raises(ValueError, match=r"tx\.init\(params\)"):
+        tx.update({"w": jnp.ones(2)}, tx.init(None))
+
+
+def test_init_gives_every_leaf_its_own_buffer():
+    params = {"a": jnp.ones(3), "b": jnp.ones(3), "c": jnp.ones((), jnp.bfloat16)}
+    state = optaxclip.spike_aware_clip().init(params)
+    pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)]
+    assert len(set(pointers)) == len(pointers)
+    assert all(x.size > 0 for x in jax.tree.leaves(state))
+
+
+def test_the_derivative_through_the_clip_is_one_where_it_passes_and_zero_where_it_clips():
+    # The bound comes from the state (past gradients), so a clipped coordinate does not
+    # depend on this step's gradient; a passed one is the identity.
+    tx = optaxclip.spike_aware_clip(4.0, beta=0.5, warmup_steps=0)
+    first = {"g": jnp.array([1.0, 1.0, 0.0, -1.0])}
+    _, state = jax.jit(tx.update)(first, tx.init(first))
+    g = {"g": jnp.array([0.5, 30.0, 0.0, -30.0])}
+    jac = jax.jit(jax.jacobian(lambda g: tx.update(g, state)[0]["g"]))(g)["g"]
+    np.testing.assert_array_equal(np.diag(np64(jac)), [1.0, 0.0, 1.0, 0.0])
+    assert np.all(np.isfinite(np64(jac)))
+
+
+def test_the_gradient_through_many_steps_is_finite_also_at_zeros_and_for_complex():
+    seq = {
+        "r": jnp.asarray(spiky_grads(12, (5,), seed=13, first_spike=4)).at[:, 0].set(0.0),
+        "z": jnp.asarray(spiky_grads(12, (3,), seed=14, first_spike=4)).astype(jnp.complex64),
+    }
+    tx = optaxclip.spike_aware_clip(3.0, beta=0.8, warmup_steps=1)
+
+    def loss(seq):
+        outs, _, final = run_unjitted(tx, seq)
+        total = sum(jnp.sum(jnp.abs(o) ** 2) for o in jax.tree.leaves(outs))
+        return total + sum(jnp.sum(r) for r in jax.tree.leaves(final.rms))
+
+    grads = jax.jit(jax.grad(loss))(seq)
+    assert all(np.all(np.isfinite(np64(x))) for x in jax.tree.leaves(grads))
+
+
+def run_unjitted(tx, grads):
+    def body(state, g):
+        out, state = tx.update(g, state)
+        return state, out
+
+    final, outs = jax.lax.scan(body, tx.init(jax.tree.map(lambda x: x[0], grads)), grads)
+    return outs, None, final
+
+
+# ---------------------------------------------------------------------------------------
+# Properties over random gradients, thresholds and decays.
+
+
+@jax.jit
+def _six_steps(seq, threshold, beta):
+    """spike_aware_clip over ``seq`` with traced threshold and beta (few compilations)."""
+    return run_unjitted(optaxclip.spike_aware_clip(threshold, beta=beta, warmup_steps=1), seq)
+
+
+@st.composite
+def sequences(draw):
+    dtype = draw(st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]))
+    low, high = (-4, 3) if dtype == jnp.float16 else (-30, 30)
+    decade = draw(st.integers(low, high))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    x = rng.standard_normal((6, 7)) * 10.0**decade
+    x *= np.where(rng.random((6, 7)) < 0.1, rng.uniform(10, 1000, (6, 7)), 1.0)
+    if dtype == jnp.float16:
+        x = np.clip(x, -6e4, 6e4)
+    return jnp.asarray(x, dtype)
+
+
+@given(sequences(), st.floats(1.0, 1e4), st.floats(0.5, 0.999))
+def test_every_coordinate_passes_or_is_pulled_toward_zero_keeping_its_sign(seq, threshold, beta):
+    outs, _, final = _six_steps({"g": seq}, jnp.float32(threshold), jnp.float32(beta))
+    got, given_ = np64(outs["g"]), np64(seq)
+    assert outs["g"].dtype == seq.dtype
+    assert np.all(np.isfinite(got))
+    changed = got != given_
+    assert np.all(np.sign(got[changed]) == np.sign(given_[changed]))
+    assert np.all(np.abs(got[changed]) <= np.abs(given_[changed]))
+    # Nothing is clipped in the warm-up step, and a non-zero coordinate stays non-zero
+    # (the bound is at least sqrt(threshold * (1 - beta)) times an earlier gradient).
+    assert not changed[0].any()
+    tiny = float(jnp.finfo(seq.dtype).smallest_subnormal)
+    assert np.all((got != 0) | (given_ == 0) | (np.abs(given_) < 1e3 * tiny))
+    assert np.all(np.isfinite(np64(final.rms["g"])))
+
+
+@given(
+    st.lists(st.floats(-30, 30), min_size=8, max_size=8),
+    st.floats(0.5, 0.9999),
+)
+def test_v_is_the_ema_of_g_squared_over_sixty_decades(decades, beta):
+    # threshold inf: nothing is clipped and v is the plain EMA of g**2.
+    g = (10.0 ** np.asarray(decades))[:, None] * np.array([1.0, -0.5])
+    g = g.astype(np.float32)
+    _, _, final = _six_steps({"g": jnp.asarray(g)}, jnp.float32(np.inf), jnp.float32(beta))
+    v = np.zeros(2)
+    b = float(np.float32(beta))
+    for row in g.astype(np.float64):
+        v = b * v + (1 - b) * row**2
+    np.testing.assert_allclose(np64(final.rms["g"]), np.sqrt(v), rtol=1e-5)
