@@ -189,6 +189,15 @@ def _donated_makers(opt: Callable[[], optax.GradientTransformation]) -> dict[str
         "optaxclip.skip_nonfinite": lambda: optaxclip.skip_nonfinite(opt()),
         "optaxclip.skip_spikes": lambda: optaxclip.skip_spikes(opt()),
         "optax.apply_if_finite": lambda: optax.apply_if_finite(opt(), 10),
+        # Gradient accumulation, each step one micro-batch: the predicates that drop a
+        # NaN micro-batch before it enters the accumulator, against MultiSteps without one.
+        "optax.MultiSteps(k=4)": lambda: optax.MultiSteps(opt(), 4),
+        "optax.MultiSteps(k=4, optax.skip_not_finite)": lambda: optax.MultiSteps(
+            opt(), 4, should_skip_update_fn=optax.skip_not_finite
+        ),
+        "optax.MultiSteps(k=4, optaxclip.skip_nonfinite_microbatch)": lambda: optax.MultiSteps(
+            opt(), 4, should_skip_update_fn=optaxclip.skip_nonfinite_microbatch
+        ),
     }
 
 

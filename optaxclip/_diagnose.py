@@ -280,15 +280,8 @@ class Diagnosis:
         from the early steps when the run diverges) and the warnings (wrapped to 80
         columns), or ``warnings: none``.
 
-        Args:
-            None.
-
         Returns:
             The report as a string (no trailing newline).
-
-        References:
-            Pascanu et al., 2013, https://arxiv.org/abs/1211.5063; Zhang et al., 2020,
-            https://arxiv.org/abs/1905.11881.
 
         Examples:
             >>> from optaxclip import diagnose
@@ -374,10 +367,6 @@ class Diagnosis:
 
         Returns:
             The matplotlib ``Axes`` drawn into.
-
-        References:
-            Pascanu et al., 2013, https://arxiv.org/abs/1211.5063; Zhang et al., 2020,
-            https://arxiv.org/abs/1905.11881.
 
         Examples:
             >>> import matplotlib

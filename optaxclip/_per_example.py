@@ -93,98 +93,98 @@ def _bound(who: str, name: str, value: Any, acc: jnp.dtype) -> jax.Array:
     return t
 
 
-def _example_sums(leaves: list[jax.Array], acc: jnp.dtype, factors: Any = None) -> jax.Array:
-    """(leaves, examples): the sum of |x|^2 over each example's slice of each leaf.
+def _example_sums(x: jax.Array, acc: jnp.dtype, factor: jax.Array | None = None) -> jax.Array:
+    """(examples,): the sum of |x|^2 over each example's slice, times ``factor`` first."""
+    scale = None if factor is None else factor.reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.sum(abs_sq(x, acc, scale), axis=tuple(range(1, x.ndim)))
 
-    ``factors`` (leaves, examples), when given, multiplies each slice before squaring.
-    """
-    rows = []
-    for i, x in enumerate(leaves):
-        scale = None
-        if factors is not None:
-            scale = factors[i].reshape((-1,) + (1,) * (x.ndim - 1))
-        rows.append(jnp.sum(abs_sq(x, acc, scale), axis=tuple(range(1, x.ndim))))
-    return jnp.stack(rows)
+
+def _group_sums(parts: list[jax.Array]) -> jax.Array:
+    return parts[0] if len(parts) == 1 else jnp.sum(jnp.stack(parts), axis=0)
 
 
 def _group_norms(
-    leaves: list[jax.Array], group_of: np.ndarray, n_groups: int, bounds: jax.Array, acc: jnp.dtype
-) -> jax.Array:
-    """(groups, examples): the L2 norm of each example's slice of each group of leaves.
+    leaves: list[jax.Array], groups: list[list[int]], bounds: list[jax.Array], acc: jnp.dtype
+) -> list[jax.Array]:
+    """For each group of leaves, the L2 norm of each example's slice of it (examples,).
 
     One read of the leaves when every sum of squares is finite and every tiny one
     (below ``_TINY_TOTAL``, where squares may have flushed to zero) faces a bound too
     large for it to matter. Otherwise a ``lax.cond`` branch sums each rescued group's
     squares again, times a power of two (down where the plain sum overflowed, up where
-    it is tiny), which a NaN or inf input still turns into a NaN or inf norm.
+    it is tiny), which a NaN or inf input still turns into a NaN or inf norm. The groups
+    stay apart (a list, not one stacked array): per-leaf chains that meet only in the
+    cond's predicate compile half as slowly as slices of a shared array.
     """
     bits = jnp.finfo(acc).bits
-    plain = _example_sums(leaves, acc)
-    if n_groups == 1:
-        totals = jnp.sum(plain, axis=0, keepdims=True)
-    else:  # one group per leaf
-        totals = plain
-    tiny = totals < _TINY_TOTAL[bits]
-    unsafe = ~jnp.isfinite(totals) | (tiny & (bounds[:, None] < _TINY_NORM[bits]))
+    leaf_sums = [_example_sums(x, acc) for x in leaves]
+    totals = [_group_sums([leaf_sums[i] for i in members]) for members in groups]
+    stacked = jnp.stack(totals)
+    tiny_bound = jnp.stack(bounds)[:, None] < _TINY_NORM[bits]
+    unsafe = ~jnp.isfinite(stacked) | ((stacked < _TINY_TOTAL[bits]) & tiny_bound)
 
     def common(_):
-        return safe_sqrt(totals)
+        return [safe_sqrt(t) for t in totals]
 
     def rescued(operands):
-        # A factor read at run time: XLA cannot fold a constant's square (0 in float32).
-        factor = jnp.where(
-            ~jnp.isfinite(totals),
-            jnp.asarray(_RESCALE[bits], acc),
-            jnp.where(tiny, jnp.asarray(_UPSCALE[bits], acc), jnp.ones((), acc)),
-        )
-        again = _example_sums(operands, acc, factor[group_of])
-        again = jnp.sum(again, axis=0, keepdims=True) if n_groups == 1 else again
-        return jnp.where(factor != 1, safe_sqrt(again) / factor, safe_sqrt(totals))
+        out = []
+        for members, t in zip(groups, totals, strict=True):
+            # A factor read at run time: XLA cannot fold a constant's square (0 in float32).
+            factor = jnp.where(
+                ~jnp.isfinite(t),
+                jnp.asarray(_RESCALE[bits], acc),
+                jnp.where(t < _TINY_TOTAL[bits], jnp.asarray(_UPSCALE[bits], acc), 1),
+            ).astype(acc)
+            again = _group_sums([_example_sums(operands[i], acc, factor) for i in members])
+            out.append(jnp.where(factor != 1, safe_sqrt(again) / factor, safe_sqrt(t)))
+        return out
 
     return jax.lax.cond(jnp.any(unsafe), rescued, common, list(leaves))
 
 
 def _clip_and_sum(
     leaves: list[jax.Array],
-    group_of: np.ndarray,
-    n_groups: int,
-    bounds: jax.Array,
+    groups: list[list[int]],
+    bounds: list[jax.Array],
     eps: Any,
     acc: jnp.dtype,
-) -> tuple[list[jax.Array], jax.Array]:
+) -> tuple[list[jax.Array], list[jax.Array]]:
     """Each group's per-example slices scaled to its bound, summed over the examples.
 
     Returns:
-      ``(summed leaves in their dtypes, clipped examples per group as int32)``.
+      ``(summed leaves in their dtypes, clipped examples per group as int32 scalars)``.
     """
-    norms = _group_norms(leaves, group_of, n_groups, bounds, acc)
-    limit = jnp.broadcast_to(bounds[:, None], norms.shape)
-    # A clipped slice ends at limit / (1 + eps): just inside its bound at every scale.
-    _, _, hi, lo = scale_parts(norms, limit / (1 + jnp.asarray(eps, acc)))
-    over = jnp.isfinite(norms) & (norms > limit)
-    if not (is_concrete(eps) and float(eps) == 0):
-        # A norm between limit / (1 + eps) and limit is not clipped: no scale there.
-        keep = ~over & (limit != 0)
-        hi, lo = jnp.where(keep, 1, hi), jnp.where(keep, 1, lo)
-
-    # sum_i hi_i lo_i x_i as one dot product per leaf (a multiply and a sum over axis 0
-    # runs ~10x slower on XLA:CPU), at full precision (TPUs default to bfloat16 passes).
-    # lo is 1 except where a scale is too small for one float (then a power of two): the
-    # dot takes hi_i lo_i / lo_min and its result is multiplied by lo_min. That cannot
-    # overflow: every term is at most the bound over lo_min, and lo_min < 1 only where
-    # bound / norm < the smallest normal float, so the bound is below ~4 sqrt(size).
-    lo_min = jnp.min(lo, axis=1, keepdims=True)
-    weights = jnp.where(lo != 1, hi, hi / lo_min)
-    rows = [(weights[g], lo_min[g, 0]) for g in range(n_groups)]
-    sums = []
-    for i, x in enumerate(leaves):
-        # Half precision is summed in float32 and rounded once; float32 beside float64
-        # leaves in float64, whose scale may not fit a float32.
-        wide = x.astype(jnp.promote_types(x.dtype, acc))
-        real = jnp.finfo(wide.dtype).dtype
-        w, factor = rows[group_of[i]]
-        sums.append((_dot(w.astype(real), wide) * factor.astype(real)).astype(x.dtype))
-    return sums, jnp.sum(over, axis=1).astype(jnp.int32)
+    norms = _group_norms(leaves, groups, bounds, acc)
+    sums: list[Any] = [None] * len(leaves)
+    counts = []
+    for members, norm, bound in zip(groups, norms, bounds, strict=True):
+        limit = jnp.broadcast_to(bound, norm.shape)
+        # A clipped slice ends at limit / (1 + eps): just inside its bound at every scale.
+        _, _, hi, lo = scale_parts(norm, limit / (1 + jnp.asarray(eps, acc)))
+        over = jnp.isfinite(norm) & (norm > limit)
+        if not (is_concrete(eps) and float(eps) == 0):
+            # A norm between limit / (1 + eps) and limit is not clipped: no scale there.
+            keep = ~over & (limit != 0)
+            hi, lo = jnp.where(keep, 1, hi), jnp.where(keep, 1, lo)
+        # sum_i hi_i lo_i x_i as one dot product per leaf (a multiply and a sum over
+        # axis 0 runs ~10x slower on XLA:CPU), at full precision (TPUs default to
+        # bfloat16 passes). lo is 1 except where a scale is too small for one float
+        # (then a power of two): the dot takes hi_i lo_i / lo_min and its result is
+        # multiplied by lo_min. That cannot overflow: every term is at most the bound
+        # over lo_min, and lo_min < 1 only where bound / norm is below the smallest
+        # normal float, so the bound is below ~4 sqrt(size).
+        lo_min = jnp.min(lo)
+        weights = jnp.where(lo != 1, hi, hi / lo_min)
+        for i in members:
+            x = leaves[i]
+            # Half precision is summed in float32 and rounded once; float32 beside
+            # float64 leaves in float64, whose scale may not fit a float32.
+            wide = x.astype(jnp.promote_types(x.dtype, acc))
+            real = jnp.finfo(wide.dtype).dtype
+            total = _dot(weights.astype(real), wide) * lo_min.astype(real)
+            sums[i] = total.astype(x.dtype)
+        counts.append(jnp.sum(over).astype(jnp.int32))
+    return sums, counts
 
 
 def _dot(weights: jax.Array, x: jax.Array) -> jax.Array:
@@ -240,8 +240,7 @@ def per_example_global_norm_clip(grads: Any, l2_norm_clip: Any) -> tuple[Any, ja
     bound = _bound(who, "l2_norm_clip", l2_norm_clip, acc)
     if not leaves:
         return grads, jnp.zeros((), jnp.int32)
-    group_of = np.zeros(len(leaves), np.int32)
-    sums, clipped = _clip_and_sum(leaves, group_of, 1, bound[None], 0, acc)
+    sums, clipped = _clip_and_sum(leaves, [list(range(len(leaves)))], [bound], 0, acc)
     return jax.tree_util.tree_unflatten(treedef, sums), clipped[0]
 
 
@@ -311,12 +310,11 @@ def per_example_layer_norm_clip(
     else:
         fractions = sizes / sizes.sum()
     if is_concrete(global_l2_norm_clip):  # in float64 first, as Optax's Python floats are
-        bounds = jnp.asarray(float(global_l2_norm_clip) * np.sqrt(fractions), acc)
+        bounds = [jnp.asarray(float(global_l2_norm_clip) * f, acc) for f in np.sqrt(fractions)]
     else:
-        bounds = bound * jnp.asarray(np.sqrt(fractions), acc)
-    group_of = np.arange(len(leaves), dtype=np.int32)
-    sums, clipped = _clip_and_sum(leaves, group_of, len(leaves), bounds, eps, acc)
-    counts = [clipped[i] for i in range(len(leaves))]
+        bounds = [bound * jnp.asarray(f, acc) for f in np.sqrt(fractions)]
+    groups = [[i] for i in range(len(leaves))]
+    sums, counts = _clip_and_sum(leaves, groups, bounds, eps, acc)
     return (
         jax.tree_util.tree_unflatten(treedef, sums),
         jax.tree_util.tree_unflatten(treedef, counts),

@@ -12,14 +12,8 @@ import optax
 
 from optaxclip import _stats
 from optaxclip._mechanics import NONFINITE_POLICIES, check_finite_at_runtime
-from optaxclip._norms import (
-    AxisName,
-    Sharded,
-    leaf_and_global_norms,
-    reduce_over_devices,
-    safe_sqrt,
-    sharded_flags,
-)
+from optaxclip._norm_engine import leaf_and_global_norms, safe_sqrt
+from optaxclip._norms import AxisName, Sharded, reduce_over_devices, sharded_flags
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
     check_choice,

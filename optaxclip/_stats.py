@@ -86,7 +86,7 @@ _PLUMBING_KEYS = frozenset({"inner_state", "inner_states", "inner_opt_state", "o
 
 # Extra scalars that some optaxclip states keep beside their ClipStats, reported by
 # stats() with it.
-_EXTRA_FIELDS = ("consecutive_skips",)
+_EXTRA_FIELDS = ("consecutive_skips", "clipped_fraction")
 # Per-leaf values that some optaxclip states keep beside their ClipStats, as a dict from
 # leaf path to scalar: reported by stats() as "<prefix>/<leaf path>" (monitor's
 # leaf_norms as "leaf_norm/hidden/kernel").

@@ -38,6 +38,9 @@ NOT_TRANSFORMS = {
     "clip_tree_by_global_norm",
     "diagnose",
     "global_norm",
+    "per_example_global_norm_clip",
+    "per_example_layer_norm_clip",
+    "skip_nonfinite_microbatch",
     "stats",
     "unitwise_norm",
 }

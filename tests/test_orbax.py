@@ -52,7 +52,7 @@ def _check_state_is_live(name, state):
     own = state if case.wraps else state[0]
     s = optaxclip.stats(state)
     assert int(s["count"]) == STEPS
-    if name != "skip_nonfinite":
+    if name != "skip_nonfinite" and case.clips:
         assert int(s["clip_count"]) > 0  # clipped (or skipped) the spikes at least
     if name == "autoclip_window":
         assert np.all(np.isfinite(own.history))  # the ring buffer has wrapped

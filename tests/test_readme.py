@@ -1,5 +1,6 @@
-"""Every Python block in the README runs on its own, twice, and prints what it says.
+"""Every Python block in the README and the docs runs on its own, twice, and prints what it says.
 
+The pages are README.md and every MyST page under docs/ (the guides hold most blocks).
 A reader copies one block into a fresh file or notebook cell and runs it, maybe twice:
 each block runs here in a fresh interpreter (so it cannot lean on an earlier block),
 twice in a row (so it cannot leave behind something that breaks the second run, such as
@@ -20,17 +21,19 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+PAGES = [README, *sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.parts)]
 TIMEOUT_S = 300  # a guard against hangs; each block takes seconds
 
 _BLOCK = re.compile(r"```python\n(.*?)```(?:[ \t]*\n(?:[ \t]*\n)*```text\n(.*?)```)?", re.S)
 _RUNS = 2
-_SEPARATOR = "--- optaxclip README run ---"
+_SEPARATOR = "--- optaxclip docs block run ---"
 
-# Runs the block (argv[1]) twice, each time in a fresh namespace, printing its output
-# after a separator line.
+# Runs the block (argv[1], from the page named by argv[2]) twice, each time in a fresh
+# namespace, printing its output after a separator line.
 _RUNNER = f"""
 import contextlib, io, sys
-code = compile(open(sys.argv[1]).read(), "README.md block", "exec")
+code = compile(open(sys.argv[1]).read(), sys.argv[2], "exec")
 for _ in range({_RUNS}):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -40,30 +43,35 @@ for _ in range({_RUNS}):
 """
 
 
-def _blocks() -> list[tuple[str, str, str | None]]:
-    """(id, code, expected output or None) for each Python block of the README."""
-    text = README.read_text()
+def _blocks(page: pathlib.Path) -> list[tuple[str, str, str, str | None]]:
+    """(id, page, code, expected output or None) for each Python block of a page."""
+    text = page.read_text(encoding="utf-8")
+    name = page.relative_to(ROOT).as_posix()
     out = []
     for match in _BLOCK.finditer(text):
         line = text.count("\n", 0, match.start()) + 1
         prose = re.sub(r"```.*?```", "", text[: match.start()], flags=re.S)
-        heading = re.findall(r"^#+ (.+)$", prose, re.M)[-1]
-        slug = re.sub(r"[^a-z0-9]+", "-", heading.lower()).strip("-")
+        headings = re.findall(r"^#+ (.+)$", prose, re.M) or [page.stem]
+        slug = re.sub(r"[^a-z0-9]+", "-", headings[-1].lower()).strip("-")
         # Blocks inside a list item are indented with it.
         expected = None if match.group(2) is None else textwrap.dedent(match.group(2))
-        out.append((f"line{line}-{slug}", textwrap.dedent(match.group(1)), expected))
+        block_id = f"{name}:{line}-{slug}"
+        out.append((block_id, name, textwrap.dedent(match.group(1)), expected))
     return out
 
 
-BLOCKS = _blocks()
+BLOCKS = [block for page in PAGES for block in _blocks(page)]
 
 
-def test_the_readme_has_python_blocks_to_run():
-    assert len(BLOCKS) >= 8
+def test_the_readme_and_the_guides_have_python_blocks_to_run():
+    assert any(page == "README.md" for _, page, _, _ in BLOCKS), "the quickstart"
+    assert sum(page.startswith("docs/guides/") for _, page, _, _ in BLOCKS) >= 8
 
 
-@pytest.mark.parametrize(("code", "expected"), [b[1:] for b in BLOCKS], ids=[b[0] for b in BLOCKS])
-def test_readme_block_runs_on_its_own_twice(code, expected, tmp_path):
+@pytest.mark.parametrize(
+    ("page", "code", "expected"), [b[1:] for b in BLOCKS], ids=[b[0] for b in BLOCKS]
+)
+def test_block_runs_on_its_own_twice(page, code, expected, tmp_path):
     script = tmp_path / "block.py"
     script.write_text(code)
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
@@ -71,7 +79,7 @@ def test_readme_block_runs_on_its_own_twice(code, expected, tmp_path):
     work = tmp_path / "cwd"
     work.mkdir()
     done = subprocess.run(
-        [sys.executable, "-c", _RUNNER, str(script)],
+        [sys.executable, "-c", _RUNNER, str(script), f"{page} block"],
         cwd=work,
         env=env,
         capture_output=True,
