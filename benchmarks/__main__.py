@@ -7,6 +7,11 @@ parameters), with the machine's read-once bound; and the step time of the adapti
 transforms against clip_by_global_norm, including AutoClip late in training; and the
 step time of clips and skip wrappers with the parameters and optimizer state donated,
 as training loops run them.
+
+``--only quality`` (not run by default: it trains ~1,000 small models) is the evidence for
+choosing a method: a character-level transformer and LSTM trained on Python's own
+sources with every method, over a learning-rate sweep and with injected bad batches
+(``benchmarks/_quality.py``; results in <out>/[quick_]quality.{json,md} and PNG plots).
 """
 
 from __future__ import annotations
@@ -26,22 +31,43 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="Results: <out>/[quick_]results.{json,md} and PNG plots.",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="a smaller grid and fewer repeats (~1 minute)"
+        "--quick",
+        action="store_true",
+        help="a smaller grid and fewer repeats (~1 minute; --only quality: ~3 minutes)",
     )
     parser.add_argument(
         "--only",
-        choices=("clip", "adaptive", "donated"),
+        choices=("clip", "adaptive", "donated", "quality"),
         action="append",
-        help="run only these sections (repeatable); default: all",
+        help="run only these sections (repeatable); default: clip, adaptive and donated "
+        "(quality, the training benchmark, runs only when named)",
     )
     parser.add_argument(
         "--out", type=pathlib.Path, default=HERE / "results", help="output directory"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--platform",
+        choices=("cpu", "tpu"),
+        default="cpu",
+        help="cpu: run the sections here; tpu: compile for a TPU v5e topology with libtpu "
+        '(no TPU needed; pip install -e ".[tpu]" in an environment of its own) and report '
+        "the TPU compiler's figures in <out>/[quick_]tpu.{json,md} (--only does not apply)",
+    )
+    args = parser.parse_args(argv)
+    if args.platform == "tpu" and args.only:
+        parser.error("--only applies to --platform cpu")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.platform == "tpu":
+        from benchmarks import _tpu
+
+        # Before JAX is imported: the TPU compiler is loaded for a topology, not a chip.
+        _tpu.prepare_environment()
+        command = "python -m benchmarks --platform tpu" + (" --quick" if args.quick else "")
+        return _tpu.main(args.quick, args.out, command)
     # Imported here so that --help answers without starting JAX.
     from benchmarks import _cases, _harness, _report
 
@@ -54,9 +80,26 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(message)
             print(f"note: {message}", file=sys.stderr, flush=True)
 
+    if "quality" in sections:
+        from benchmarks import _quality
+
+        quality = _quality.run(_quality.QualityPlan.make(args.quick), log)
+        quality["meta"]["command"] = "python -m benchmarks --only quality" + (
+            " --quick" if args.quick else ""
+        )
+        quality["meta"]["notes"] = list(notes)
+        written = _quality.write(quality, args.out, "quick_" if args.quick else "")
+        print(_quality.summary(quality))
+        print("wrote " + ", ".join(written))
+        # The quality section writes files of its own: with nothing else named, the
+        # timing report (results.json) is left as it was rather than overwritten empty.
+        sections = [s for s in sections if s != "quality"]
+        if not sections:
+            return 0
+
     command = "python -m benchmarks" + (" --quick" if args.quick else "")
     if args.only:
-        command += "".join(f" --only {s}" for s in args.only)
+        command += "".join(f" --only {s}" for s in sections)
     results: dict = {
         "meta": {"command": command, "machine": _harness.machine_info(), "plan": repr(plan)},
         "clip": {"step": [], "compile": [], "memory": []},
