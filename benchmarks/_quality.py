@@ -1276,4 +1276,25 @@ def write(results: dict, out: pathlib.Path, prefix: str) -> list[str]:
     tmp.replace(json_path)
     md_path = out / f"{prefix}quality.md"
     md_path.write_text(markdown(results))
-    return [str(json_path), str(md_path)] + plots(results, out, prefix)
+    written = [str(json_path), str(md_path)] + plots(results, out, prefix)
+    if not prefix and out.resolve() == (README.parent / "benchmarks" / "results").resolve():
+        written.append(sync_readme(results))
+    return written
+
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+_START, _END = "<!-- overview:start -->", "<!-- overview:end -->"
+
+
+def overview_block(text: str) -> str:
+    """The overview table of a report or of the README, markers included."""
+    return text[text.index(_START) : text.index(_END) + len(_END)]
+
+
+def sync_readme(results: dict, readme: pathlib.Path = README) -> str:
+    """Replaces the README's copy of the overview table with this run's (full runs only:
+    the README shows the full benchmark). ``tests/test_docs.py`` checks the two agree."""
+    text = readme.read_text(encoding="utf-8")
+    fresh = overview_block("\n".join(_overview_lines(results)))
+    readme.write_text(text.replace(overview_block(text), fresh), encoding="utf-8")
+    return str(readme)

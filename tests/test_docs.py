@@ -20,6 +20,7 @@ import sys
 import pytest
 
 import optaxclip
+from benchmarks import _quality
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -87,7 +88,12 @@ def test_benchmark_tables_are_included_not_pasted():
     for page in [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]:
         if "_build" in page.parts:
             continue
-        pasted = rows & set(page.read_text(encoding="utf-8").splitlines())
+        text = page.read_text(encoding="utf-8")
+        if page.name == "README.md":
+            # The one copy allowed: the quality overview, which the benchmark itself
+            # writes into the README (test below).
+            text = text.replace(_quality.overview_block(text), "")
+        pasted = rows & set(text.splitlines())
         assert not pasted, f"{page.relative_to(ROOT)} pastes benchmark rows: {sorted(pasted)[:3]}"
     performance = (DOCS / "guides" / "performance.md").read_text(encoding="utf-8")
     assert "{include} ../../benchmarks/results/results.md" in performance
@@ -106,3 +112,12 @@ def test_relative_links_point_at_files_that_exist(page):
         if not (ROOT / target.split("#", 1)[0]).exists():
             broken.append(target)
     assert not broken, f"{page} links to missing files: {broken}"
+
+
+def test_readme_quality_table_is_the_benchmarks_own_overview():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    report = (ROOT / "benchmarks" / "results" / "quality.md").read_text(encoding="utf-8")
+    assert _quality.overview_block(readme) == _quality.overview_block(report), (
+        "README's quality table differs from benchmarks/results/quality.md: rerun "
+        "`python -m benchmarks --only quality`, which rewrites both."
+    )
