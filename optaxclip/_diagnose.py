@@ -117,11 +117,15 @@ _LONG_SKIP_RUN = 10
 
 # The methods, as stats() names their transforms.
 _FIXED = ("clip_by_global_norm", "clip_by_block_norm", "clip_by_block_rms", "clip_by_value")
-_ADAPTIVE = ("autoclip", "zclip", "adagc", "adaptive_grad_clip")
+_ADAPTIVE = ("autoclip", "zclip", "adagc", "adaptive_grad_clip", "spike_aware_clip")
 _SKIPS = ("skip_nonfinite", "skip_spikes")
+# Records the norm and never clips.
+_RECORD_ONLY = ("monitor",)
+# Methods whose recorded threshold is a ratio, not a norm: no threshold line on the plot.
+_RATIO_THRESHOLDS = ("adaptive_grad_clip", "spike_aware_clip")
 # A skip wrapper whose kind the history does not tell.
 _ANY_SKIP = "skip_wrapper"
-_METHODS = _FIXED + _ADAPTIVE + _SKIPS
+_METHODS = _FIXED + _ADAPTIVE + _SKIPS + _RECORD_ONLY
 _ACCEPTED = (*_METHODS, _ANY_SKIP)
 _SKIP_METHODS = (*_SKIPS, _ANY_SKIP)
 
@@ -136,6 +140,8 @@ _DESCRIPTIONS = {
     "zclip": "zclip (adaptive: clips z-score spikes over a norm EMA)",
     "adagc": "adagc (adaptive per-tensor: clips often by design)",
     "adaptive_grad_clip": "adaptive_grad_clip (AGC: clips often by design)",
+    "spike_aware_clip": "spike_aware_clip (SPAM: clips coordinates against their own EMA)",
+    "monitor": "monitor (records the norm only: nothing is clipped)",
     "skip_nonfinite": 'skip_nonfinite (skip wrapper: "clipped" means skipped)',
     "skip_spikes": 'skip_spikes (skip wrapper: "clipped" means skipped)',
     _ANY_SKIP: "a skip wrapper (skip_nonfinite or skip_spikes)",
@@ -148,6 +154,7 @@ _THRESHOLD_LABELS = {
     "zclip": ("threshold", " (median; adaptive)"),
     "adagc": ("threshold", " (median of the largest per-tensor bound)"),
     "adaptive_grad_clip": ("clipping ratio", " (update-to-weight norm ratio, not a norm)"),
+    "spike_aware_clip": ("threshold", " (ratio of g^2 to its EMA, not a norm)"),
     "skip_spikes": ("skip threshold", " (median norm threshold)"),
     _ANY_SKIP: ("skip threshold", " (median norm threshold)"),
 }
@@ -390,7 +397,7 @@ class Diagnosis:
         if (
             self.thresholds is not None
             and np.isfinite(self.thresholds).any()
-            and self.method != "adaptive_grad_clip"
+            and self.method not in _RATIO_THRESHOLDS
         ):
             label = _THRESHOLD_LABELS.get(self.method, ("threshold", ""))[0]
             ax.plot(steps, self.thresholds, ls="--", lw=1.2, color="C1", label=label)
@@ -677,8 +684,10 @@ def _frequent_clip_warning(
 ) -> str | None:
     """The warning for clipping on more than half the steps, as fits the method."""
     pct = f"{100 * clip_rate:.0f}%"
-    if method in ("autoclip", "adagc", "adaptive_grad_clip") or method in _SKIP_METHODS:
-        return None  # adaptive clips clip often by design; skips have their own rule
+    if method in ("autoclip", "adagc", "adaptive_grad_clip", "spike_aware_clip"):
+        return None  # adaptive clips clip often by design
+    if method in _SKIP_METHODS or method in _RECORD_ONLY:
+        return None  # skips have their own rule; a monitor never clips
     if method == "zclip":
         cap = _cap_bound(thresholds, clipped)
         if cap is not None:

@@ -173,7 +173,7 @@ def _clip_and_sum(
         # multiplied by lo_min. That cannot overflow: every term is at most the bound
         # over lo_min, and lo_min < 1 only where bound / norm is below the smallest
         # normal float, so the bound is below ~4 sqrt(size).
-        lo_min = jnp.min(lo)
+        lo_min = jnp.min(lo, initial=1.0)  # 1 for a batch of no examples
         weights = jnp.where(lo != 1, hi, hi / lo_min)
         for i in members:
             x = leaves[i]

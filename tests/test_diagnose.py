@@ -686,3 +686,25 @@ def test_run_that_blows_up_from_its_first_steps_is_judged_by_its_first_norms():
     assert d.diverging
     assert d.suggested_max_norm < 10 * norms[0]
     assert "first 1 finite norms" in " ".join(" ".join(d.warnings).split())
+
+
+def test_spike_aware_clip_run_is_read_as_adaptive_with_a_ratio_threshold():
+    # A tight SPAM threshold clips a few coordinates on nearly every step, by design.
+    import optax
+
+    spam = optaxclip.spike_aware_clip(threshold=4.0, beta=0.9, warmup_steps=5)
+    d = diagnose(_run(spam), method="spike_aware_clip")
+    assert d.clip_rate > 0.8
+    assert d.warnings == []  # no "raise max_norm": SPAM has no max_norm
+    assert "not a norm" in str(d)
+    # Beside another clip, the method is read from the stats() names.
+    hist = _run(optax.chain(spam, optaxclip.clip_by_global_norm(1e6)))
+    d = diagnose(hist)
+    assert d.method == "spike_aware_clip" and d.warnings == []
+
+
+def test_monitor_run_is_read_as_recording_only_and_never_called_too_loose():
+    d = diagnose(_run(optaxclip.monitor()), method="monitor")
+    assert d.clip_rate == 0.0
+    assert d.warnings == []
+    assert "nothing is clipped" in str(d)

@@ -337,3 +337,15 @@ def test_layer_clip_options_are_checked():
         optaxclip.per_example_layer_norm_clip(grads, 1.0, uniform="yes")
     with pytest.raises(ValueError, match="eps"):
         optaxclip.per_example_layer_norm_clip(grads, 1.0, eps=-1e-8)
+
+
+@pytest.mark.parametrize("layer", [False, True], ids=["global", "layer"])
+def test_a_batch_of_no_examples_sums_to_zeros_like_optax(layer):
+    grads = [jnp.zeros((0, 3)), jnp.zeros((0, 2, 2), jnp.bfloat16)]
+    ours = optaxclip.per_example_layer_norm_clip if layer else optaxclip.per_example_global_norm_clip
+    theirs = optax.per_example_layer_norm_clip if layer else optax.per_example_global_norm_clip
+    (got, got_count), (want, want_count) = ours(grads, 1.0), theirs(grads, 1.0)
+    for g, w, x in zip(got, want, grads, strict=True):
+        assert g.shape == w.shape and g.dtype == x.dtype  # ours keeps the leaf dtype
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    np.testing.assert_array_equal(np.asarray(got_count), np.asarray(want_count))
