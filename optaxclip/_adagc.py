@@ -188,7 +188,6 @@ def adagc(
         ema_gamma = jnp.where(unset, leaf_norms, finite_ema(gamma, fed, b))
         ema_gamma = jnp.where(positive, ema_gamma, gamma)
 
-        scales = jnp.where(in_warmup, global_scale, h)
         hi = jnp.where(in_warmup, global_hi, jnp.where(leaf_over, h_hi, 1))
         lo = jnp.where(in_warmup, global_lo, jnp.where(leaf_over, h_lo, 1))
         over = jnp.where(in_warmup, global_over, jnp.any(leaf_over))
@@ -196,13 +195,12 @@ def adagc(
         new_gamma = jnp.where(in_warmup, warm_gamma, ema_gamma)
 
         # A NaN/inf step: the policy decides the updates; gamma stays as it was.
-        scales = jnp.where(finite, scales, 1)
         hi, lo = jnp.where(finite, hi, 1), jnp.where(finite, lo, 1)
         new_gamma = jnp.where(finite, new_gamma, gamma)
         new_leaves, clipped_norm, over = apply_nonfinite_policy(
             scale_leaves(leaves, hi, lo),
             finite,
-            jnp.where(finite, vector_norm(leaf_norms * scales), norm),
+            jnp.where(finite, vector_norm((leaf_norms * hi) * lo), norm),
             finite & over,
             nonfinite=nonfinite,
             who="adagc",

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optaxclip._mechanics import scale_leaf
+from optaxclip._mechanics import scale_leaf, scale_parts
 from optaxclip._norms import AxisName, safe_sqrt, unit_norms, vector_norm
 from optaxclip._validation import resolve_per_leaf
 
@@ -77,20 +77,6 @@ def split_axes(sharded_axis: Any, updates: Any) -> list[int | None]:
     ]
 
 
-@jax.custom_jvp
-def _ratios(a: list[jax.Array], b: list[jax.Array]) -> list[jax.Array]:
-    """[a / b], whose derivative ``(da - (a / b) db) / b`` does not go through b**-2
-    (which flushes to zero for b above ~1.8e19 in float32, as jax's rule for / does)."""
-    return [x / y for x, y in zip(a, b, strict=True)]
-
-
-@_ratios.defjvp
-def _ratios_jvp(primals, tangents):
-    (a, b), (da, db) = primals, tangents
-    out = _ratios(a, b)
-    return out, [(t - q * u) / y for q, t, u, y in zip(out, da, db, b, strict=True)]
-
-
 def scale_units(
     gs: list[jax.Array],
     g_norms: list[jax.Array],
@@ -103,20 +89,16 @@ def scale_units(
 
     A NaN/inf unit is left as it is (NaN > bound is False; inf is excluded).
     """
-    bounds, overs, denoms = [], [], []
-    for g_norm, w_norm in zip(g_norms, w_norms, strict=True):
+    outs, afters, overs = [], [], []
+    for g, g_norm, w_norm in zip(gs, g_norms, w_norms, strict=True):
         dtype = g_norm.dtype
         bound = limit.astype(dtype) * jnp.maximum(w_norm.astype(dtype), floor.astype(dtype))
-        over = (g_norm > bound) & (g_norm < jnp.inf)
-        bounds.append(bound)
-        overs.append(over)
-        # g_norm > bound >= 0 where over; elsewhere 1 keeps the derivative finite.
-        denoms.append(jax.lax.select(over, g_norm, jnp.ones_like(g_norm)))
-    ratios = _ratios(bounds, denoms)
-    outs, afters = [], []
-    for g, g_norm, bound, over, ratio in zip(gs, g_norms, bounds, overs, ratios, strict=True):
-        outs.append(scale_leaf(g, jax.lax.select(over, ratio, jnp.ones_like(ratio))))
+        # The global clip's scale, per unit: split where it is below the smallest normal
+        # float, and with a derivative that does not go through g_norm**-2.
+        _, over, hi, lo = scale_parts(g_norm, bound)
+        outs.append(scale_leaf(g, hi, lo))
         afters.append(jax.lax.select(over, bound, g_norm))
+        overs.append(over)
     return outs, afters, overs
 
 

@@ -54,9 +54,9 @@ def clip_blocks(
         return updates, new_stats, leaf_norms
     bounds = jnp.asarray(bounds_for(leaf_norms, leaves), leaf_norms.dtype)
     # The overflow- and underflow-safe scale of the global clip, one per leaf.
-    scales, over, hi, lo = scale_parts(leaf_norms, bounds)
+    _, over, hi, lo = scale_parts(leaf_norms, bounds)
     new_leaves = scale_leaves(leaves, hi, lo)
-    out_norms = leaf_norms * scales
+    out_norms = (leaf_norms * hi) * lo  # not norm * scale, which flushes where it is tiny
     new_stats = _stats.record(
         prev,
         norm=norm,

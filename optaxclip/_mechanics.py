@@ -166,11 +166,11 @@ def clip_with_threshold(
     is taken as given: this function never reads the updates to measure them again.
     """
     leaves, treedef = jax.tree_util.tree_flatten(updates)
-    scale, over, hi, lo = scale_parts(norm, threshold)
+    _, over, hi, lo = scale_parts(norm, threshold)
     leaves, clipped_norm, clipped = apply_nonfinite_policy(
         [scale_leaf(x, hi, lo) for x in leaves],
         jnp.isfinite(norm),
-        norm * scale,
+        (norm * hi) * lo,  # norm * scale, which flushes to 0 where the scale is tiny
         over,
         nonfinite=nonfinite,
         who=who,

@@ -306,9 +306,9 @@ def unitwise_norm(x: jax.Array, axis: int | tuple[int, ...] | None = None) -> ja
     unit); rank 4 (HWIO conv) over axes (0, 1, 2); rank 5 over axes (0, 1, 2, 3).
     Accumulates in float32 and is overflow-safe like :func:`global_norm`, and
     underflow-safe: units of values down to the smallest normal number get their norm,
-    not 0 (each unit's sum of squares is also taken scaled down and up by powers of two,
-    in the same read of ``x``). This is the routine AGC measures with. An empty array
-    gives an empty array.
+    not 0: a unit whose plain sum of squares is inf or tiny (below 2^-80 in float32,
+    which includes an all-zero unit) sends the call through the rescaled sums that AGC
+    measures with, behind one ``lax.cond``. An empty array gives an empty array.
 
     Args:
       x: a floating point or complex array.
@@ -331,5 +331,17 @@ def unitwise_norm(x: jax.Array, axis: int | tuple[int, ...] | None = None) -> ja
     x = jnp.asarray(x)
     check_float_leaves(x, "x")
     axes = unit_axes(x.shape, axis, "unitwise_norm")
-    (norms,) = unit_norms((axes,), None, (False,), (True,), [x])
+    acc = accumulation_dtype([x])
+    sums = jnp.sum(abs_sq(x, acc), axis=axes, keepdims=True)
+    low = _UNIT_SCALES[jnp.finfo(acc).bits][2]
+    # One array, one cond: the common case costs one read (the three sums of
+    # unit_norms, which AGC takes without a cond to keep its compile time flat over
+    # many leaves, cost about 3x here); inf or tiny sums go through unit_norms.
+    plain_ok = jnp.all(jnp.isfinite(sums) & (sums >= low))
+    norms = jax.lax.cond(
+        plain_ok,
+        lambda x: safe_sqrt(sums),
+        lambda x: unit_norms((axes,), None, (False,), (True,), [x])[0],
+        x,
+    )
     return jnp.broadcast_to(norms, x.shape)

@@ -247,3 +247,14 @@ def test_agc_on_8_devices_matches_float64_and_one_device():
     assert set(report) == expected, sorted(report)
     failures = {k: v["detail"] for k, v in report.items() if not v["ok"]}
     assert not failures, json.dumps(failures, indent=1)
+
+
+def test_a_unit_scale_below_the_smallest_normal_float_does_not_flush_the_unit():
+    # ||W|| = 2e-4 is below eps = 1e-3: bound = 1e-3 * 1e-3 = 1e-6, and a unit of norm
+    # 2e37 needs a scale of 5e-44, below float32's smallest normal number.
+    tx = optaxclip.adaptive_grad_clip(1e-3)
+    params = {"w": jnp.full((4,), 1e-4)}
+    for size in (1e30, 1e33, 1e37):
+        out, state = tx.update({"w": jnp.full((4,), size)}, tx.init(params), params)
+        np.testing.assert_allclose(np.asarray(out["w"], np.float64), [5e-7] * 4, rtol=1e-5)
+        np.testing.assert_allclose(float(state.stats.clipped_norm), 1e-6, rtol=1e-5)

@@ -133,3 +133,15 @@ def test_block_clip_gradient_beyond_the_float32_square_overflow_matches_float64(
     want = [1 / n - x[0] ** 2 / n**3, -x[0] * x[1] / n**3]
     got = jax.grad(first)(jnp.asarray(x, jnp.float32))
     np.testing.assert_allclose(np64(got), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "factory", [optaxclip.clip_by_global_norm, optaxclip.clip_by_block_norm]
+)
+def test_clipped_norm_statistic_survives_a_scale_below_the_smallest_normal(factory):
+    # 1e-6 / 2e35 is below float32's smallest normal number: norm * scale would read 0.
+    tx = factory(1e-6)
+    grads = {"w": jnp.full((4,), 1e35)}
+    out, state = tx.update(grads, tx.init(grads))
+    np.testing.assert_allclose(np64(out["w"]), [5e-7] * 4, rtol=1e-6)
+    np.testing.assert_allclose(float(state.stats.clipped_norm), 1e-6, rtol=1e-6)
