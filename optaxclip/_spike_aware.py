@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from optaxclip import _stats
-from optaxclip._mechanics import NONFINITE_POLICIES, check_finite_at_runtime
+from optaxclip._mechanics import NONFINITE_POLICIES, apply_nonfinite_policy
 from optaxclip._norm_engine import leaf_and_global_norms, safe_sqrt
 from optaxclip._norms import AxisName, Sharded, reduce_over_devices, sharded_flags
 from optaxclip._stats import ClipStats
@@ -313,12 +313,17 @@ def spike_aware_clip(
 
         # A NaN/inf step clipped nothing (``active`` is False): "propagate" returns
         # the updates as they came.
-        if nonfinite == "zero":
-            out = [jnp.where(finite, o, jnp.zeros_like(o)) for o in out]
-        elif nonfinite == "error":
-            check_finite_at_runtime("spike_aware_clip", finite, count + 1, norm)
         _, clipped_norm = leaf_and_global_norms(out, axis_name=axis_name, flags=flags)
-        clipped = (n_clipped > 0) | (~finite if nonfinite == "zero" else False)
+        out, clipped_norm, clipped = apply_nonfinite_policy(
+            out,
+            finite,
+            clipped_norm,
+            n_clipped > 0,
+            nonfinite=nonfinite,
+            who="spike_aware_clip",
+            step=count + 1,
+            norm=norm,
+        )
         new_stats = _stats.record(
             state.stats, norm=norm, clipped_norm=clipped_norm, threshold=t, clipped=clipped
         )
