@@ -342,8 +342,8 @@ def test_layer_clip_options_are_checked():
 @pytest.mark.parametrize("layer", [False, True], ids=["global", "layer"])
 def test_a_batch_of_no_examples_sums_to_zeros_like_optax(layer):
     grads = [jnp.zeros((0, 3)), jnp.zeros((0, 2, 2), jnp.bfloat16)]
-    ours = optaxclip.per_example_layer_norm_clip if layer else optaxclip.per_example_global_norm_clip
-    theirs = optax.per_example_layer_norm_clip if layer else optax.per_example_global_norm_clip
+    name = "per_example_layer_norm_clip" if layer else "per_example_global_norm_clip"
+    ours, theirs = getattr(optaxclip, name), getattr(optax, name)
     (got, got_count), (want, want_count) = ours(grads, 1.0), theirs(grads, 1.0)
     for g, w, x in zip(got, want, grads, strict=True):
         assert g.shape == w.shape and g.dtype == x.dtype  # ours keeps the leaf dtype
