@@ -82,6 +82,8 @@ def test_nnx_optimizer_trains_an_mlp_and_stats_read_its_state(name):
     # what it returned inside the jitted step.
     s = optaxclip.stats(optimizer.opt_state)
     extra_keys = ("consecutive_skips",) if case.wraps else ()
+    if name == "spike_aware_clip":  # the fraction of coordinates clipped
+        extra_keys = ("clipped_fraction",)
     if name == "monitor_per_leaf":  # each parameter's norm, keyed by its path
         extra_keys = tuple(
             f"leaf_norm/{layer}/{p}" for layer in ("hidden", "out") for p in ("bias", "kernel")
