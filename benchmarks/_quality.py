@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import pathlib
 import sysconfig
@@ -40,6 +39,7 @@ import numpy as np
 import optax
 
 import optaxclip
+from benchmarks import _report
 from optaxclip import _catalog
 from optaxclip import _stats as clipstats
 
@@ -1269,14 +1269,9 @@ def plots(results: dict, out: pathlib.Path, prefix: str) -> list[str]:
 
 def write(results: dict, out: pathlib.Path, prefix: str) -> list[str]:
     """Writes ``<prefix>quality.json``, ``<prefix>quality.md`` and the plots."""
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = out / f"{prefix}quality.json"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=float))
-    tmp.replace(json_path)
-    md_path = out / f"{prefix}quality.md"
-    md_path.write_text(markdown(results))
-    written = [str(json_path), str(md_path)] + plots(results, out, prefix)
+    written = _report.write_json_and_markdown(
+        results, markdown(results), out, f"{prefix}quality"
+    ) + plots(results, out, prefix)
     if not prefix and out.resolve() == (README.parent / "benchmarks" / "results").resolve():
         written.append(sync_readme(results))
     return written

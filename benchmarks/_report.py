@@ -347,13 +347,22 @@ def plots(results: dict, out: pathlib.Path, prefix: str) -> list[str]:
     return written
 
 
-def write(results: dict, out: pathlib.Path, prefix: str) -> list[str]:
+def write_json_and_markdown(
+    results: dict, text: str, out: pathlib.Path, stem: str
+) -> list[str]:
+    """Writes ``<stem>.json`` (replaced whole, never left half-written) and ``<stem>.md``
+    into ``out``; returns their paths. Every section of the benchmarks writes this way."""
     out.mkdir(parents=True, exist_ok=True)
-    results["targets"] = targets(results)
-    json_path = out / f"{prefix}results.json"
+    json_path = out / f"{stem}.json"
     tmp = json_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1, default=float))
     tmp.replace(json_path)
-    md_path = out / f"{prefix}results.md"
-    md_path.write_text(markdown(results))
-    return [str(json_path), str(md_path)] + plots(results, out, prefix)
+    md_path = out / f"{stem}.md"
+    md_path.write_text(text)
+    return [str(json_path), str(md_path)]
+
+
+def write(results: dict, out: pathlib.Path, prefix: str) -> list[str]:
+    results["targets"] = targets(results)
+    written = write_json_and_markdown(results, markdown(results), out, f"{prefix}results")
+    return written + plots(results, out, prefix)
