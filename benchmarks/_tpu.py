@@ -1,0 +1,876 @@
+"""``python -m benchmarks --platform tpu``: the TPU compiler's figures, without a TPU.
+
+libtpu compiles for a TPU topology on any x86 host (DESIGN §9): with
+``jax.experimental.topologies.get_topology_desc("v5e:2x2", "tpu")`` JAX hands out four
+TPU v5e devices that can be lowered and compiled for but not run on. For every
+transform of ``optaxclip._catalog.ENTRIES`` and its Optax counterpart, before adamw and
+sgd, on trees of 10, 100 and 2,000 leaves, this module compiles the donated training
+step and reads what the compiler says:
+
+- compile time (lower + compile, wall clock and the compiling process's CPU time;
+  candidates compiled in turns, so a busy host slows them alike, and every ratio is
+  taken within one turn),
+- temp memory (``memory_analysis().temp_size_in_bytes``), on one chip,
+- the cost model's bytes accessed on the common path (see :func:`common_path`), on one
+  chip,
+- the collectives the step emits on four chips, with the leaves sharded along their
+  first axis (FSDP: parameters, optimizer state and gradients split over the chips)
+  and with everything replicated (data parallel, the gradients already averaged): how
+  many, their shapes, and whether they sit in the common path or in a rare branch.
+
+These figures are deterministic for a given JAX/libtpu (compile time aside), which is
+what ``tests/test_tpu_figures.py`` pins. libtpu must not be installed where the CPU
+tests run (with it, JAX looks for a TPU at start-up): use a separate environment,
+``pip install -e ".[dev,tpu]"``. :func:`prepare_environment` must run before JAX is
+imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import importlib.metadata
+import importlib.util
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+TOPOLOGY = "v5e:2x2"
+M = 1_000_000
+
+# JAX_PLATFORMS=cpu: the process runs on the CPU and libtpu serves only as a compiler for
+# the topology (without it JAX would look for TPU chips at start-up). TPU_SKIP_MDS_QUERY:
+# libtpu would otherwise ask a cloud metadata server for the machine's TPU type, and wait
+# for it to time out. The other two only quiet libtpu's start-up warnings about a host
+# that is not a TPU VM; nothing here runs on a chip.
+ENVIRONMENT = {
+    "JAX_PLATFORMS": "cpu",
+    "TPU_SKIP_MDS_QUERY": "1",
+    "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+}
+
+
+def libtpu_available() -> bool:
+    """True when the TPU compiler (the ``libtpu`` package) can be imported."""
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def prepare_environment() -> None:
+    """Sets :data:`ENVIRONMENT` (keeping values the caller set); call before importing JAX."""
+    for key, value in ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
+# --------------------------------------------------------------------------------------
+# What is compiled
+
+
+@dataclasses.dataclass
+class TpuPlan:
+    """What to compile, on which meshes, and how often.
+
+    A compile of a 2,000-leaf step takes a minute or more on a small host, so there
+    only ``names_large`` are compiled: one transform per engine (the global clip, whose
+    norm every global transform and skip wrapper also measures; the per-leaf clips;
+    AdaGC) and their counterparts.
+    """
+
+    quick: bool
+    # (optimizer, leaves, params), compiled on one chip. sgd at 2,000 leaves x 2M
+    # (leaves of 1,000 elements, which the engine buckets) is the tree of issue #14's
+    # compile-time figure; at 20M each leaf of a 2,000-leaf tree has a reduction of its own.
+    configs: tuple[tuple[str, int, int], ...] = (
+        ("adamw", 10, 20 * M),
+        ("sgd", 10, 20 * M),
+        ("adamw", 100, 20 * M),
+        ("sgd", 100, 20 * M),
+        ("adamw", 2000, 20 * M),
+        ("sgd", 2000, 2 * M),
+    )
+    compile_repeats: dict[int, int] = dataclasses.field(
+        default_factory=lambda: {10: 2, 100: 1, 2000: 1}
+    )  # turns of the single-chip compile, by number of leaves (1 where not listed)
+    # The four-chip compiles, for the collectives: {mesh: configs}. Under data
+    # parallelism everything is replicated and the gradients arrive averaged, so DP shows
+    # only whether a step emits collectives it does not need: one tree says that.
+    # FSDP's collectives depend on how the leaves are reduced, which changes with their
+    # number and size.
+    meshes: dict[str, tuple[tuple[str, int, int], ...]] = dataclasses.field(
+        default_factory=lambda: {
+            "fsdp": (("adamw", 10, 20 * M), ("adamw", 100, 20 * M), ("sgd", 2000, 2 * M)),
+            "dp": (("adamw", 10, 20 * M),),
+        }
+    )
+    names_large: tuple[str, ...] = (
+        "alone",
+        "clip_by_global_norm",
+        "optax.clip_by_global_norm",
+        "clip_by_block_norm",
+        "adagc",
+        "optax.clip_by_block_rms",
+    )
+
+    @classmethod
+    def make(cls, quick: bool) -> TpuPlan:
+        if not quick:
+            return cls(quick=False)
+        return cls(
+            quick=True,
+            configs=(("adamw", 10, 20 * M),),
+            compile_repeats={10: 1},
+            meshes={"fsdp": (("adamw", 10, 20 * M),)},
+        )
+
+    def meshes_for(self, config: tuple[str, int, int]) -> list[str]:
+        """The four-chip meshes compiled for this (optimizer, leaves, params)."""
+        return [mesh for mesh, configs in self.meshes.items() if config in configs]
+
+    def names_for(self, n_leaves: int, names: list[str]) -> list[str]:
+        """The candidates compiled for a tree of ``n_leaves`` leaves."""
+        return names if n_leaves <= 100 else [n for n in names if n in self.names_large]
+
+
+# Each optaxclip transform is compared with the Optax transform that does the same job:
+# the global clips and the skip wrappers (which measure one global norm) with
+# optax.clip_by_global_norm; clip_by_value with optax.clip; the per-leaf clips (AdaGC
+# clips each tensor after its warm-up) with optax.clip_by_block_rms, Optax's per-leaf
+# clip; AGC with Optax's AGC.
+COUNTERPART = {
+    "clip_by_global_norm": "optax.clip_by_global_norm",
+    "clip_by_value": "optax.clip",
+    "clip_by_block_norm": "optax.clip_by_block_rms",
+    "clip_by_block_rms": "optax.clip_by_block_rms",
+    "adaptive_grad_clip": "optax.adaptive_grad_clip",
+    "autoclip_window": "optax.clip_by_global_norm",
+    "autoclip_sketch": "optax.clip_by_global_norm",
+    "zclip": "optax.clip_by_global_norm",
+    "adagc": "optax.clip_by_block_rms",
+    "skip_nonfinite": "optax.clip_by_global_norm",
+    "skip_spikes": "optax.clip_by_global_norm",
+    # Transforms that only record measure what a clip measures before it scales.
+    "monitor": "optax.clip_by_global_norm",
+    "monitor_per_leaf": "optax.clip_by_block_rms",
+    # Per-coordinate clipping against a running statistic: Optax's per-coordinate clip.
+    "spike_aware_clip": "optax.clip",
+}
+DEFAULT_COUNTERPART = "optax.clip_by_global_norm"
+
+
+def counterpart(name: str) -> str:
+    """The Optax candidate an optaxclip transform is compared with."""
+    return COUNTERPART.get(name, DEFAULT_COUNTERPART)
+
+
+def candidates(opt_name: str, only: tuple[str, ...] | None = None) -> dict[str, Callable]:
+    """name -> a maker of the whole optimizer: the optimizer alone, Optax's clips, and
+    every catalog entry as a user would build it (``defaults=True``).
+
+    ``only`` keeps these catalog entries (and the Optax candidates they are compared
+    with); None keeps all.
+    """
+    import optax
+
+    from benchmarks import _harness as H
+    from optaxclip._catalog import ENTRIES
+
+    def opt() -> Any:
+        return H.optimizer(opt_name)
+
+    refs: dict[str, Callable] = {
+        "alone": opt,
+        "optax.clip_by_global_norm": lambda: optax.chain(optax.clip_by_global_norm(1.0), opt()),
+        "optax.clip": lambda: optax.chain(optax.clip(0.1), opt()),
+        "optax.clip_by_block_rms": lambda: optax.chain(optax.clip_by_block_rms(1.0), opt()),
+        "optax.adaptive_grad_clip": lambda: optax.chain(optax.adaptive_grad_clip(0.01), opt()),
+    }
+    entries = [e for e in ENTRIES if only is None or e.name in only]
+    wanted = {"alone"} | {counterpart(e.name) for e in entries}
+    out = {k: v for k, v in refs.items() if k in wanted}
+    for entry in entries:
+        out[entry.name] = lambda entry=entry: entry.optimizer(inner=opt(), defaults=True)
+    return out
+
+
+def tree_shapes(n_leaves: int, n_params: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of ``benchmarks._harness.make_tree(n_leaves, n_params)``: float32
+    vectors of (nearly) equal size, without making the arrays."""
+    base, extra = divmod(n_params, n_leaves)
+    return {f"w{i:05d}": (base + (1 if i < extra else 0),) for i in range(n_leaves)}
+
+
+# --------------------------------------------------------------------------------------
+# The common path
+
+
+# The rare branches of the code measured, by the end of the qualified name of the branch
+# function and its position in lax.cond(pred, true_fun, false_fun): the norm engine's
+# overflow and underflow rescue (named _leaf_and_global_norms before the engine got its
+# own module), the per-example clip's rescue, unitwise_norm's rescaled unit norms (a
+# named function, later a lambda), the run-time argument check's error callback, and
+# Optax's apply_if_finite rejecting a step.
+RARE_BRANCHES = (
+    ("leaf_and_global_norms.<locals>.rescued", 1),
+    ("_group_norms.<locals>.rescued", 0),
+    ("unitwise_norm.<locals>.rescaled", 1),
+    ("unitwise_norm.<locals>.<lambda>", 1),
+    ("raise_at_runtime_if.<locals>.<lambda>", 0),
+    ("apply_if_finite.<locals>.update.<locals>.reject_update", 1),
+)
+
+
+def _rare_index(true_fun: Callable, false_fun: Callable) -> int | None:
+    names = [getattr(f, "__qualname__", "") for f in (true_fun, false_fun)]
+    for suffix, index in RARE_BRANCHES:
+        if names[index].endswith(suffix):
+            return index
+    return None
+
+
+@contextlib.contextmanager
+def common_path(seen: dict[str, list[str]]) -> Iterator[None]:
+    """Traces with every known rare ``lax.cond`` branch replaced by a stub.
+
+    XLA's cost model adds up both branches of a conditional, so the bytes of a step
+    with an overflow rescue behind a ``lax.cond`` read as if every step ran the rescue
+    too. Inside this context ``jax.lax.cond`` is replaced by a wrapper that keeps the
+    conditional, its predicate and its common branch as they are, and puts in place of
+    a branch listed in :data:`RARE_BRANCHES` a stub that only returns zeros of the
+    branch's output shapes (a few scalars and per-leaf vectors): the cost model's sum is
+    then the common path's bytes plus those few zeros. The conditional is kept (not
+    replaced by its common branch) because it is a fusion barrier: without it XLA would
+    fuse the step differently, and the bytes would describe another program.
+
+    Conditionals whose branches are not listed are left as they are; ``seen`` records,
+    by kind (``"replaced"``, ``"kept"``), the qualified names of the rare branches
+    replaced and of the branch pairs kept, so that a new rare branch in the library
+    shows up in the results instead of being counted silently.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    real = jax.lax.cond
+
+    def cond(pred, true_fun, false_fun, *operands, **kwargs):
+        rare = _rare_index(true_fun, false_fun)
+        branches = [true_fun, false_fun]
+        if rare is None:
+            pair = " | ".join(getattr(f, "__qualname__", "?") for f in branches)
+            seen.setdefault("kept", []).append(pair)
+            return real(pred, true_fun, false_fun, *operands, **kwargs)
+        seen.setdefault("replaced", []).append(branches[rare].__qualname__)
+        common = branches[1 - rare]
+        args = operands if "operand" not in kwargs else (kwargs["operand"],)
+        shapes = jax.eval_shape(common, *args)
+
+        def stub(*_):
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        branches[rare] = stub
+        return real(pred, *branches, *operands, **kwargs)
+
+    jax.lax.cond = cond
+    try:
+        yield
+    finally:
+        jax.lax.cond = real
+
+
+# --------------------------------------------------------------------------------------
+# Reading the compiled step
+
+
+_COLLECTIVE_OPS = (
+    "all-reduce",
+    "all-gather",
+    "reduce-scatter",
+    "collective-permute",
+    "all-to-all",
+    "collective-broadcast",
+    "ragged-all-to-all",
+)
+# "%name = <shape> <op>(" or "<op>-start(" (the asynchronous form; its "-done" half is
+# not counted again). A shape is one array type or a tuple of them.
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>\(.*?\)|\S+)\s+"
+    r"(?P<op>" + "|".join(re.escape(o) for o in _COLLECTIVE_OPS) + r")(?:-start)?\("
+)
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s+\(.*\{\s*$")
+_CALLS = re.compile(
+    r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)"
+)
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_COND_TARGETS = re.compile(r"(?:true_computation|false_computation)=%?([\w.\-]+)")
+_ARRAY = re.compile(r"(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
+_BITS = {"pred": 8, "s4": 4, "u4": 4}
+
+
+def _array_bytes(dtype: str, dims: str) -> int:
+    count = 1
+    for d in filter(None, dims.split(",")):
+        count *= int(d)
+    bits = _BITS.get(dtype) or int(re.sub(r"\D", "", dtype) or 32)
+    return count * bits // 8
+
+
+def collectives(hlo: str) -> list[dict[str, Any]]:
+    """The collectives of a compiled module's text, each with where it sits.
+
+    Returns one dict per collective instruction: ``op``, ``shapes`` (the array types of
+    its result, one per operand for a combined collective), ``bytes`` and ``rare``:
+    True when the instruction lies in a computation reached from a branch of a
+    conditional (a ``lax.cond``; in the steps measured here only the rare branches are
+    conditionals, see :data:`RARE_BRANCHES`).
+    """
+    computation = None
+    owner: dict[str, str] = {}  # instruction name -> its computation
+    calls: dict[str, set[str]] = {}
+    branch_roots: set[str] = set()
+    found: list[tuple[str, dict[str, Any]]] = []
+    for line in hlo.splitlines():
+        head = _COMPUTATION.match(line)
+        if head and "=" not in line.split("(")[0]:
+            computation = head.group("name")
+            calls.setdefault(computation, set())
+            continue
+        if computation is None:
+            continue
+        calls[computation].update(_CALLS.findall(line))
+        if " conditional(" in line:
+            for group in _BRANCHES.findall(line):
+                branch_roots.update(b.strip().lstrip("%") for b in group.split(","))
+            branch_roots.update(_COND_TARGETS.findall(line))
+            for group in _BRANCHES.findall(line):
+                calls[computation].update(b.strip().lstrip("%") for b in group.split(","))
+        match = _INSTRUCTION.match(line)
+        if match:
+            arrays = _ARRAY.findall(match.group("shape"))
+            owner[match.group("name")] = computation
+            found.append(
+                (
+                    computation,
+                    {
+                        "op": match.group("op"),
+                        "shapes": [f"{d}[{s}]" for d, s in arrays],
+                        "bytes": sum(_array_bytes(d, s) for d, s in arrays),
+                    },
+                )
+            )
+    in_branch: set[str] = set()
+    stack = list(branch_roots)
+    while stack:
+        name = stack.pop()
+        if name in in_branch:
+            continue
+        in_branch.add(name)
+        stack.extend(calls.get(name, ()))
+    return [dict(c, rare=comp in in_branch) for comp, c in found]
+
+
+def summarize_collectives(found: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts and shapes of the collectives of the common path and of rare branches."""
+    common = [c for c in found if not c["rare"]]
+    rare = [c for c in found if c["rare"]]
+    return {
+        "count": len(common),
+        "ops": sorted({c["op"] for c in common}),
+        "shapes": [s for c in common for s in c["shapes"]],
+        "bytes": sum(c["bytes"] for c in common),
+        "all_scalar": all(s.endswith("[]") for c in common for s in c["shapes"]),
+        "rare_count": len(rare),
+        "rare_shapes": [s for c in rare for s in c["shapes"]],
+    }
+
+
+def _cost(compiled: Any) -> dict[str, float]:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per device program
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+# --------------------------------------------------------------------------------------
+# Compiling a step
+
+
+class Target:
+    """A mesh of the topology's devices and how each kind of array is laid out on it."""
+
+    def __init__(self, name: str, devices: list[Any], shard_leaves: bool):
+        import numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        self.name = name
+        self.mesh = Mesh(np.array(devices), ("x",))
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        # FSDP: each leaf split along its first axis over the chips.
+        self.leaf = NamedSharding(self.mesh, PartitionSpec("x")) if shard_leaves else None
+
+    def leaf_sharding(self) -> Any:
+        return self.leaf or self.replicated
+
+    def state_shardings(self, state: Any, params: Any) -> Any:
+        """Shardings of an optimizer state: the arrays of a subtree shaped like the
+        parameters (Adam's moments) are laid out like the parameter they stand for,
+        everything else (counts, statistics, histories, a per-leaf scalar) replicated."""
+        import jax
+
+        params_def = jax.tree.structure(params)
+
+        def mirrors(node: Any) -> bool:
+            try:
+                return jax.tree.structure(node) == params_def
+            except Exception:  # noqa: BLE001 - a node that is not a pytree
+                return False
+
+        def place(node: Any) -> Any:
+            if mirrors(node):
+                return jax.tree.map(
+                    lambda s, p: self.leaf_sharding() if s.shape == p.shape else self.replicated,
+                    node,
+                    params,
+                )
+            return self.replicated
+
+        return jax.tree.map(place, state, is_leaf=mirrors)
+
+
+def targets(topology: str = TOPOLOGY) -> dict[str, Target]:
+    """``single`` (one chip), ``fsdp`` and ``dp`` (all the topology's chips)."""
+    from jax.experimental import topologies
+
+    devices = list(topologies.get_topology_desc(topology, "tpu").devices)
+    return {
+        "single": Target("single", devices[:1], shard_leaves=False),
+        "fsdp": Target("fsdp", devices, shard_leaves=True),
+        "dp": Target("dp", devices, shard_leaves=False),
+    }
+
+
+def compile_step(
+    tx: Any,
+    shapes: dict[str, tuple[int, ...]],
+    target: Target,
+    *,
+    common: bool = False,
+    hlo: bool = False,
+) -> dict[str, Any]:
+    """Lowers and compiles the donated step ``(params, state, grads) -> (params, state)``.
+
+    Args:
+      tx: the optimizer.
+      shapes: the parameter (and gradient) shapes, float32.
+      target: the mesh and layouts compiled for.
+      common: trace with the rare branches stubbed out (see :func:`common_path`).
+      hlo: also read the collectives from the compiled module's text.
+
+    Returns:
+      With ``common``, when no rare branch was found, only ``bytes_accessed`` (None) and
+      ``branches``: nothing was compiled, as the step's own figures are the common
+      path's. Otherwise
+      ``lower_s``, ``compile_s``, ``total_s``, ``total_cpu_s``, ``temp_bytes`` (per chip),
+      ``bytes_accessed``, ``flops``, ``branches`` (what :func:`common_path` saw) and,
+      with ``hlo``, ``collectives``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import _harness as H
+
+    leaf = target.leaf_sharding()
+    params = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=leaf) for k, s in shapes.items()}
+    grads = dict(params)
+    state = jax.eval_shape(tx.init, params)
+    state_sh = target.state_shardings(state, params)
+    state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, state_sh
+    )
+    params_sh = jax.tree.map(lambda _: leaf, params)
+    # The step as training loops run it: parameters and optimizer state donated, and
+    # returned laid out as they came in (so that the donated buffers can be reused).
+    step = jax.jit(H.step_fn(tx), donate_argnums=(0, 1), out_shardings=(params_sh, state_sh))
+    seen: dict[str, list[str]] = {}
+    context = common_path(seen) if common else contextlib.nullcontext()
+    with context:
+        t0, c0 = time.perf_counter(), time.process_time()
+        lowered = step.lower(params, state, grads)
+    t1 = time.perf_counter()
+    if common and not seen.get("replaced"):
+        # Nothing to take out: the step's own compile has the common path's figures.
+        return {"bytes_accessed": None, "branches": {k: sorted(set(v)) for k, v in seen.items()}}
+    compiled = lowered.compile()
+    t2, c2 = time.perf_counter(), time.process_time()
+    memory = compiled.memory_analysis()
+    cost = _cost(compiled)
+    out: dict[str, Any] = {
+        "lower_s": t1 - t0,
+        "compile_s": t2 - t1,
+        "total_s": t2 - t0,
+        # CPU seconds of this process (every compiler thread): the work done, which
+        # other processes on a busy host do not stretch as they stretch wall time.
+        "total_cpu_s": c2 - c0,
+        "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1)) if memory else -1,
+        "bytes_accessed": float(cost.get("bytes accessed", -1.0)),
+        "flops": float(cost.get("flops", -1.0)),
+        "branches": {k: sorted(set(v)) for k, v in seen.items()},
+    }
+    if hlo:
+        out["collectives"] = summarize_collectives(collectives(compiled.as_text()))
+    del lowered, compiled
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The grid
+
+
+def measure_config(
+    opt_name: str,
+    n_leaves: int,
+    n_params: int,
+    plan: TpuPlan,
+    tgts: dict[str, Target],
+    progress: Callable[[str], None] = lambda _: None,
+    only: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """Every candidate's figures for one tree and optimizer.
+
+    Compile time: ``repeats`` turns over the candidates, each turn starting from the
+    next candidate, each candidate compiled once per turn (a fresh ``jax.jit``, so
+    nothing is cached). The first turn's executable also gives temp memory and the cost
+    model's bytes (both branches); the common path, FSDP and DP compiles come after,
+    once per candidate.
+    """
+    import numpy as np
+
+    makers = candidates(opt_name, only)
+    names = plan.names_for(n_leaves, list(makers))
+    shapes = tree_shapes(n_leaves, n_params)
+    repeats = plan.compile_repeats.get(n_leaves, 1)
+    figures: dict[str, dict[str, Any]] = {
+        n: {"compile_samples": [], "compile_cpu_samples": []} for n in names
+    }
+    for r in range(repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            progress(f"{name} (single chip, turn {r + 1}/{repeats})")
+            f = compile_step(makers[name](), shapes, tgts["single"])
+            figures[name]["compile_samples"].append(f["total_s"])
+            figures[name]["compile_cpu_samples"].append(f["total_cpu_s"])
+            if r == 0:
+                figures[name].update(
+                    temp_bytes=f["temp_bytes"],
+                    bytes_both_branches=f["bytes_accessed"],
+                    flops=f["flops"],
+                )
+            gc.collect()
+    for name in names:
+        progress(f"{name} (common path)")
+        f = compile_step(makers[name](), shapes, tgts["single"], common=True)
+        figures[name]["branches"] = f["branches"]
+        # None: no rare branch was stubbed, so the common path is the whole step.
+        both = figures[name]["bytes_both_branches"]
+        figures[name]["bytes_common"] = both if f["bytes_accessed"] is None else f["bytes_accessed"]
+        gc.collect()
+    meshes = plan.meshes_for((opt_name, n_leaves, n_params))
+    for mesh in meshes:
+        for name in names:
+            chips = len(tgts[mesh].mesh.devices.flat)
+            progress(f"{name} ({mesh}, {chips} chips)")
+            f = compile_step(makers[name](), shapes, tgts[mesh], hlo=True)
+            figures[name][mesh] = {"temp_bytes": f["temp_bytes"], "collectives": f["collectives"]}
+            gc.collect()
+    for name in names:
+        figures[name]["compile_s"] = float(np.median(figures[name]["compile_samples"]))
+        figures[name]["compile_cpu_s"] = float(np.median(figures[name]["compile_cpu_samples"]))
+    rows = []
+    for name in names:
+        if name == "alone" or name.startswith("optax.") or counterpart(name) not in names:
+            continue
+        ref = counterpart(name)
+        mine, theirs = figures[name], figures[ref]
+
+        # Per turn, then the median: the two compiles of a turn ran close in time.
+        def per_turn(key: str, mine: dict = mine, theirs: dict = theirs) -> float:
+            pairs = zip(mine[key], theirs[key], strict=True)
+            return float(np.median([a / b for a, b in pairs]))
+
+        row = {
+            "transform": name,
+            "counterpart": ref,
+            "compile_ratio": per_turn("compile_samples"),
+            "compile_cpu_ratio": per_turn("compile_cpu_samples"),
+            "temp_ratio": _ratio(mine["temp_bytes"], theirs["temp_bytes"]),
+            "bytes_common_ratio": _ratio(mine["bytes_common"], theirs["bytes_common"]),
+        }
+        rows.append(row)
+    return {
+        "optimizer": opt_name,
+        "leaves": n_leaves,
+        "params": n_params,
+        "grad_bytes": 4 * n_params,
+        "compile_repeats": repeats,
+        "meshes": meshes,
+        "candidates": figures,
+        "rows": rows,
+    }
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return float(a / b) if b > 0 and a >= 0 else None
+
+
+def machine_info(topology: str) -> dict[str, Any]:
+    """The host, JAX, libtpu and the topology compiled for."""
+    from benchmarks import _harness as H
+
+    info = H.machine_info()
+    for package in ("libtpu", "libtpu-nightly"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            info["libtpu"] = importlib.metadata.version(package)
+            break
+    info["topology"] = topology
+    return info
+
+
+def _source() -> dict[str, Any]:
+    """Where the measured optaxclip came from: its folder, and the git commit there."""
+    import pathlib
+    import subprocess
+
+    import optaxclip
+
+    folder = pathlib.Path(optaxclip.__file__).resolve().parent
+    out: dict[str, Any] = {"path": str(folder)}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if done.returncode == 0:
+            out["commit"] = done.stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(folder), "status", "--porcelain", "--", "."],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            out["uncommitted_changes"] = bool(dirty.stdout.strip())
+    return out
+
+
+def run(plan: TpuPlan, log: Callable[[str], None], topology: str = TOPOLOGY) -> dict[str, Any]:
+    """Measures the whole plan; returns the results (see :func:`markdown`)."""
+    from tqdm.auto import tqdm
+
+    tgts = targets(topology)
+    results: dict[str, Any] = {"configs": []}
+    with tqdm(total=len(plan.configs), desc="tpu: configs", unit="config") as bar:
+        for opt_name, n_leaves, n_params in plan.configs:
+            label = f"{opt_name} {n_leaves} leaves {_p(n_params)}"
+
+            def progress(what: str, label: str = label) -> None:
+                bar.set_postfix_str(f"{label}: {what}", refresh=True)
+
+            entry = measure_config(opt_name, n_leaves, n_params, plan, tgts, progress)
+            for name, c in entry["candidates"].items():
+                kept = c["branches"].get("kept", [])
+                if kept:
+                    log(f"{name}: conditionals kept in its common path: {'; '.join(kept)}")
+            results["configs"].append(entry)
+            bar.update()
+    return results
+
+
+# --------------------------------------------------------------------------------------
+# Report
+
+
+def _p(n: int) -> str:
+    return f"{n // M}M" if n % M == 0 else f"{n / M:.1f}M"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def _x(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _coll(c: dict[str, Any] | None) -> str:
+    """ "1 (f32[])" or "2 (f32[], f32[4])"; rare-branch collectives after a "+"."""
+    if not c:
+        return "-"
+    shapes = sorted(set(c["shapes"]))
+    text = f"{c['count']}" + (f" ({', '.join(shapes)})" if shapes else "")
+    if c["rare_count"]:
+        text += f" + {c['rare_count']} rare"
+    return text
+
+
+def markdown(results: dict) -> str:
+    """The tables: per row optaxclip's figure, Optax's and their ratio."""
+    meta = results["meta"]
+    m = meta["machine"]
+    lines = [
+        "# optaxclip on the TPU compiler",
+        "",
+        f"`{meta['command']}`: libtpu {m.get('libtpu', '?')} compiling for TPU "
+        f"{m['topology']} on {m['processor']} ({m['cpu_count']} cores, no TPU attached), "
+        f"JAX {m['jax']}, Optax {m['optax']}, {m['date']}; "
+        f"{meta['duration_s'] / 60:.1f} min; load average at start "
+        f"{', '.join(f'{x:.1f}' for x in m['load_average'] or [])}.",
+        "",
+        "The donated step `jax.jit(step, donate_argnums=(0, 1))` of chain(transform, "
+        "optimizer) (a skip wrapper wraps the optimizer), each transform built with the "
+        "catalog's defaults, on float32 vector leaves of equal size. *Compile*: lower + "
+        "compile, seconds, the median over turns in which the candidates were compiled "
+        "one after another; its ratio is the median of per-turn ratios, of wall time and "
+        "of the CPU time of the compiling process (which other processes on a busy host "
+        "stretch less; the target is judged on it). *Temp*: the "
+        "compiler's temp buffers on one chip, MiB. *Bytes*: the cost model's bytes "
+        "accessed on the common path (rare `lax.cond` branches stubbed out; the cost "
+        "model otherwise adds both branches), MiB, one chip. *FSDP* / *DP*: the "
+        "collectives of the common path on 4 chips, count (result shapes), with leaves, "
+        "Adam moments and gradients sharded along their first axis (FSDP) or everything "
+        "replicated (DP); rare-branch collectives are counted apart.",
+        "",
+    ]
+    for e in results["configs"]:
+        c = e["candidates"]
+        alone = c["alone"]
+        lines += [
+            f"## {e['optimizer']}, {e['leaves']} leaves, {_p(e['params'])} parameters",
+            "",
+            f"The optimizer alone: compile {alone['compile_s']:.2f} s, temp "
+            f"{_mib(alone['temp_bytes'])} MiB, bytes {_mib(alone['bytes_common'])} MiB; "
+            f"gradient {_mib(e['grad_bytes'])} MiB; {e['compile_repeats']} compile turn(s)"
+            + ("" if e["meshes"] else "; 4-chip compiles not run for this tree")
+            + ".",
+            "",
+            "| transform | Optax counterpart | compile optaxclip | Optax | ratio | CPU ratio "
+            "| temp optaxclip | Optax | ratio | bytes optaxclip | Optax | ratio | FSDP "
+            "optaxclip | Optax | DP optaxclip | Optax |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|",
+        ]
+        for row in e["rows"]:
+            a, b = c[row["transform"]], c[row["counterpart"]]
+            lines.append(
+                f"| {row['transform']} | {row['counterpart']} | {a['compile_s']:.2f} | "
+                f"{b['compile_s']:.2f} | {_x(row['compile_ratio'])} | "
+                f"{_x(row['compile_cpu_ratio'])} | "
+                f"{_mib(a['temp_bytes'])} | {_mib(b['temp_bytes'])} | {_x(row['temp_ratio'])} "
+                f"| {_mib(a['bytes_common'])} | {_mib(b['bytes_common'])} | "
+                f"{_x(row['bytes_common_ratio'])} | "
+                f"{_coll(a.get('fsdp', {}).get('collectives'))} | "
+                f"{_coll(b.get('fsdp', {}).get('collectives'))} | "
+                f"{_coll(a.get('dp', {}).get('collectives'))} | "
+                f"{_coll(b.get('dp', {}).get('collectives'))} |"
+            )
+        lines.append("")
+    tg = results.get("targets", [])
+    if tg:
+        lines += ["## Targets (issue #14)", "", "| target | measured | met |", "|---|---|:-:|"]
+        for t in tg:
+            lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |")
+        lines.append("")
+    notes = meta.get("notes", [])
+    if notes:
+        lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+# Issue #14's bounds: compile time no worse than Optax's, common-path bytes within 2%,
+# temp memory within 5%, no more collectives than Optax and every one a scalar.
+BOUNDS = {"compile": 1.0, "bytes": 1.02, "temp": 1.05}
+
+
+def targets_met(results: dict) -> list[dict[str, Any]]:
+    """One line per target of issue #14: the rows that miss it, or that all meet it."""
+    checks: dict[str, list[str]] = {
+        f"compile (CPU time) <= {BOUNDS['compile']:.2f}x Optax's": [],
+        f"common-path bytes <= {BOUNDS['bytes']:.2f}x Optax's": [],
+        f"temp memory <= {BOUNDS['temp']:.2f}x Optax's": [],
+        "collectives (FSDP, DP): no more than Optax's, all scalars": [],
+    }
+    keys = list(checks)
+    count = 0
+    for e in results["configs"]:
+        c = e["candidates"]
+        where = f"{e['optimizer']}/{e['leaves']}/{_p(e['params'])}"
+        for row in e["rows"]:
+            count += 1
+            name = row["transform"]
+            tag = f"{name} {where}"
+            if row["compile_cpu_ratio"] > BOUNDS["compile"]:
+                checks[keys[0]].append(
+                    f"{tag} {row['compile_cpu_ratio']:.2f}x (wall {row['compile_ratio']:.2f}x)"
+                )
+            nbytes, temp = row["bytes_common_ratio"], row["temp_ratio"]
+            if nbytes is not None and nbytes > BOUNDS["bytes"]:
+                checks[keys[1]].append(f"{tag} {nbytes:.2f}x")
+            if temp is not None and temp > BOUNDS["temp"]:
+                checks[keys[2]].append(f"{tag} {temp:.2f}x")
+            for mesh in e["meshes"]:
+                mine = c[name][mesh]["collectives"]
+                theirs = c[row["counterpart"]][mesh]["collectives"]
+                if mine["count"] > theirs["count"] or not mine["all_scalar"]:
+                    checks[keys[3]].append(f"{tag} {mesh}: {_coll(mine)} vs {_coll(theirs)}")
+    return [
+        {
+            "target": key,
+            "measured": "; ".join(bad) if bad else f"all {count} rows",
+            "met": not bad,
+        }
+        for key, bad in checks.items()
+    ]
+
+
+def write(results: dict, out: Any, prefix: str) -> list[str]:
+    """Writes ``<prefix>tpu.json`` and ``<prefix>tpu.md``; returns their paths."""
+    from benchmarks import _report
+
+    results["targets"] = targets_met(results)
+    return _report.write_json_and_markdown(results, markdown(results), out, f"{prefix}tpu")
+
+
+def main(quick: bool, out: Any, command: str) -> int:
+    """Runs the TPU section and writes its results (the caller prepared the environment)."""
+    import sys
+
+    if not libtpu_available():
+        print(
+            '--platform tpu needs the TPU compiler: pip install -e ".[tpu]" in an '
+            "environment of its own (not the one the CPU tests use).",
+            file=sys.stderr,
+        )
+        return 2
+    notes: list[str] = []
+
+    def log(message: str) -> None:
+        if message not in notes:
+            notes.append(message)
+            print(f"note: {message}", file=sys.stderr, flush=True)
+
+    plan = TpuPlan.make(quick)
+    machine = machine_info(TOPOLOGY)  # before the run: its load average is the start's
+    start = time.perf_counter()
+    results = run(plan, log)
+    results["meta"] = {
+        "command": command,
+        "machine": machine,
+        "optaxclip_source": _source(),
+        "plan": repr(plan),
+        "duration_s": time.perf_counter() - start,
+        "notes": notes,
+    }
+    written = write(results, out, "quick_" if quick else "")
+    print(markdown(results))
+    print("wrote " + ", ".join(written))
+    return 0

@@ -1,0 +1,135 @@
+"""The TPU compiler's deterministic figures, against issue #14's targets (opt-in).
+
+Runs only where libtpu is installed, in an environment of its own (libtpu must stay out
+of the one the CPU tests use: with it JAX looks for a TPU at start-up):
+
+    python -m venv /tmp/tpuenv && /tmp/tpuenv/bin/pip install -e ".[dev,tpu]"
+    /tmp/tpuenv/bin/python -m pytest -n 0 tests/test_tpu_figures.py
+
+Elsewhere every test here is skipped. Each optaxclip transform of the catalog is
+compiled with adamw for a TPU v5e (no TPU needed, see ``benchmarks/_tpu.py``) on 10
+float32 leaves of 2M elements, next to its Optax counterpart, and the figures the
+compiler gives are held to the issue's targets: temp memory within 5% of Optax's, the
+cost model's common-path bytes within 2%, and on 4 chips with FSDP-sharded leaves no
+more collectives than Optax's, every one a scalar. Compile time is not deterministic
+and is left to ``python -m benchmarks --platform tpu``.
+
+The rows that miss a target today are marked ``xfail(strict=True)`` with the measured
+gap as the reason: the file documents the gap, and a fix that closes one makes its row
+pass, which fails the run until the mark is removed.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import pytest
+
+if importlib.util.find_spec("libtpu") is None:
+    pytest.skip(
+        "libtpu is not installed (opt-in: pip install -e '.[tpu]' in an environment of its own)",
+        allow_module_level=True,
+    )
+
+from benchmarks import _tpu  # noqa: E402
+
+_tpu.prepare_environment()  # before JAX starts: a CPU process compiling for the topology
+
+from optaxclip._catalog import NAMES  # noqa: E402
+
+M = 1_000_000
+OPTIMIZER, LEAVES, PARAMS = "adamw", 10, 20 * M
+TEMP_BOUND, BYTES_BOUND = 1.05, 1.02
+# Temp buffers are allotted in padded tiles: a few KiB either way is not a change of
+# layout. 64 KiB is 0.08% of this tree's gradient.
+TEMP_SLACK = 64 * 1024
+
+# What the figures were when these marks were set (libtpu 0.0.42.1, JAX 0.10.2), by
+# (figure, transform): optaxclip's / Optax's, measured at optaxclip 0c48055 (the
+# spike_aware_clip and monitor rows at 7fa29be, where the others still missed).
+KNOWN_GAPS = {
+    ("temp", "clip_by_value"): "49.95 MiB vs 0.00 MiB (optax.clip)",
+    ("temp", "clip_by_block_norm"): "8.43 MiB vs 3.41 MiB (optax.clip_by_block_rms)",
+    ("temp", "clip_by_block_rms"): "8.43 MiB vs 3.41 MiB (optax.clip_by_block_rms)",
+    ("temp", "adagc"): "8.64 MiB vs 3.41 MiB (optax.clip_by_block_rms)",
+    ("bytes", "clip_by_value"): "1.286x optax.clip's",
+    ("bytes", "clip_by_block_norm"): "2.015x optax.clip_by_block_rms's",
+    ("bytes", "clip_by_block_rms"): "2.015x optax.clip_by_block_rms's",
+    ("bytes", "adaptive_grad_clip"): "1.662x optax.adaptive_grad_clip's",
+    ("bytes", "adagc"): "2.076x optax.clip_by_block_rms's",
+    ("bytes", "skip_nonfinite"): "1.072x optax.clip_by_global_norm's",
+    ("bytes", "skip_spikes"): "1.072x optax.clip_by_global_norm's",
+    ("collectives", "clip_by_value"): "2 all-reduces, one of u32[1,1,128] partial counts, "
+    "vs none for optax.clip",
+    ("temp", "spike_aware_clip"): "42.59 MiB vs 0.00 MiB (optax.clip)",
+    ("bytes", "spike_aware_clip"): "2.235x optax.clip's",
+    ("collectives", "spike_aware_clip"): "3 all-reduces of scalars vs none for optax.clip",
+    ("temp", "monitor"): "3.20 MiB vs 2.86 MiB (optax.clip_by_global_norm)",
+}
+
+
+@functools.cache
+def _targets() -> dict:
+    return _tpu.targets()
+
+
+@functools.cache
+def _figures(name: str, target: str, common: bool = False) -> dict:
+    """The compiler's figures for ``name`` (a catalog entry or an Optax candidate)."""
+    maker = _tpu.candidates(OPTIMIZER)[name]
+    shapes = _tpu.tree_shapes(LEAVES, PARAMS)
+    figures = _tpu.compile_step(maker(), shapes, _targets()[target], common=common, hlo=True)
+    if common and figures["bytes_accessed"] is None:  # no rare branch: the step itself
+        figures = dict(figures, bytes_accessed=_figures(name, target)["bytes_accessed"])
+    return figures
+
+
+def _rows(figure: str) -> list:
+    """One parameter per catalog entry, marked xfail where :data:`KNOWN_GAPS` says so."""
+    out = []
+    for name in NAMES:
+        gap = KNOWN_GAPS.get((figure, name))
+        marks = [pytest.mark.xfail(strict=True, reason=gap)] if gap else []
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+@pytest.mark.parametrize("name", _rows("temp"))
+def test_temp_memory_within_5pct_of_optax(name):
+    mine = _figures(name, "single")["temp_bytes"]
+    theirs = _figures(_tpu.counterpart(name), "single")["temp_bytes"]
+    assert mine <= max(TEMP_BOUND * theirs, theirs + TEMP_SLACK), (
+        f"{name}: {mine / 2**20:.2f} MiB vs {theirs / 2**20:.2f} MiB"
+    )
+
+
+@pytest.mark.parametrize("name", _rows("bytes"))
+def test_common_path_bytes_within_2pct_of_optax(name):
+    mine = _figures(name, "single", common=True)["bytes_accessed"]
+    theirs = _figures(_tpu.counterpart(name), "single", common=True)["bytes_accessed"]
+    assert mine <= BYTES_BOUND * theirs, f"{name}: {mine / theirs:.3f}x"
+
+
+@pytest.mark.parametrize("name", _rows("collectives"))
+def test_fsdp_collectives_no_more_than_optax_and_scalar(name):
+    mine = _figures(name, "fsdp")["collectives"]
+    theirs = _figures(_tpu.counterpart(name), "fsdp")["collectives"]
+    assert mine["count"] <= theirs["count"], (mine, theirs)
+    assert mine["all_scalar"], mine["shapes"]
+
+
+def test_rare_branches_are_known():
+    """Every lax.cond in a measured step is a rare branch the benchmark stubs out.
+
+    A cond the table does not know would be counted in the common path's bytes as if
+    every step ran both branches.
+    """
+    kept = {n: _figures(n, "single", common=True)["branches"].get("kept") for n in NAMES}
+    assert not {n: k for n, k in kept.items() if k}, kept
+
+
+def test_collectives_are_read_from_the_hlo():
+    """The parser finds Optax's one all-reduce of a scalar on FSDP-sharded leaves."""
+    c = _figures("optax.clip_by_global_norm", "fsdp")["collectives"]
+    assert c["count"] == 1 and c["shapes"] == ["f32[]"] and c["ops"] == ["all-reduce"]
