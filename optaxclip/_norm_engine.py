@@ -127,6 +127,40 @@ def _is_known_unsharded(x: jax.Array) -> bool:
     return False
 
 
+def target_platform(leaves: Sequence[jax.Array]) -> str:
+    """The platform the leaves are being compiled for ("cpu", "tpu", "cuda"...).
+
+    Read at trace time from what is being compiled (DESIGN §9): under ``jit`` with
+    sharded inputs, and under ``shard_map``, a traced array's abstract mesh names its
+    devices' platform, also when lowering ahead of time for a TPU topology on a CPU
+    host, where ``jax.default_backend()`` and ``jax.device_count()`` describe the host.
+    Without one (a single-device ``jit`` of uncommitted arrays, eager arrays) the
+    program runs on the default backend.
+    """
+    for x in leaves:
+        try:
+            device = jax.typeof(x).sharding.mesh.abstract_device
+        except Exception:  # noqa: BLE001 - a JAX or an array without this information
+            device = None
+        if device is not None:
+            return device.platform
+    return jax.default_backend()
+
+
+def _compiled_device_count(leaves: Sequence[jax.Array]) -> int:
+    """How many devices the leaves are compiled for: their abstract mesh's size when
+    their type names one (``jit`` with sharded inputs, ``shard_map``, also ahead of time
+    for a TPU topology on a CPU host), else the host's ``jax.device_count()``."""
+    for x in leaves:
+        try:
+            mesh = jax.typeof(x).sharding.mesh
+        except Exception:  # noqa: BLE001 - a JAX or an array without this information
+            continue
+        if not mesh.empty:
+            return mesh.size
+    return jax.device_count()
+
+
 def _concatenable(leaves: Sequence[jax.Array], axis_name: AxisName) -> list[bool]:
     """Which leaves may be copied into a shared bucket without any data movement.
 
@@ -134,9 +168,10 @@ def _concatenable(leaves: Sequence[jax.Array], axis_name: AxisName) -> list[bool
     leaf is local. Under plain ``jit`` with several devices GSPMD may have sharded a
     leaf, and concatenating it would make XLA all-gather it, so there only leaves
     whose type says they are replicated are bucketed; the others keep their own
-    reduction, which partitions into local sums and an all-reduce of scalars.
+    reduction, which partitions into local sums and an all-reduce of scalars. The
+    devices are those compiled for, not the host's (DESIGN §9).
     """
-    if axis_name is not None or jax.device_count() == 1:
+    if axis_name is not None or _compiled_device_count(leaves) == 1:
         return [True] * len(leaves)
     return [_is_known_unsharded(x) for x in leaves]
 
@@ -411,7 +446,9 @@ def leaf_and_global_norms(
         if pending:
             options = dict(
                 scale=factor,
-                copy_big=True,
+                # Buckets of big leaves save XLA:CPU kernels; the TPU compiler takes
+                # longer over their concatenations than over a reduction per leaf.
+                copy_big=target_platform(leaves) == "cpu",
                 witnesses={k: first.solo[i] for k, i in enumerate(pending)},
             )
             sub = [operands[i] for i in pending]
