@@ -181,7 +181,6 @@ def adagc(
         # below the smallest normal float); a non-candidate gets threshold = denom: 1.
         h, _, h_hi, h_lo = scale_parts(denom, jnp.where(candidate, bound, denom))
         leaf_over = candidate & (h < 1)
-        h = jnp.where(leaf_over, h, 1)
         # The EMA is fed min(||g_i||, ratio * gamma_i), never the eps-shrunk clipped norm;
         # an exactly-zero norm leaves gamma_i as it was.
         fed = jnp.where(leaf_over, bound, leaf_norms)

@@ -127,21 +127,27 @@ def _is_known_unsharded(x: jax.Array) -> bool:
     return False
 
 
-def target_platform(leaves: Sequence[jax.Array]) -> str:
-    """The platform the leaves are being compiled for ("cpu", "tpu", "cuda"...).
+def _abstract_meshes(leaves: Sequence[jax.Array]):
+    """Each leaf's abstract mesh, from its type (leaves whose type names none are left out).
 
-    Read at trace time from what is being compiled (DESIGN §9): under ``jit`` with
-    sharded inputs, and under ``shard_map``, a traced array's abstract mesh names its
-    devices' platform, also when lowering ahead of time for a TPU topology on a CPU
-    host, where ``jax.default_backend()`` and ``jax.device_count()`` describe the host.
-    Without one (a single-device ``jit`` of uncommitted arrays, eager arrays) the
-    program runs on the default backend.
+    Under ``jit`` with sharded inputs and under ``shard_map`` the mesh is that of the
+    devices being compiled for, also when lowering ahead of time for a TPU topology on a
+    CPU host, where ``jax.default_backend()`` and ``jax.device_count()`` describe the host.
     """
     for x in leaves:
         try:
-            device = jax.typeof(x).sharding.mesh.abstract_device
+            yield jax.typeof(x).sharding.mesh
         except Exception:  # noqa: BLE001 - a JAX or an array without this information
-            device = None
+            continue
+
+
+def target_platform(leaves: Sequence[jax.Array]) -> str:
+    """The platform the leaves are being compiled for ("cpu", "tpu", "cuda"...), read at
+    trace time from what is being compiled (DESIGN §9). Without a mesh in the leaves'
+    types (a single-device ``jit`` of uncommitted arrays, eager arrays) the program runs
+    on the default backend."""
+    for mesh in _abstract_meshes(leaves):
+        device = getattr(mesh, "abstract_device", None)
         if device is not None:
             return device.platform
     return jax.default_backend()
@@ -149,13 +155,8 @@ def target_platform(leaves: Sequence[jax.Array]) -> str:
 
 def _compiled_device_count(leaves: Sequence[jax.Array]) -> int:
     """How many devices the leaves are compiled for: their abstract mesh's size when
-    their type names one (``jit`` with sharded inputs, ``shard_map``, also ahead of time
-    for a TPU topology on a CPU host), else the host's ``jax.device_count()``."""
-    for x in leaves:
-        try:
-            mesh = jax.typeof(x).sharding.mesh
-        except Exception:  # noqa: BLE001 - a JAX or an array without this information
-            continue
+    their type names one, else the host's ``jax.device_count()``."""
+    for mesh in _abstract_meshes(leaves):
         if not mesh.empty:
             return mesh.size
     return jax.device_count()
