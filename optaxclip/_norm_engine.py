@@ -101,6 +101,26 @@ _UPSCALE = {32: 2.0**64, 64: 2.0**540}
 _UP_BOUND = {bits: math.sqrt(total) for bits, total in _TINY_TOTAL.items()}
 
 
+def is_tiny(sums: jax.Array) -> jax.Array:
+    """Where a sum of squares is finite but small enough to have lost flushed squares."""
+    return jnp.isfinite(sums) & (sums < _TINY_TOTAL[jnp.finfo(sums.dtype).bits])
+
+
+def rescue_factor(sums: jax.Array) -> jax.Array:
+    """The power of two to multiply values by before squaring them again, per sum.
+
+    ``_RESCALE`` where a sum of squares is not finite (it overflowed; a NaN or inf input
+    stays NaN or inf rescaled), ``_UPSCALE`` where it is tiny (:func:`is_tiny`), 1
+    elsewhere. A rescued norm is ``sqrt(sum |factor x|^2) / factor``. The factor is a
+    value computed at run time on purpose: XLA would fold a constant's square, which is
+    0 in float32.
+    """
+    bits = jnp.finfo(sums.dtype).bits
+    down = jnp.asarray(_RESCALE[bits], sums.dtype)
+    up = jnp.asarray(_UPSCALE[bits], sums.dtype)
+    return jnp.where(~jnp.isfinite(sums), down, jnp.where(is_tiny(sums), up, 1)).astype(sums.dtype)
+
+
 def _padded_width(n: int) -> int:
     """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, ... (2^k or 3 * 2^k) that is >= n."""
     k = max(0, (n - 1).bit_length())
@@ -418,7 +438,6 @@ def leaf_and_global_norms(
     concatenable = _concatenable(leaves, axis_name)
     first = _sums_over_devices(leaves, acc, flags, axis_name, concatenable)
     total = jnp.sum(first.plain)
-    rescale = _RESCALE[jnp.finfo(acc).bits]
     pending = sorted(first.solo)  # the leaves reduced on their own
 
     # Both branches give (a, g): where a leaf's plain sum is not finite (or the total is
@@ -427,12 +446,11 @@ def leaf_and_global_norms(
     # kernel that reads it (on thousands of leaves that made compile time grow with the
     # square of their number).
     bucketed = first.scaled is not None
-    upscale = _UPSCALE[jnp.finfo(acc).bits]
     # A tree whose plain total is tiny may have lost squares below the smallest normal
     # number; one whose total is inf overflowed. Both are rescued by one branch, which
     # scales by _UPSCALE or _RESCALE (a value it reads at run time: one set of kernels).
-    tiny = jnp.isfinite(total) & (total < _TINY_TOTAL[jnp.finfo(acc).bits])
-    factor = jnp.where(tiny, jnp.asarray(upscale, acc), jnp.asarray(rescale, acc))
+    tiny = is_tiny(total)
+    factor = rescue_factor(total)
 
     def common(operands):
         return (first.scaled[0] if bucketed else first.plain), safe_sqrt(total)

@@ -19,11 +19,10 @@ import numpy as np
 
 from optaxclip._mechanics import scale_parts
 from optaxclip._norm_engine import (
-    _RESCALE,
-    _TINY_TOTAL,
-    _UPSCALE,
     abs_sq,
     accumulation_dtype,
+    is_tiny,
+    rescue_factor,
     safe_sqrt,
 )
 from optaxclip._validation import (
@@ -36,9 +35,10 @@ from optaxclip._validation import (
 
 __all__ = ["per_example_global_norm_clip", "per_example_layer_norm_clip"]
 
-# A group of values whose plain sum of squares is below _TINY_TOTAL has a norm below
-# sqrt(2 * _TINY_TOTAL) even counting the squares that flushed to zero: it cannot exceed
-# a bound at least this large, so reading its norm low changes nothing.
+# A group of values whose plain sum of squares is tiny (_norm_engine.is_tiny: below
+# 2^-40 in float32, 2^-400 in float64) has a norm below sqrt(2) times the square root of
+# that even counting the squares that flushed to zero: it cannot exceed a bound at
+# least this large, so reading its norm low changes nothing.
 _TINY_NORM = {32: 2.0**-19, 64: 2.0**-199}
 
 
@@ -109,7 +109,7 @@ def _group_norms(
     """For each group of leaves, the L2 norm of each example's slice of it (examples,).
 
     One read of the leaves when every sum of squares is finite and every tiny one
-    (below ``_TINY_TOTAL``, where squares may have flushed to zero) faces a bound too
+    (:func:`~optaxclip._norm_engine.is_tiny`: squares may have flushed to zero) faces a bound too
     large for it to matter. Otherwise a ``lax.cond`` branch sums each rescued group's
     squares again, times a power of two (down where the plain sum overflowed, up where
     it is tiny), which a NaN or inf input still turns into a NaN or inf norm. The groups
@@ -121,7 +121,7 @@ def _group_norms(
     totals = [_group_sums([leaf_sums[i] for i in members]) for members in groups]
     stacked = jnp.stack(totals)
     tiny_bound = jnp.stack(bounds)[:, None] < _TINY_NORM[bits]
-    unsafe = ~jnp.isfinite(stacked) | ((stacked < _TINY_TOTAL[bits]) & tiny_bound)
+    unsafe = ~jnp.isfinite(stacked) | (is_tiny(stacked) & tiny_bound)
 
     def common(_):
         return [safe_sqrt(t) for t in totals]
@@ -129,12 +129,7 @@ def _group_norms(
     def rescued(operands):
         out = []
         for members, t in zip(groups, totals, strict=True):
-            # A factor read at run time: XLA cannot fold a constant's square (0 in float32).
-            factor = jnp.where(
-                ~jnp.isfinite(t),
-                jnp.asarray(_RESCALE[bits], acc),
-                jnp.where(t < _TINY_TOTAL[bits], jnp.asarray(_UPSCALE[bits], acc), 1),
-            ).astype(acc)
+            factor = rescue_factor(t)
             again = _group_sums([_example_sums(operands[i], acc, factor) for i in members])
             out.append(jnp.where(factor != 1, safe_sqrt(again) / factor, safe_sqrt(t)))
         return out
