@@ -6,7 +6,7 @@ against the optimizer alone (adamw and sgd; 10, 100 and 2000 leaves; 1M and 20M
 parameters), with the machine's read-once bound; and the step time of the adaptive
 transforms against clip_by_global_norm, including AutoClip late in training; and the
 step time of clips and skip wrappers with the parameters and optimizer state donated,
-as training loops run them.
+as training loops run them; and the per-example (DP-SGD) clips against Optax's.
 
 ``--only quality`` (not run by default: it trains ~1,000 small models) is the evidence for
 choosing a method: a character-level transformer and LSTM trained on Python's own
@@ -37,9 +37,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        choices=("clip", "adaptive", "donated", "quality"),
+        choices=("clip", "adaptive", "donated", "per_example", "quality"),
         action="append",
-        help="run only these sections (repeatable); default: clip, adaptive and donated "
+        help="run only these sections (repeatable); default: clip, adaptive, donated and "
+        "per_example "
         "(quality, the training benchmark, runs only when named)",
     )
     parser.add_argument(
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so that --help answers without starting JAX.
     from benchmarks import _cases, _harness, _report
 
-    sections = args.only or ["clip", "adaptive", "donated"]
+    sections = args.only or ["clip", "adaptive", "donated", "per_example"]
     plan = _cases.Plan.make(args.quick)
     notes: list[str] = []
 
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "clip": {"step": [], "compile": [], "memory": []},
         "adaptive": None,
         "donated": None,
+        "per_example": None,
     }
     start = time.perf_counter()
     if "clip" in sections:
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         results["adaptive"] = _cases.adaptive_benchmarks(plan, log)
     if "donated" in sections:
         results["donated"] = _cases.donated_benchmarks(plan, log)
+    if "per_example" in sections:
+        results["per_example"] = _cases.per_example_benchmarks(plan, log)
     results["meta"]["duration_s"] = time.perf_counter() - start
     results["meta"]["notes"] = notes
     prefix = "quick_" if args.quick else ""

@@ -43,6 +43,10 @@ class Plan:
     adaptive_tree: tuple[int, int] = (100, 20 * M)
     adaptive_repeats: int = 30
     autoclip_steps: int = 100_000
+    # Per-example (DP-SGD) clipping: (examples, leaves, parameters per example). The
+    # per-example gradients are examples x parameters floats (256 MiB at 64 x 1M).
+    per_example_trees: tuple[tuple[int, int, int], ...] = ((64, 10, M), (64, 100, M))
+    per_example_repeats: int = 20
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
@@ -59,6 +63,8 @@ class Plan:
             skip=(("optax", 2000), ("bare", 2000)),
             adaptive_tree=(100, 1 * M),
             adaptive_repeats=8,
+            per_example_trees=((16, 100, M // 4),),
+            per_example_repeats=8,
         )
 
     def configs(self) -> list[tuple[str, int, int, bool]]:
@@ -317,4 +323,83 @@ def adaptive_benchmarks(plan: Plan, log: Callable[[str], None]) -> dict[str, Any
             "median_s": {k: float(np.median(v)) for k, v in t.items()},
             "ratio_late_vs_first": H.median_ratio(t, f"step {count}", "step 1"),
         }
+    return out
+
+
+def _per_example_grads(n_examples: int, n_leaves: int, n_params: int, seed: int) -> dict:
+    """Per-example gradients: each leaf of ``make_tree`` with ``n_examples`` rows, the
+    examples' norms spread over two decades so that about half of them are clipped."""
+    rows = [H.make_tree(n_leaves, n_params, seed=seed + i) for i in range(n_examples)]
+    scales = np.geomspace(0.1, 10.0, n_examples).astype(np.float32)
+    return {
+        name: jnp.stack([r[name] * s for r, s in zip(rows, scales, strict=True)])
+        for name in rows[0]
+    }
+
+
+def _per_example_makers() -> dict[str, Callable]:
+    """The four per-example clips; the bound is each tree's median example norm."""
+    return {
+        "optaxclip.per_example_global_norm_clip": optaxclip.per_example_global_norm_clip,
+        "optax.per_example_global_norm_clip": optax.per_example_global_norm_clip,
+        "optaxclip.per_example_layer_norm_clip": optaxclip.per_example_layer_norm_clip,
+        "optax.per_example_layer_norm_clip": optax.per_example_layer_norm_clip,
+    }
+
+
+def per_example_benchmarks(plan: Plan, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Time, compile time and temp memory of each per-example clip against Optax's.
+
+    Each candidate is jitted on its own, from the per-example gradients to the summed,
+    clipped gradient and the clip counts, as a DP-SGD step calls it after
+    ``jax.vmap(jax.grad(loss))``.
+    """
+    del log
+    out = []
+    makers = _per_example_makers()
+    for n_examples, n_leaves, n_params in tqdm(
+        plan.per_example_trees, desc="per-example: trees", unit="tree"
+    ):
+        grads = _per_example_grads(n_examples, n_leaves, n_params, seed=0)
+        bound = float(
+            np.median(
+                np.sqrt(sum(np.sum(np.square(np.asarray(x)), axis=1) for x in grads.values()))
+            )
+        )
+        compiled, info = {}, {}
+        for name, fn in makers.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            exe = jax.jit(fn).lower(grads, bound).compile()
+            memory = exe.memory_analysis()
+            info[name] = {
+                "compile_s": time.perf_counter() - w0,
+                "compile_cpu_s": time.process_time() - c0,
+                "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1)) if memory else -1,
+            }
+            compiled[name] = exe
+        runs = {
+            n: (lambda e=e, g=grads, b=bound: jax.block_until_ready(e(g, b)))
+            for n, e in compiled.items()
+        }
+        times = H.time_interleaved(runs, plan.per_example_repeats)
+        entry: dict[str, Any] = {
+            "examples": n_examples,
+            "leaves": n_leaves,
+            "params": n_params,
+            "grad_bytes": H.tree_bytes(grads),
+            "bound": bound,
+            "repeats": plan.per_example_repeats,
+            "candidates": {},
+        }
+        for name in makers:
+            theirs = "optax." + name.split(".", 1)[1]
+            entry["candidates"][name] = {
+                **info[name],
+                "median_s": float(np.median(times[name])),
+                "ratio_vs_optax": H.median_ratio(times, name, theirs),
+                "times_s": times[name],
+            }
+        out.append(entry)
+        del grads, compiled, runs
+        gc.collect()
     return out

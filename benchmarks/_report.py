@@ -13,16 +13,20 @@ CLIPS = ("optaxclip", "optax", "bare")
 
 
 # The transforms whose step should cost what a global clip costs (they add scalar work
-# to one global norm). The per-leaf and per-element clips do other work and are
-# reported without a target.
-ADAPTIVE_TARGETED = (
-    "autoclip_window",
-    "autoclip_sketch",
-    "zclip",
-    "adagc",
-    "skip_nonfinite",
-    "skip_spikes",
-)
+# to one global norm), with the ratio each may take: 1.05x for the adaptive clips, and
+# 1.10x for the skip wrappers, which must also keep the previous parameters and state
+# when they skip (issue #14 settled the skip wrappers' target at 1.10x). The per-leaf
+# and per-element clips do other work and are reported without a target.
+ADAPTIVE_TARGETED = {
+    "autoclip_window": 1.05,
+    "autoclip_sketch": 1.05,
+    "zclip": 1.05,
+    "adagc": 1.05,
+    "skip_nonfinite": 1.10,
+    "skip_spikes": 1.10,
+}
+# Compile time at 10 and 100 leaves may take this many times Optax's (issue #14).
+COMPILE_VS_OPTAX_SMALL = 1.5
 
 
 def _p(n: int) -> str:
@@ -86,7 +90,7 @@ def targets(results: dict) -> list[dict]:
             checked += 1
             mine = c["candidates"]["optaxclip"]["median_total_s"]
             theirs = c["candidates"]["optax"]["median_total_s"]
-            if mine > theirs:
+            if mine > COMPILE_VS_OPTAX_SMALL * theirs:
                 worse.append(
                     f"{c['optimizer']}/{c['leaves']}/{_p(c['params'])}: "
                     f"{mine:.2f}s vs {theirs:.2f}s"
@@ -94,11 +98,24 @@ def targets(results: dict) -> list[dict]:
     if checked:
         out.append(
             {
-                "target": "compile: no worse than Optax at 10 and 100 leaves",
+                "target": f"compile: within {COMPILE_VS_OPTAX_SMALL}x of Optax at 10 and "
+                "100 leaves",
                 "measured": "; ".join(worse) if worse else f"all {checked} configs",
                 "met": not worse,
             }
         )
+    for c in comp:
+        if c["leaves"] == 2000 and c["params"] == 20 * M and "optax" in c["candidates"]:
+            mine = c["candidates"]["optaxclip"]["median_total_s"]
+            theirs = c["candidates"]["optax"]["median_total_s"]
+            out.append(
+                {
+                    "target": f"compile: no worse than Optax at 2000 leaves x 20M "
+                    f"({c['optimizer']})",
+                    "measured": f"{mine:.2f}s vs {theirs:.2f}s",
+                    "met": mine <= theirs,
+                }
+            )
     if mem:
         worst = max(mem, key=lambda m: m["extra_pct_of_grad"]["optaxclip"])
         pct = worst["extra_pct_of_grad"]["optaxclip"]
@@ -116,11 +133,12 @@ def targets(results: dict) -> list[dict]:
             if name not in ADAPTIVE_TARGETED:
                 continue
             r = c["ratio_vs_clip_by_global_norm"]
+            limit = ADAPTIVE_TARGETED[name]
             out.append(
                 {
-                    "target": f"adaptive: {name} <= 1.05x clip_by_global_norm",
+                    "target": f"adaptive: {name} <= {limit:.2f}x clip_by_global_norm",
                     "measured": f"{r:.3f}x",
-                    "met": r <= 1.05,
+                    "met": r <= limit,
                 }
             )
         late = ad.get("autoclip_late", {}).get("autoclip_sketch")
@@ -257,6 +275,34 @@ def markdown(results: dict) -> str:
                 f"| {name} | {1e3 * c['median_s']:.1f} ms | {c['ratio_vs_alone']:.3f}x | "
                 f"{c['extra_temp_pct_of_grad']:.0f}% |"
             )
+        lines.append("")
+    pe = results.get("per_example")
+    if pe:
+        lines += [
+            "## Per-example clipping (DP-SGD)",
+            "",
+            "Each function jitted alone, from per-example gradients (examples on axis 0 of "
+            "every leaf, float32, norms spread from 0.1x to 10x the median) to the summed "
+            "clipped gradient, with the median example norm as the bound. The ratio is to "
+            "Optax's function of the same name, within each repeat.",
+            "",
+            "| examples | leaves | params / example | function | optaxclip | Optax | ratio "
+            "| compile optaxclip | Optax | temp optaxclip | Optax |",
+            "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for e in pe:
+            for fn in ("per_example_global_norm_clip", "per_example_layer_norm_clip"):
+                mine = e["candidates"].get(f"optaxclip.{fn}")
+                theirs = e["candidates"].get(f"optax.{fn}")
+                if not mine or not theirs:
+                    continue
+                lines.append(
+                    f"| {e['examples']} | {e['leaves']} | {_p(e['params'])} | {fn} | "
+                    f"{1e3 * mine['median_s']:.1f} ms | {1e3 * theirs['median_s']:.1f} ms | "
+                    f"{mine['ratio_vs_optax']:.3f}x | {mine['compile_s']:.2f} s | "
+                    f"{theirs['compile_s']:.2f} s | {mine['temp_bytes'] / 2**20:.1f} MiB | "
+                    f"{theirs['temp_bytes'] / 2**20:.1f} MiB |"
+                )
         lines.append("")
     tg = results.get("targets", [])
     if tg:

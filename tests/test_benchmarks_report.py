@@ -5,7 +5,16 @@ from benchmarks import _report
 M = 1_000_000
 
 
-def _results(*, step=1.10, optax_step=1.20, compile_2000=1.9, small=(0.3, 0.2), mem=5.0):
+def _results(
+    *,
+    step=1.10,
+    optax_step=1.20,
+    compile_2000=1.9,
+    small=(0.31, 0.2),
+    big=(40.0, 50.0),
+    mem=5.0,
+    skip=1.08,
+):
     def comp(optimizer, leaves, params, mine, theirs, ratio):
         return {
             "optimizer": optimizer,
@@ -32,6 +41,7 @@ def _results(*, step=1.10, optax_step=1.20, compile_2000=1.9, small=(0.3, 0.2), 
             "compile": [
                 comp("sgd", 10, M, *small, 2.0),
                 comp("sgd", 2000, 2 * M, 20.0, 200.0, compile_2000),
+                comp("adamw", 2000, 20 * M, *big, 1.5),
             ],
             "memory": [
                 {
@@ -46,7 +56,7 @@ def _results(*, step=1.10, optax_step=1.20, compile_2000=1.9, small=(0.3, 0.2), 
             "candidates": {
                 "clip_by_global_norm": {"ratio_vs_clip_by_global_norm": 1.0},
                 "zclip": {"ratio_vs_clip_by_global_norm": 1.04},
-                "skip_spikes": {"ratio_vs_clip_by_global_norm": 1.08},
+                "skip_spikes": {"ratio_vs_clip_by_global_norm": skip},
                 "clip_by_value": {"ratio_vs_clip_by_global_norm": 1.4},
                 "optax.apply_if_finite (reference)": {"ratio_vs_clip_by_global_norm": 1.8},
             },
@@ -67,25 +77,76 @@ def test_each_target_is_judged_against_its_bound():
     # +10% against Optax's +20%: half of it, so at least 10% below.
     assert met["step: overhead at least 10% below Optax's (20M, 100 leaves)"]
     assert met["compile: chain(clip, sgd) <= 2x sgd (2000 leaves, 2M)"]
-    assert not met["compile: no worse than Optax at 10 and 100 leaves"]
+    # 0.31 s against Optax's 0.2 s: 1.55x, over the 1.5x allowed at 10 and 100 leaves.
+    assert not met["compile: within 1.5x of Optax at 10 and 100 leaves"]
+    assert met["compile: no worse than Optax at 2000 leaves x 20M (adamw)"]
     assert met["memory: extra temp from clipping <= 10% of the gradient's bytes"]
     assert met["adaptive: zclip <= 1.05x clip_by_global_norm"]
-    assert not met["adaptive: skip_spikes <= 1.05x clip_by_global_norm"]
+    # A skip wrapper may take 1.10x a clip's step (it keeps the old state on a skip).
+    assert met["adaptive: skip_spikes <= 1.10x clip_by_global_norm"]
     assert not met["AutoClip sketch at step 100,000 within 5% of step 1"]
 
 
 def test_bounds_flip_where_they_should():
-    met = _met(_results(step=1.16, optax_step=1.17, compile_2000=2.1, small=(0.2, 0.3), mem=11))
+    met = _met(
+        _results(
+            step=1.16,
+            optax_step=1.17,
+            compile_2000=2.1,
+            small=(0.29, 0.2),
+            big=(51.0, 50.0),
+            mem=11,
+            skip=1.11,
+        )
+    )
     assert not met["step: chain(clip_by_global_norm, adamw) <= 1.15x adamw (20M, 100 leaves)"]
     assert not met["step: overhead at least 10% below Optax's (20M, 100 leaves)"]
     assert not met["compile: chain(clip, sgd) <= 2x sgd (2000 leaves, 2M)"]
-    assert met["compile: no worse than Optax at 10 and 100 leaves"]
+    assert met["compile: within 1.5x of Optax at 10 and 100 leaves"]
+    assert not met["compile: no worse than Optax at 2000 leaves x 20M (adamw)"]
     assert not met["memory: extra temp from clipping <= 10% of the gradient's bytes"]
+    assert not met["adaptive: skip_spikes <= 1.10x clip_by_global_norm"]
 
 
 def test_reference_candidates_are_not_targets():
     targets = [t["target"] for t in _report.targets(_results())]
-    assert "adaptive: skip_spikes <= 1.05x clip_by_global_norm" in targets
+    assert "adaptive: skip_spikes <= 1.10x clip_by_global_norm" in targets
     assert not any("apply_if_finite" in t for t in targets)
     # Elementwise clipping does other work than a global clip: reported, not scored.
     assert not any("clip_by_value" in t for t in targets)
+
+
+def test_per_example_rows_compare_each_function_with_optaxs():
+    def cand(ms, ratio):
+        return {"median_s": ms / 1e3, "ratio_vs_optax": ratio, "compile_s": 0.5, "temp_bytes": 0}
+
+    results = {"clip": {"step": [], "compile": [], "memory": []}}
+    results["meta"] = {
+        "command": "python -m benchmarks",
+        "duration_s": 60.0,
+        "machine": {
+            "processor": "x86_64",
+            "cpu_count": 2,
+            "backend": "cpu",
+            "jax": "0",
+            "optax": "0",
+            "date": "today",
+            "load_average": None,
+        },
+    }
+    results["per_example"] = [
+        {
+            "examples": 64,
+            "leaves": 10,
+            "params": M,
+            "candidates": {
+                "optaxclip.per_example_global_norm_clip": cand(30.0, 1.5),
+                "optax.per_example_global_norm_clip": cand(20.0, 1.0),
+                "optaxclip.per_example_layer_norm_clip": cand(25.0, 0.8),
+                "optax.per_example_layer_norm_clip": cand(31.0, 1.0),
+            },
+        }
+    ]
+    text = _report.markdown(results)
+    assert "| 64 | 10 | 1M | per_example_global_norm_clip | 30.0 ms | 20.0 ms | 1.500x |" in text
+    assert "| 64 | 10 | 1M | per_example_layer_norm_clip | 25.0 ms | 31.0 ms | 0.800x |" in text
