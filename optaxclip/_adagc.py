@@ -18,7 +18,7 @@ from optaxclip._mechanics import (
     scale_parts,
 )
 from optaxclip._norms import AxisName, Sharded, vector_norm
-from optaxclip._stats import ClipStats
+from optaxclip._stats import ClipStats, as_float32
 from optaxclip._validation import (
     check_choice,
     check_range,
@@ -209,7 +209,7 @@ def adagc(
         new_stats = _stats.record(
             state.stats, norm=norm, clipped_norm=clipped_norm, threshold=threshold, clipped=over
         )
-        new_state = AdagcState(gamma=new_gamma.astype(jnp.float32), stats=new_stats)
+        new_state = AdagcState(gamma=as_float32(new_gamma), stats=new_stats)
         return jax.tree_util.tree_unflatten(treedef, new_leaves), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

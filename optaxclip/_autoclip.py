@@ -37,7 +37,7 @@ import optax
 from optaxclip import _stats
 from optaxclip._mechanics import NONFINITE_POLICIES, clip_with_threshold, measure, ring_write
 from optaxclip._norms import AxisName, Sharded
-from optaxclip._stats import ClipStats
+from optaxclip._stats import ClipStats, as_float32
 from optaxclip._validation import (
     check_choice,
     check_range,
@@ -233,7 +233,7 @@ def autoclip(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         norm = measure(updates, axis_name, sharded)
-        g = norm.astype(jnp.float32)
+        g = as_float32(norm)
         # Only finite, non-zero norms are recorded (see the docstring).
         takes = jnp.isfinite(g) & (g > 0)
         recorded = state.recorded  # norms recorded before this step

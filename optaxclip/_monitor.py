@@ -11,7 +11,7 @@ import optax
 from optaxclip import _stats
 from optaxclip._mechanics import measure_leaves
 from optaxclip._norms import AxisName, Sharded
-from optaxclip._stats import ClipStats
+from optaxclip._stats import ClipStats, as_float32
 from optaxclip._validation import check_static_bool
 
 __all__ = ["MonitorState", "monitor"]
@@ -144,7 +144,7 @@ def monitor(
                 f"and the updates' leaves differ: not in the updates {missing}, not in init's "
                 f"tree {extra}. Call init with the params (a tree of the updates' structure)."
             )
-        per = {n: norms[i].astype(jnp.float32) for i, n in enumerate(names)}
+        per = {n: as_float32(norms[i]) for i, n in enumerate(names)}
         return updates, MonitorState(new_stats, per)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

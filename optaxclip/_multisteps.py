@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from optaxclip._mechanics import measure
+from optaxclip._stats import as_float32
 from optaxclip._validation import check_threshold, threshold_at
 
 __all__ = ["skip_nonfinite_microbatch"]
@@ -75,4 +76,4 @@ def skip_nonfinite_microbatch(
     if max_norm is not None:
         step = jnp.asarray(gradient_step, jnp.int32)
         skip = skip | (norm > threshold_at(max_norm, step, "max_norm"))
-    return skip, {"should_skip": skip, "norm": norm.astype(jnp.float32)}
+    return skip, {"should_skip": skip, "norm": as_float32(norm)}

@@ -15,7 +15,7 @@ from optaxclip import _stats
 from optaxclip._mechanics import masked_mean_std, measure, ring_write
 from optaxclip._norm_engine import target_platform
 from optaxclip._norms import AxisName, Sharded
-from optaxclip._stats import ClipStats
+from optaxclip._stats import ClipStats, as_float32
 from optaxclip._validation import (
     check_range,
     check_static_bool,
@@ -449,7 +449,7 @@ def skip_spikes(
                 )
             loss = loss.astype(jnp.float32)
         norm = _measure_apart(updates, axis_name, sharded)
-        value = norm.astype(jnp.float32)
+        value = as_float32(norm)
         counted = _counted(state.skipped_history, state.size, count_skipped)
         sigmas = positive_at("num_sigmas", num_sigmas, state.stats.count)
         norm_threshold = _spike_threshold(

@@ -18,7 +18,8 @@ class ClipStats(NamedTuple):
 
     Attributes:
       count: steps seen by this transform (int32).
-      norm: global L2 norm of the updates it received this step (float32).
+      norm: global L2 norm of the updates it received this step (float32; a float64
+        norm beyond float32's range is held at its largest, ~3.4e38, not made inf).
       clipped_norm: global L2 norm of the updates it returned this step (float32).
       threshold: the threshold in force this step (float32); for adaptive methods the
         threshold as computed, for per-block methods the per-block bound.
@@ -54,6 +55,20 @@ def init_stats() -> ClipStats:
     )
 
 
+def as_float32(x: Any) -> jax.Array:
+    """``x`` as a float32 statistic, a finite value held at float32's largest.
+
+    A float64 norm above ~3.4e38 is finite, but cast to float32 it becomes inf, which
+    every statistic and adaptive history reads as a non-finite step; it is held at
+    ~3.4e38 instead. NaN and inf stay as they are; float32 and narrower pass unchanged.
+    """
+    x = jnp.asarray(x)
+    if jnp.finfo(x.dtype).bits <= 32:
+        return x.astype(jnp.float32)
+    big = jnp.finfo(jnp.float32).max
+    return jnp.where(jnp.isfinite(x), jnp.clip(x, -big, big), x).astype(jnp.float32)
+
+
 def record(
     prev: ClipStats,
     *,
@@ -63,13 +78,13 @@ def record(
     clipped: jax.Array,
 ) -> ClipStats:
     """The statistics after one more step, from values the transform already computed."""
-    norm = jnp.asarray(norm, jnp.float32)
+    norm = as_float32(norm)
     clipped = jnp.asarray(clipped, jnp.bool_)
     return ClipStats(
         count=prev.count + 1,
         norm=norm,
-        clipped_norm=jnp.asarray(clipped_norm, jnp.float32),
-        threshold=jnp.asarray(threshold, jnp.float32),
+        clipped_norm=as_float32(clipped_norm),
+        threshold=as_float32(threshold),
         clipped=clipped,
         clip_count=prev.clip_count + clipped.astype(jnp.int32),
         nonfinite_count=prev.nonfinite_count + (~jnp.isfinite(norm)).astype(jnp.int32),

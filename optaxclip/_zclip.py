@@ -18,7 +18,7 @@ from optaxclip._mechanics import (
     ring_write,
 )
 from optaxclip._norms import AxisName, Sharded, safe_sqrt
-from optaxclip._stats import ClipStats
+from optaxclip._stats import ClipStats, as_float32
 from optaxclip._validation import (
     check_choice,
     check_range,
@@ -219,7 +219,7 @@ def zclip(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         norm = measure(updates, axis_name, sharded)
-        g = norm.astype(jnp.float32)
+        g = as_float32(norm)
         finite = jnp.isfinite(g)
         # An exactly-zero norm says nothing about scale: the statistics skip it.
         takes = finite & (g > 0)

@@ -115,3 +115,46 @@ def test_partition_labels_that_look_like_plumbing_still_name_their_group():
     s = optaxclip.stats(state)
     for label, size in (("value", 2), ("stats", 3), ("policy", 4)):
         assert float(s[f"{label}/clip_by_global_norm/norm"]) == pytest.approx(size**0.5)
+
+
+# Every transform whose state records a norm, as a user would build it (the catalog's
+# defaults), on one float64 leaf whose norm (1e200) no float32 holds.
+@pytest.mark.parametrize(
+    "name",
+    [
+        "clip_by_global_norm",
+        "clip_by_block_norm",
+        "zclip",
+        "autoclip_window",
+        "adagc",
+        "skip_spikes",
+        "monitor_per_leaf",
+    ],
+)
+def test_float64_norms_beyond_float32_are_held_at_its_largest_not_counted_nonfinite(name):
+    from optaxclip._catalog import ENTRIES
+
+    entry = next(e for e in ENTRIES if e.name == name)
+    big = float(jnp.finfo(jnp.float32).max)
+    with jax.enable_x64(True):
+        g = {"w": jnp.array([6e199, 8e199], jnp.float64)}
+        tx = entry.optimizer(inner=optax.sgd(1.0), defaults=True)
+        state = tx.init(g)
+        for _ in range(3):
+            _, state = tx.update(g, state, g)
+        s = optaxclip.stats(state)
+    norms = {k: float(v) for k, v in s.items() if k.endswith("norm") and "clipped" not in k}
+    assert norms and all(v == big for v in norms.values()), norms
+    assert all(int(v) == 0 for k, v in s.items() if k.endswith("nonfinite_count")), s
+
+
+def test_as_float32_saturates_only_finite_wide_values():
+    from optaxclip._stats import as_float32
+
+    big = float(jnp.finfo(jnp.float32).max)
+    with jax.enable_x64(True):
+        got = as_float32(jnp.array([1e200, -1e300, jnp.inf, jnp.nan, 2.5], jnp.float64))
+    assert got.dtype == jnp.float32
+    assert got[0] == big and got[1] == -big and got[2] == jnp.inf and jnp.isnan(got[3])
+    assert got[4] == 2.5
+    assert as_float32(jnp.array(jnp.inf, jnp.float32)) == jnp.inf
