@@ -1272,24 +1272,7 @@ def write(results: dict, out: pathlib.Path, prefix: str) -> list[str]:
     written = _report.write_json_and_markdown(
         results, markdown(results), out, f"{prefix}quality"
     ) + plots(results, out, prefix)
-    if not prefix and out.resolve() == (README.parent / "benchmarks" / "results").resolve():
-        written.append(sync_readme(results))
+    if not prefix:
+        readme = _report.sync_readme_block(markdown(results), "overview", out)
+        written += [readme] if readme else []
     return written
-
-
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
-_START, _END = "<!-- overview:start -->", "<!-- overview:end -->"
-
-
-def overview_block(text: str) -> str:
-    """The overview table of a report or of the README, markers included."""
-    return text[text.index(_START) : text.index(_END) + len(_END)]
-
-
-def sync_readme(results: dict, readme: pathlib.Path = README) -> str:
-    """Replaces the README's copy of the overview table with this run's (full runs only:
-    the README shows the full benchmark). ``tests/test_docs.py`` checks the two agree."""
-    text = readme.read_text(encoding="utf-8")
-    fresh = overview_block("\n".join(_overview_lines(results)))
-    readme.write_text(text.replace(overview_block(text), fresh), encoding="utf-8")
-    return str(readme)

@@ -29,8 +29,84 @@ ADAPTIVE_TARGETED = {
 COMPILE_VS_OPTAX_SMALL = 1.5
 
 
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
 def _p(n: int) -> str:
     return f"{n // M}M" if n % M == 0 else f"{n / M:.1f}M"
+
+
+def marked_block(text: str, name: str) -> str:
+    """The block of ``text`` between ``<!-- name:start -->`` and ``<!-- name:end -->``,
+    markers included: a summary a report writes and the README carries a copy of."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    return text[text.index(start) : text.index(end) + len(end)]
+
+
+def sync_readme_block(report: str, name: str, out: pathlib.Path, readme: pathlib.Path = README):
+    """Copies block ``name`` of a report into the README, for a full run written to
+    ``benchmarks/results`` (the README shows those); ``tests/test_docs.py`` checks the
+    copies agree. Returns the README's path, or None when nothing was copied."""
+    if out.resolve() != RESULTS.resolve():
+        return None
+    text = readme.read_text(encoding="utf-8")
+    readme.write_text(
+        text.replace(marked_block(text, name), marked_block(report, name)), encoding="utf-8"
+    )
+    return str(readme)
+
+
+# The trees of the README's CPU summary: (optimizer, leaves, parameters).
+SUMMARY_TREES = (
+    ("adamw", 10, 20 * M),
+    ("adamw", 100, 20 * M),
+    ("adamw", 2000, 20 * M),
+    ("sgd", 100, 1 * M),
+    ("sgd", 2000, 2 * M),
+)
+
+
+def cpu_summary(results: dict) -> list[str]:
+    """The README's CPU table: the global clip against Optax's on a few trees."""
+    m = results["meta"]["machine"]
+    lines = [
+        "<!-- cpu-summary:start -->",
+        f"`{results['meta']['command']}` on a {m['cpu_count']}-core {m['processor']} CPU, "
+        f"JAX {m['jax']}, {m['date'][:10]}: `chain(clip_by_global_norm(1.0), opt)`, "
+        "step and compile time as ratios to `opt` alone, extra temp memory in % of the "
+        "gradient's bytes.",
+        "",
+        "| opt | leaves | params | step optaxclip | Optax | compile optaxclip | Optax "
+        "| extra temp optaxclip | Optax |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    clip = results["clip"]
+    for opt, leaves, params in SUMMARY_TREES:
+        key = dict(optimizer=opt, leaves=leaves, params=params)
+        step, comp, mem = (_find(clip[k], **key) for k in ("step", "compile", "memory"))
+        if comp is None or "optax" not in comp["candidates"]:
+            continue
+
+        def ratio(entry, name):
+            return f"{entry['candidates'][name]['ratio_vs_alone']:.2f}x" if entry else "-"
+
+        def extra(name, mem=mem):
+            return f"{mem['extra_pct_of_grad'][name]:.1f}%" if mem else "-"
+
+        lines.append(
+            f"| {opt} | {leaves} | {_p(params)} | {ratio(step, 'optaxclip')} | "
+            f"{ratio(step, 'optax')} | {ratio(comp, 'optaxclip')} | {ratio(comp, 'optax')} | "
+            f"{extra('optaxclip')} | {extra('optax')} |"
+        )
+    met = results.get("targets", [])
+    lines += [
+        "",
+        f"Targets met: {sum(t['met'] for t in met)} of {len(met)} (the list, with the "
+        "rows above and the adaptive transforms: `benchmarks/results/results.md`).",
+        "<!-- cpu-summary:end -->",
+    ]
+    return lines
 
 
 def _find(entries: list[dict], **key: Any) -> dict | None:
@@ -157,9 +233,11 @@ def targets(results: dict) -> list[dict]:
 def markdown(results: dict) -> str:
     meta = results["meta"]
     m = meta["machine"]
+    summary = cpu_summary(results) + [""] if results["clip"]["compile"] else []
     lines = [
         "# optaxclip benchmarks",
         "",
+        *summary,
         f"`{meta['command']}` on {m['processor']} ({m['cpu_count']} cores), backend "
         f"{m['backend']}, JAX {m['jax']}, Optax {m['optax']}, {m['date']}; "
         f"{meta['duration_s'] / 60:.1f} min; load average at start "
@@ -409,6 +487,12 @@ def write_json_and_markdown(
 
 
 def write(results: dict, out: pathlib.Path, prefix: str) -> list[str]:
+    """Writes ``<prefix>results.json``, ``.md`` and the plots; a full run with the clip
+    section also copies its summary into the README."""
     results["targets"] = targets(results)
-    written = write_json_and_markdown(results, markdown(results), out, f"{prefix}results")
+    report = markdown(results)
+    written = write_json_and_markdown(results, report, out, f"{prefix}results")
+    if not prefix and results["clip"]["compile"]:
+        readme = sync_readme_block(report, "cpu-summary", out)
+        written += [readme] if readme else []
     return written + plots(results, out, prefix)

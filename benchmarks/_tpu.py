@@ -33,6 +33,7 @@ import gc
 import importlib.metadata
 import importlib.util
 import os
+import pathlib
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -719,9 +720,11 @@ def markdown(results: dict) -> str:
     """The tables: per row optaxclip's figure, Optax's and their ratio."""
     meta = results["meta"]
     m = meta["machine"]
+    summary = tpu_summary(results) + [""] if "targets" in results else []
     lines = [
         "# optaxclip on the TPU compiler",
         "",
+        *summary,
         f"`{meta['command']}`: libtpu {m.get('libtpu', '?')} compiling for TPU "
         f"{m['topology']} on {m['processor']} ({m['cpu_count']} cores, no TPU attached), "
         f"JAX {m['jax']}, Optax {m['optax']}, {m['date']}; "
@@ -787,6 +790,64 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+# The tree of the README's TPU summary: (optimizer, leaves, parameters).
+SUMMARY_TREE = ("adamw", 100, 20 * M)
+
+
+def tpu_summary(results: dict) -> list[str]:
+    """The README's TPU table: every transform against its Optax counterpart on one tree."""
+    m = results["meta"]["machine"]
+    opt, leaves, params = SUMMARY_TREE
+    lines = [
+        "<!-- tpu-summary:start -->",
+        f"`{results['meta']['command']}`: the TPU v5e compiler (libtpu "
+        f"{m.get('libtpu', '?')}, no TPU attached), JAX {m['jax']}, {m['date'][:10]}: "
+        f"the donated step of `chain(transform, {opt})` on {leaves} leaves and "
+        f"{_p(params)} parameters, as ratios to the Optax counterpart's: compile (CPU "
+        "time of the compiler), temp memory, the cost model's bytes on the common path; "
+        "collectives on 4 chips with FSDP-sharded leaves (optaxclip / Optax).",
+        "",
+        "| transform | Optax counterpart | compile | temp | bytes | FSDP collectives |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    entry = next(
+        (
+            e
+            for e in results["configs"]
+            if (e["optimizer"], e["leaves"], e["params"]) == SUMMARY_TREE
+        ),
+        None,
+    )
+    for row in entry["rows"] if entry else []:
+        a, b = (entry["candidates"][row[k]] for k in ("transform", "counterpart"))
+
+        def count(c: dict) -> str:
+            found = c.get("fsdp", {}).get("collectives")
+            if not found:
+                return "-"
+            return str(found["count"]) + ("" if found["all_scalar"] else " (not all scalar)")
+
+        temp = row["temp_ratio"]
+        lines.append(
+            f"| {row['transform']} | {row['counterpart']} | {_x(row['compile_cpu_ratio'])} | "
+            + (
+                f"{_x(temp)}"
+                if b["temp_bytes"]
+                else f"{_mib(a['temp_bytes'])} vs {_mib(b['temp_bytes'])} MiB"
+            )
+            + f" | {_x(row['bytes_common_ratio'])} | {count(a)} / {count(b)} |"
+        )
+    met = results.get("targets", [])
+    lines += [
+        "",
+        f"Targets met: {sum(t['met'] for t in met)} of {len(met)} (issue #14: compile no "
+        "slower, bytes within 2%, temp within 5%, no more collectives and all scalar; "
+        "every tree in `benchmarks/results/tpu.md`).",
+        "<!-- tpu-summary:end -->",
+    ]
+    return lines
+
+
 # Issue #14's bounds: compile time no worse than Optax's, common-path bytes within 2%,
 # temp memory within 5%, no more collectives than Optax and every one a scalar.
 BOUNDS = {"compile": 1.0, "bytes": 1.02, "temp": 1.05}
@@ -838,7 +899,12 @@ def write(results: dict, out: Any, prefix: str) -> list[str]:
     from benchmarks import _report
 
     results["targets"] = targets_met(results)
-    return _report.write_json_and_markdown(results, markdown(results), out, f"{prefix}tpu")
+    report = markdown(results)
+    written = _report.write_json_and_markdown(results, report, out, f"{prefix}tpu")
+    if not prefix:
+        readme = _report.sync_readme_block(report, "tpu-summary", pathlib.Path(out))
+        written += [readme] if readme else []
+    return written
 
 
 def main(quick: bool, out: Any, command: str) -> int:

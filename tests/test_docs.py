@@ -20,7 +20,7 @@ import sys
 import pytest
 
 import optaxclip
-from benchmarks import _quality
+from benchmarks import _report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -90,9 +90,10 @@ def test_benchmark_tables_are_included_not_pasted():
             continue
         text = page.read_text(encoding="utf-8")
         if page.name == "README.md":
-            # The one copy allowed: the quality overview, which the benchmark itself
-            # writes into the README (test below).
-            text = text.replace(_quality.overview_block(text), "")
+            # The copies allowed: the summaries the benchmarks themselves write into the
+            # README (test below).
+            for block in README_BLOCKS:
+                text = text.replace(_report.marked_block(text, block), "")
         pasted = rows & set(text.splitlines())
         assert not pasted, f"{page.relative_to(ROOT)} pastes benchmark rows: {sorted(pasted)[:3]}"
     performance = (DOCS / "guides" / "performance.md").read_text(encoding="utf-8")
@@ -114,10 +115,20 @@ def test_relative_links_point_at_files_that_exist(page):
     assert not broken, f"{page} links to missing files: {broken}"
 
 
-def test_readme_quality_table_is_the_benchmarks_own_overview():
+# README block -> the report that writes it (a full run of the benchmark named).
+README_BLOCKS = {
+    "overview": ("quality.md", "python -m benchmarks --only quality"),
+    "cpu-summary": ("results.md", "python -m benchmarks"),
+    "tpu-summary": ("tpu.md", "python -m benchmarks --platform tpu"),
+}
+
+
+@pytest.mark.parametrize("block", list(README_BLOCKS))
+def test_readme_summaries_are_the_benchmarks_own(block):
+    report_name, command = README_BLOCKS[block]
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    report = (ROOT / "benchmarks" / "results" / "quality.md").read_text(encoding="utf-8")
-    assert _quality.overview_block(readme) == _quality.overview_block(report), (
-        "README's quality table differs from benchmarks/results/quality.md: rerun "
-        "`python -m benchmarks --only quality`, which rewrites both."
+    report = (ROOT / "benchmarks" / "results" / report_name).read_text(encoding="utf-8")
+    assert _report.marked_block(readme, block) == _report.marked_block(report, block), (
+        f"README's {block} block differs from benchmarks/results/{report_name}: rerun "
+        f"`{command}`, which rewrites both."
     )
