@@ -106,6 +106,9 @@ class TpuPlan:
             "dp": (("adamw", 10, 20 * M),),
         }
     )
+    # Per-example (DP-SGD) clipping, compiled on one chip: (examples, leaves,
+    # parameters per example), as in the CPU benchmark's per-example section.
+    per_example_trees: tuple[tuple[int, int, int], ...] = ((64, 10, M), (64, 100, M))
     names_large: tuple[str, ...] = (
         "alone",
         "clip_by_global_norm",
@@ -124,6 +127,7 @@ class TpuPlan:
             configs=(("adamw", 10, 20 * M),),
             compile_repeats={10: 1},
             meshes={"fsdp": (("adamw", 10, 20 * M),)},
+            per_example_trees=((16, 10, M // 4),),
         )
 
     def meshes_for(self, config: tuple[str, int, int]) -> list[str]:
@@ -494,11 +498,20 @@ def compile_step(
     # The step as training loops run it: parameters and optimizer state donated, and
     # returned laid out as they came in (so that the donated buffers can be reused).
     step = jax.jit(H.step_fn(tx), donate_argnums=(0, 1), out_shardings=(params_sh, state_sh))
+    return lower_and_compile(step, (params, state, grads), common=common, hlo=hlo)
+
+
+def lower_and_compile(
+    jitted: Any, args: tuple, *, common: bool = False, hlo: bool = False
+) -> dict[str, Any]:
+    """Lowers ``jitted`` for ``args`` (ShapeDtypeStructs), compiles it and reads the
+    compiler's figures; see :func:`compile_step` for ``common``, ``hlo`` and what it
+    returns."""
     seen: dict[str, list[str]] = {}
     context = common_path(seen) if common else contextlib.nullcontext()
     with context:
         t0, c0 = time.perf_counter(), time.process_time()
-        lowered = step.lower(params, state, grads)
+        lowered = jitted.lower(*args)
     t1 = time.perf_counter()
     if common and not seen.get("replaced"):
         # Nothing to take out: the step's own compile has the common path's figures.
@@ -621,6 +634,71 @@ def measure_config(
     }
 
 
+PER_EXAMPLE_FUNCTIONS = ("per_example_global_norm_clip", "per_example_layer_norm_clip")
+
+
+def measure_per_example(
+    n_examples: int,
+    n_leaves: int,
+    n_params: int,
+    target: Target,
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """optaxclip's and Optax's per-example clips, jitted alone for ``target`` (one chip)
+    in two turns: compile time, temp memory and the common path's bytes."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import optaxclip
+
+    on_chip = target.replicated
+    shapes = {k: (n_examples, *v) for k, v in tree_shapes(n_leaves, n_params).items()}
+    grads = {k: jax.ShapeDtypeStruct(v, jnp.float32, sharding=on_chip) for k, v in shapes.items()}
+    bound = jax.ShapeDtypeStruct((), jnp.float32, sharding=on_chip)
+    makers = {}
+    for fn in PER_EXAMPLE_FUNCTIONS:
+        makers[f"optaxclip.{fn}"] = getattr(optaxclip, fn)
+        makers[f"optax.{fn}"] = getattr(optax, fn)
+    figures: dict[str, dict[str, Any]] = {n: {"compile_cpu_samples": []} for n in makers}
+    names = list(makers)
+    for turn in range(2):
+        for name in names[turn:] + names[:turn]:
+            progress(f"{name} (turn {turn + 1}/2)")
+            f = lower_and_compile(jax.jit(makers[name]), (grads, bound))
+            figures[name]["compile_cpu_samples"].append(f["total_cpu_s"])
+            figures[name].setdefault("compile_s", f["total_s"])
+            figures[name].setdefault("temp_bytes", f["temp_bytes"])
+            figures[name].setdefault("bytes_both_branches", f["bytes_accessed"])
+            gc.collect()
+    for name in names:
+        progress(f"{name} (common path)")
+        f = lower_and_compile(jax.jit(makers[name]), (grads, bound), common=True)
+        # None: no rare branch was stubbed, so the common path is the whole function.
+        both = figures[name]["bytes_both_branches"]
+        figures[name]["bytes_common"] = both if f["bytes_accessed"] is None else f["bytes_accessed"]
+    rows = []
+    for fn in PER_EXAMPLE_FUNCTIONS:
+        mine, theirs = figures[f"optaxclip.{fn}"], figures[f"optax.{fn}"]
+        pairs = zip(mine["compile_cpu_samples"], theirs["compile_cpu_samples"], strict=True)
+        rows.append(
+            {
+                "function": fn,
+                "compile_cpu_ratio": float(np.median([a / b for a, b in pairs])),
+                "temp_ratio": _ratio(mine["temp_bytes"], theirs["temp_bytes"]),
+                "bytes_common_ratio": _ratio(mine["bytes_common"], theirs["bytes_common"]),
+            }
+        )
+    return {
+        "examples": n_examples,
+        "leaves": n_leaves,
+        "params": n_params,
+        "candidates": figures,
+        "rows": rows,
+    }
+
+
 def _ratio(a: float, b: float) -> float | None:
     return float(a / b) if b > 0 and a >= 0 else None
 
@@ -686,6 +764,13 @@ def run(plan: TpuPlan, log: Callable[[str], None], topology: str = TOPOLOGY) -> 
                     log(f"{name}: conditionals kept in its common path: {'; '.join(kept)}")
             results["configs"].append(entry)
             bar.update()
+    results["per_example"] = []
+    for n_examples, n_leaves, n_params in tqdm(
+        plan.per_example_trees, desc="tpu: per-example", unit="tree"
+    ):
+        results["per_example"].append(
+            measure_per_example(n_examples, n_leaves, n_params, tgts["single"])
+        )
     return results
 
 
@@ -777,6 +862,31 @@ def markdown(results: dict) -> str:
                 f"{_coll(a.get('dp', {}).get('collectives'))} | "
                 f"{_coll(b.get('dp', {}).get('collectives'))} |"
             )
+        lines.append("")
+    per_example = results.get("per_example") or []
+    if per_example:
+        lines += [
+            "## Per-example clipping (DP-SGD), one chip",
+            "",
+            "Each function jitted alone, from per-example gradients (float32, examples on "
+            "axis 0) to the summed clipped gradient; ratios to Optax's function of the "
+            "same name (compile: CPU time, the median of two turns).",
+            "",
+            "| examples | leaves | params / example | function | compile | temp optaxclip "
+            "| Optax | bytes optaxclip | Optax | ratio |",
+            "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for e in per_example:
+            for row in e["rows"]:
+                a = e["candidates"][f"optaxclip.{row['function']}"]
+                b = e["candidates"][f"optax.{row['function']}"]
+                lines.append(
+                    f"| {e['examples']} | {e['leaves']} | {_p(e['params'])} | "
+                    f"{row['function']} | {_x(row['compile_cpu_ratio'])} | "
+                    f"{_mib(a['temp_bytes'])} | {_mib(b['temp_bytes'])} | "
+                    f"{_mib(a['bytes_common'])} | {_mib(b['bytes_common'])} | "
+                    f"{_x(row['bytes_common_ratio'])} |"
+                )
         lines.append("")
     tg = results.get("targets", [])
     if tg:
