@@ -14,10 +14,10 @@ from optaxclip._mechanics import (
     apply_nonfinite_policy,
     finite_ema,
     measure_leaves,
-    scale_leaves,
+    scale_blocks,
     scale_parts,
 )
-from optaxclip._norms import AxisName, Sharded, vector_norm
+from optaxclip._norms import AxisName, Sharded
 from optaxclip._stats import ClipStats, as_float32
 from optaxclip._validation import (
     check_choice,
@@ -196,10 +196,11 @@ def adagc(
         # A NaN/inf step: the policy decides the updates; gamma stays as it was.
         hi, lo = jnp.where(finite, hi, 1), jnp.where(finite, lo, 1)
         new_gamma = jnp.where(finite, new_gamma, gamma)
+        scaled, _, scaled_norm = scale_blocks(leaves, leaf_norms, hi, lo)
         new_leaves, clipped_norm, over = apply_nonfinite_policy(
-            scale_leaves(leaves, hi, lo),
+            scaled,
             finite,
-            jnp.where(finite, vector_norm((leaf_norms * hi) * lo), norm),
+            jnp.where(finite, scaled_norm, norm),
             finite & over,
             nonfinite=nonfinite,
             who="adagc",

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from optaxclip import _stats
-from optaxclip._mechanics import measure_leaves, scale_leaves, scale_parts
-from optaxclip._norms import AxisName, Sharded, sharded_flags, vector_norm
+from optaxclip._mechanics import measure_leaves, scale_blocks, scale_parts
+from optaxclip._norms import AxisName, Sharded, sharded_flags
 from optaxclip._stats import ClipStats
 from optaxclip._validation import check_threshold, threshold_at
 
@@ -55,12 +55,11 @@ def clip_blocks(
     bounds = jnp.asarray(bounds_for(leaf_norms, leaves), leaf_norms.dtype)
     # The overflow- and underflow-safe scale of the global clip, one per leaf.
     _, over, hi, lo = scale_parts(leaf_norms, bounds)
-    new_leaves = scale_leaves(leaves, hi, lo)
-    out_norms = (leaf_norms * hi) * lo  # not norm * scale, which flushes where it is tiny
+    new_leaves, out_norms, clipped_norm = scale_blocks(leaves, leaf_norms, hi, lo)
     new_stats = _stats.record(
         prev,
         norm=norm,
-        clipped_norm=vector_norm(out_norms),
+        clipped_norm=clipped_norm,
         threshold=threshold,
         clipped=jnp.any(over),
     )

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from optaxclip import _stats
 from optaxclip._norm_engine import leaf_and_global_norms, safe_sqrt
-from optaxclip._norms import AxisName, Sharded, sharded_flags
+from optaxclip._norms import AxisName, Sharded, sharded_flags, vector_norm
 from optaxclip._stats import ClipStats
 from optaxclip._validation import check_float_leaves, raise_at_runtime_if
 
@@ -121,6 +121,19 @@ def check_finite_at_runtime(who: str, finite: jax.Array, step: jax.Array, norm: 
 def scale_leaves(leaves: list[jax.Array], hi: jax.Array, lo: jax.Array) -> list[jax.Array]:
     """Leaf ``i`` times ``hi[i] * lo[i]`` (per-leaf :func:`scale_parts`), dtype kept."""
     return [scale_leaf(x, hi[i], lo[i]) for i, x in enumerate(leaves)]
+
+
+def scale_blocks(
+    leaves: list[jax.Array], leaf_norms: jax.Array, hi: jax.Array, lo: jax.Array
+) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    """The per-block clip step: each leaf scaled by its ``hi * lo``, with what it measures.
+
+    Shared by the block clips and AdaGC. Returns ``(scaled leaves, their norms, their
+    global norm)``; the norms are ``(leaf_norm * hi) * lo``, not ``leaf_norm * scale``,
+    which flushes to 0 where the scale is below the smallest normal float.
+    """
+    out_norms = (leaf_norms * hi) * lo
+    return scale_leaves(leaves, hi, lo), out_norms, vector_norm(out_norms)
 
 
 def apply_nonfinite_policy(

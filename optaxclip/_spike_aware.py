@@ -11,13 +11,12 @@ import numpy as np
 import optax
 
 from optaxclip import _stats
-from optaxclip._mechanics import NONFINITE_POLICIES, apply_nonfinite_policy
+from optaxclip._mechanics import NONFINITE_POLICIES, apply_nonfinite_policy, measure_leaves
 from optaxclip._norm_engine import leaf_and_global_norms, safe_sqrt
 from optaxclip._norms import AxisName, Sharded, reduce_over_devices, sharded_flags
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
     check_choice,
-    check_float_leaves,
     check_range,
     check_threshold,
     is_concrete,
@@ -278,8 +277,7 @@ def spike_aware_clip(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        check_float_leaves(updates)
-        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        leaves, treedef, _, norm = measure_leaves(updates, axis_name, sharded)
         rms_leaves, rms_def = jax.tree_util.tree_flatten(state.rms)
         if rms_def != treedef:
             raise ValueError(
@@ -289,7 +287,6 @@ def spike_aware_clip(
                 "parameters being trained."
             )
         flags = sharded_flags(updates, sharded)
-        _, norm = leaf_and_global_norms(leaves, axis_name=axis_name, flags=flags)
         finite = jnp.isfinite(norm)
         count = state.stats.count
         t, hyper = _hyperparameters(threshold, beta, count)
