@@ -1037,12 +1037,13 @@ def main(quick: bool, out: Any, command: str) -> int:
 
     plan = TpuPlan.make(quick)
     machine = machine_info(TOPOLOGY)  # before the run: its load average is the start's
+    source = _source()  # the code imported now is the code measured
     start = time.perf_counter()
     results = run(plan, log)
     results["meta"] = {
         "command": command,
         "machine": machine,
-        "optaxclip_source": _source(),
+        "optaxclip_source": source,
         "plan": repr(plan),
         "duration_s": time.perf_counter() - start,
         "notes": notes,
