@@ -103,6 +103,18 @@ def _group_sums(parts: list[jax.Array]) -> jax.Array:
     return parts[0] if len(parts) == 1 else jnp.sum(jnp.stack(parts), axis=0)
 
 
+def _own_factor(factor: jax.Array, witness: jax.Array) -> jax.Array:
+    """``factor`` as a value of one leaf's own, so that XLA:CPU does not write out one
+    (examples, elements) broadcast of it shared by every leaf of the group (a temporary
+    the size of the largest leaf's per-example gradients, in every step's memory).
+
+    Halved where ``witness`` (that leaf's per-example sums) is NaN: XLA cannot fold a
+    select between two different values, and that example's norm is NaN whatever the
+    factor.
+    """
+    return jax.lax.select(jnp.isnan(witness), factor / 2, factor)
+
+
 def _group_norms(
     leaves: list[jax.Array], groups: list[list[int]], bounds: list[jax.Array], acc: jnp.dtype
 ) -> list[jax.Array]:
@@ -130,7 +142,11 @@ def _group_norms(
         out = []
         for members, t in zip(groups, totals, strict=True):
             factor = rescue_factor(t)
-            again = _group_sums([_example_sums(operands[i], acc, factor) for i in members])
+            parts = [
+                _example_sums(operands[i], acc, _own_factor(factor, leaf_sums[i]))
+                for i in members
+            ]
+            again = _group_sums(parts)
             out.append(jnp.where(factor != 1, safe_sqrt(again) / factor, safe_sqrt(t)))
         return out
 

@@ -349,3 +349,16 @@ def test_a_batch_of_no_examples_sums_to_zeros_like_optax(layer):
         assert g.shape == w.shape and g.dtype == x.dtype  # ours keeps the leaf dtype
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
     np.testing.assert_array_equal(np.asarray(got_count), np.asarray(want_count))
+
+
+def test_rescue_keeps_no_leaf_sized_temporary():
+    """The rescue's per-example factor is one leaf's own value: shared by the leaves of a
+    group, XLA:CPU wrote out one (examples, elements) broadcast of it, as big as the
+    largest leaf's per-example gradients (24 MiB for 64 x 100,000 floats), every step."""
+    grads = {f"w{i}": jax.ShapeDtypeStruct((16, 100_000), jnp.float32) for i in range(4)}
+    bound = jax.ShapeDtypeStruct((), jnp.float32)
+    leaf_bytes = 16 * 100_000 * 4
+    for fn in (optaxclip.per_example_global_norm_clip, optaxclip.per_example_layer_norm_clip):
+        compiled = jax.jit(fn).lower(grads, bound).compile()
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        assert temp < leaf_bytes / 4, (fn.__name__, temp / 2**20)
