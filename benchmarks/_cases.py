@@ -182,6 +182,13 @@ def _adaptive_makers(opt: Callable[[], optax.GradientTransformation]) -> dict[st
     }
     # Optax's own skip wrapper, for scale: it branches with lax.cond.
     makers["optax.apply_if_finite (reference)"] = lambda: optax.apply_if_finite(opt(), 10)
+    # The update-clipping recipes of the quality benchmark (and of the update-clipping
+    # guide): AdamW with its preconditioned step clipped per tensor. They replace the
+    # optimizer, so they are compared with chain(clip_by_global_norm, adamw) like the rest.
+    from benchmarks._quality import adafactor_style_adamw, stable_adamw
+
+    makers["update: Adafactor-style RMS"] = lambda: adafactor_style_adamw(1e-3)
+    makers["update: StableAdamW"] = lambda: stable_adamw(1e-3)
     return makers
 
 

@@ -242,3 +242,36 @@ def test_tpu_report_summarizes_one_tree_and_lists_the_per_example_rows():
         "| 64 | 10 | 1M | per_example_global_norm_clip | 1.70x | 1.0 | 0.0 | 120.0 | 100.0 "
         "| 1.20x |" in text
     )
+
+
+def test_adaptive_rows_carry_compile_time_and_temp_memory():
+    results = {
+        "meta": {
+            "command": "python -m benchmarks",
+            "duration_s": 60.0,
+            "machine": {
+                "processor": "x86_64",
+                "cpu_count": 2,
+                "backend": "cpu",
+                "jax": "0",
+                "optax": "0",
+                "date": "today",
+                "load_average": None,
+            },
+        },
+        "clip": {"step": [], "compile": [], "memory": []},
+        "adaptive": {
+            "leaves": 100,
+            "params": 20 * M,
+            "candidates": {
+                "update: StableAdamW": {
+                    "median_s": 0.05,
+                    "ratio_vs_clip_by_global_norm": 1.25,
+                    "compile_s": 2.5,
+                    "temp_bytes": 3 * 2**20,
+                }
+            },
+        },
+    }
+    text = _report.markdown(results)
+    assert "| update: StableAdamW | 50.0 ms | 1.250x | 2.50 s | 3.0 MiB |" in text
