@@ -67,6 +67,23 @@ def _results(
     }
 
 
+def _cpu_meta():
+    """What a CPU run records about itself, as the report reads it."""
+    return {
+        "command": "python -m benchmarks",
+        "duration_s": 60.0,
+        "machine": {
+            "processor": "x86_64",
+            "cpu_count": 2,
+            "backend": "cpu",
+            "jax": "0",
+            "optax": "0",
+            "date": "today",
+            "load_average": None,
+        },
+    }
+
+
 def _met(results):
     return {t["target"]: t["met"] for t in _report.targets(results)}
 
@@ -121,19 +138,7 @@ def test_per_example_rows_compare_each_function_with_optaxs():
         return {"median_s": ms / 1e3, "ratio_vs_optax": ratio, "compile_s": 0.5, "temp_bytes": 0}
 
     results = {"clip": {"step": [], "compile": [], "memory": []}}
-    results["meta"] = {
-        "command": "python -m benchmarks",
-        "duration_s": 60.0,
-        "machine": {
-            "processor": "x86_64",
-            "cpu_count": 2,
-            "backend": "cpu",
-            "jax": "0",
-            "optax": "0",
-            "date": "today",
-            "load_average": None,
-        },
-    }
+    results["meta"] = _cpu_meta()
     results["per_example"] = [
         {
             "examples": 64,
@@ -246,19 +251,7 @@ def test_tpu_report_summarizes_one_tree_and_lists_the_per_example_rows():
 
 def test_adaptive_rows_carry_compile_time_and_temp_memory():
     results = {
-        "meta": {
-            "command": "python -m benchmarks",
-            "duration_s": 60.0,
-            "machine": {
-                "processor": "x86_64",
-                "cpu_count": 2,
-                "backend": "cpu",
-                "jax": "0",
-                "optax": "0",
-                "date": "today",
-                "load_average": None,
-            },
-        },
+        "meta": _cpu_meta(),
         "clip": {"step": [], "compile": [], "memory": []},
         "adaptive": {
             "leaves": 100,
