@@ -1128,9 +1128,7 @@ def markdown(results: dict) -> str:
             f"{g['compile_s']:.1f} s | {g['run_s']:.1f} s | {g['step_ms_per_run']:.2f} ms |"
         )
     lines.append("")
-    notes = meta.get("notes", [])
-    if notes:
-        lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    lines += _report.targets_and_notes([], meta.get("notes", []))
     return "\n".join(lines)
 
 

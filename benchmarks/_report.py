@@ -388,16 +388,23 @@ def markdown(results: dict) -> str:
                     f"{theirs['temp_bytes'] / 2**20:.1f} MiB |"
                 )
         lines.append("")
-    tg = results.get("targets", [])
-    if tg:
-        lines += ["## Targets", "", "| target | measured | met |", "|---|---|:-:|"]
-        for t in tg:
+    lines += targets_and_notes(results.get("targets", []), results["meta"].get("notes", []))
+    return "\n".join(lines)
+
+
+def targets_and_notes(
+    targets: list[dict], notes: list[str], heading: str = "## Targets"
+) -> list[str]:
+    """A report's closing lines: its targets as a table (when it has any), then its notes."""
+    lines = []
+    if targets:
+        lines += [heading, "", "| target | measured | met |", "|---|---|:-:|"]
+        for t in targets:
             lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |")
         lines.append("")
-    notes = results["meta"].get("notes", [])
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
-    return "\n".join(lines)
+    return lines
 
 
 def plots(results: dict, out: pathlib.Path, prefix: str) -> list[str]:

@@ -888,15 +888,11 @@ def markdown(results: dict) -> str:
                     f"{_x(row['bytes_common_ratio'])} |"
                 )
         lines.append("")
-    tg = results.get("targets", [])
-    if tg:
-        lines += ["## Targets (issue #14)", "", "| target | measured | met |", "|---|---|:-:|"]
-        for t in tg:
-            lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |")
-        lines.append("")
-    notes = meta.get("notes", [])
-    if notes:
-        lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    from benchmarks import _report
+
+    lines += _report.targets_and_notes(
+        results.get("targets", []), meta.get("notes", []), "## Targets (issue #14)"
+    )
     return "\n".join(lines)
 
 
