@@ -71,19 +71,24 @@ def _sum_together_jvp(primals, tangents):
     return _sum_together(*primals), tuple(jnp.sum(t) for t in tangents)
 
 
-def _sums_in_one_read(x: jax.Array, limit: jax.Array, acc: jnp.dtype) -> tuple[jax.Array, ...]:
-    """``(sum |x|^2, sum |clipped x|^2, elements over the limit)`` from one reduction.
+def _sums_in_one_read(
+    x: jax.Array, clipped: jax.Array, over: jax.Array, acc: jnp.dtype
+) -> tuple[jax.Array, ...]:
+    """``(sum |x|^2, sum |clipped|^2, elements over the limit)`` from one reduction.
 
-    One reduction with three outputs, so that the compiler cannot read ``x`` three
-    times; the count is a float so that under FSDP it travels in the same all-reduce
-    as the sums.
+    ``clipped`` and ``over`` are :func:`_clip_elements` of ``x``. One reduction with three
+    outputs, so that the compiler cannot read ``x`` three times; the count is a float so
+    that under FSDP it travels in the same all-reduce as the sums.
     """
-    clipped, over = _clip_elements(x, limit)
     return _sum_together(abs_sq(x, acc), abs_sq(clipped, acc), over.astype(acc))
 
 
 def _norms_in_one_read(
-    leaves: list[jax.Array], limit: jax.Array, axis_name: AxisName, flags: list[bool]
+    leaves: list[jax.Array],
+    clipped_elements: list[tuple[jax.Array, jax.Array]],
+    limit: jax.Array,
+    axis_name: AxisName,
+    flags: list[bool],
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(norm, clipped_norm, clipped)`` of the leaves and of their clipped values, each
     leaf read once.
@@ -98,7 +103,10 @@ def _norms_in_one_read(
     underflow.
     """
     acc = accumulation_dtype(leaves)
-    sums = [_sums_in_one_read(x, limit, acc) for x in leaves]
+    sums = [
+        _sums_in_one_read(x, clipped, over, acc)
+        for x, (clipped, over) in zip(leaves, clipped_elements, strict=True)
+    ]
     n = len(leaves)
     # The three kinds of sums of every leaf travel in one collective.
     reduced = reduce_over_devices(
@@ -110,6 +118,8 @@ def _norms_in_one_read(
         return safe_sqrt(plain), safe_sqrt(clipped_sq)
 
     def rescued(operands):
+        # Clipped again inside the branch: as operands of the cond the clipped leaves
+        # would have to exist as buffers before it.
         new_leaves = [_clip_elements(x, limit)[0] for x in operands]
         _, norm = leaf_and_global_norms(operands, axis_name=axis_name, flags=flags)
         _, clipped_norm = leaf_and_global_norms(new_leaves, axis_name=axis_name, flags=flags)
@@ -175,12 +185,15 @@ def clip_by_value(
         limit = threshold_at(max_delta, state.stats.count, "max_delta")
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         flags = sharded_flags(updates, sharded)
-        new_leaves = [_clip_elements(x, limit)[0] for x in leaves]
+        clipped_elements = [_clip_elements(x, limit) for x in leaves]
+        new_leaves = [clipped for clipped, _ in clipped_elements]
         if not leaves:
             zero = jnp.zeros((), jnp.float32)
             norm, clipped_norm, clipped = zero, zero, jnp.array(False)
         else:
-            norm, clipped_norm, clipped = _norms_in_one_read(leaves, limit, axis_name, flags)
+            norm, clipped_norm, clipped = _norms_in_one_read(
+                leaves, clipped_elements, limit, axis_name, flags
+            )
         new_stats = _stats.record(
             state.stats, norm=norm, clipped_norm=clipped_norm, threshold=limit, clipped=clipped
         )
