@@ -271,18 +271,21 @@ def base_optimizer(name: str, lr: Any) -> optax.GradientTransformation:
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def adafactor_style_adamw(lr: Any, threshold: float = 1.0) -> optax.GradientTransformation:
+def adafactor_style_adamw(
+    lr: Any, threshold: float = 1.0, clip: Callable = optaxclip.clip_by_block_rms
+) -> optax.GradientTransformation:
     """AdamW whose preconditioned update is clipped per tensor to RMS <= ``threshold``.
 
     Adafactor's update clipping (Shazeer & Stern 2018; ``clipping_threshold`` of
     ``optax.adafactor``): the clip sits after the preconditioner and before the
     learning rate, where an RMS of 1 is the scale of a normal Adam step. (After the
-    learning rate it would never act.) optaxclip's ``clip_by_block_rms``, which gives
-    the same results as ``optax.clip_by_block_rms`` and records ``ClipStats``.
+    learning rate it would never act.) ``clip`` is optaxclip's ``clip_by_block_rms``,
+    which gives the same results as ``optax.clip_by_block_rms`` and records
+    ``ClipStats``; the TPU benchmark passes Optax's to build the counterpart.
     """
     return optax.chain(
         optax.scale_by_adam(ADAM_B1, ADAM_B2, ADAM_EPS),
-        optaxclip.clip_by_block_rms(threshold),
+        clip(threshold),
         optax.add_decayed_weights(WEIGHT_DECAY, _decay_mask),
         optax.scale_by_learning_rate(lr),
     )

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import importlib.metadata
 import importlib.util
@@ -109,6 +110,12 @@ class TpuPlan:
     # Per-example (DP-SGD) clipping, compiled on one chip: (examples, leaves,
     # parameters per example), as in the CPU benchmark's per-example section.
     per_example_trees: tuple[tuple[int, int, int], ...] = ((64, 10, M), (64, 100, M))
+    # The update-clipping recipes (with adamw, which they are built on): (leaves,
+    # params, four-chip meshes).
+    update_recipe_trees: tuple[tuple[int, int, tuple[str, ...]], ...] = (
+        (10, 20 * M, ("fsdp",)),
+        (100, 20 * M, ()),
+    )
     names_large: tuple[str, ...] = (
         "alone",
         "clip_by_global_norm",
@@ -128,6 +135,7 @@ class TpuPlan:
             compile_repeats={10: 1},
             meshes={"fsdp": (("adamw", 10, 20 * M),)},
             per_example_trees=((16, 10, M // 4),),
+            update_recipe_trees=((10, 20 * M, ()),),
         )
 
     def meshes_for(self, config: tuple[str, int, int]) -> list[str]:
@@ -542,29 +550,27 @@ def lower_and_compile(
 # The grid
 
 
-def measure_config(
-    opt_name: str,
-    n_leaves: int,
-    n_params: int,
-    plan: TpuPlan,
+def measure_candidates(
+    makers: dict[str, Callable],
+    shapes: dict[str, tuple[int, ...]],
+    repeats: int,
+    meshes: list[str],
     tgts: dict[str, Target],
     progress: Callable[[str], None] = lambda _: None,
-    only: tuple[str, ...] | None = None,
-) -> dict[str, Any]:
-    """Every candidate's figures for one tree and optimizer.
+) -> dict[str, dict[str, Any]]:
+    """Every maker's figures for one tree: name -> compile samples and medians, temp
+    memory, the cost model's bytes (both branches and common path) and, per mesh in
+    ``meshes``, the four-chip temp memory and collectives.
 
     Compile time: ``repeats`` turns over the candidates, each turn starting from the
     next candidate, each candidate compiled once per turn (a fresh ``jax.jit``, so
     nothing is cached). The first turn's executable also gives temp memory and the cost
-    model's bytes (both branches); the common path, FSDP and DP compiles come after,
+    model's bytes (both branches); the common path and four-chip compiles come after,
     once per candidate.
     """
     import numpy as np
 
-    makers = candidates(opt_name, only)
-    names = plan.names_for(n_leaves, list(makers))
-    shapes = tree_shapes(n_leaves, n_params)
-    repeats = plan.compile_repeats.get(n_leaves, 1)
+    names = list(makers)
     figures: dict[str, dict[str, Any]] = {
         n: {"compile_samples": [], "compile_cpu_samples": []} for n in names
     }
@@ -590,7 +596,6 @@ def measure_config(
         both = figures[name]["bytes_both_branches"]
         figures[name]["bytes_common"] = both if f["bytes_accessed"] is None else f["bytes_accessed"]
         gc.collect()
-    meshes = plan.meshes_for((opt_name, n_leaves, n_params))
     for mesh in meshes:
         for name in names:
             chips = len(tgts[mesh].mesh.devices.flat)
@@ -601,27 +606,58 @@ def measure_config(
     for name in names:
         figures[name]["compile_s"] = float(np.median(figures[name]["compile_samples"]))
         figures[name]["compile_cpu_s"] = float(np.median(figures[name]["compile_cpu_samples"]))
-    rows = []
-    for name in names:
-        if name == "alone" or name.startswith("optax.") or counterpart(name) not in names:
-            continue
-        ref = counterpart(name)
-        mine, theirs = figures[name], figures[ref]
+    return figures
 
-        # Per turn, then the median: the two compiles of a turn ran close in time.
-        def per_turn(key: str, mine: dict = mine, theirs: dict = theirs) -> float:
-            pairs = zip(mine[key], theirs[key], strict=True)
-            return float(np.median([a / b for a, b in pairs]))
 
-        row = {
-            "transform": name,
-            "counterpart": ref,
-            "compile_ratio": per_turn("compile_samples"),
-            "compile_cpu_ratio": per_turn("compile_cpu_samples"),
-            "temp_ratio": _ratio(mine["temp_bytes"], theirs["temp_bytes"]),
-            "bytes_common_ratio": _ratio(mine["bytes_common"], theirs["bytes_common"]),
-        }
-        rows.append(row)
+def compare(figures: dict[str, dict[str, Any]], name: str, ref: str) -> dict[str, Any]:
+    """One row: ``name``'s figures as ratios to ``ref``'s (compile: the median of the
+    per-turn ratios, since the two compiles of a turn ran close in time)."""
+    import numpy as np
+
+    mine, theirs = figures[name], figures[ref]
+
+    def per_turn(key: str) -> float:
+        pairs = zip(mine[key], theirs[key], strict=True)
+        return float(np.median([a / b for a, b in pairs]))
+
+    return {
+        "transform": name,
+        "counterpart": ref,
+        "compile_ratio": per_turn("compile_samples"),
+        "compile_cpu_ratio": per_turn("compile_cpu_samples"),
+        "temp_ratio": _ratio(mine["temp_bytes"], theirs["temp_bytes"]),
+        "bytes_common_ratio": _ratio(mine["bytes_common"], theirs["bytes_common"]),
+    }
+
+
+def measure_config(
+    opt_name: str,
+    n_leaves: int,
+    n_params: int,
+    plan: TpuPlan,
+    tgts: dict[str, Target],
+    progress: Callable[[str], None] = lambda _: None,
+    only: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """Every candidate's figures for one tree and optimizer (see
+    :func:`measure_candidates`), and each transform's row against its counterpart."""
+    makers = candidates(opt_name, only)
+    names = plan.names_for(n_leaves, list(makers))
+    repeats = plan.compile_repeats.get(n_leaves, 1)
+    meshes = plan.meshes_for((opt_name, n_leaves, n_params))
+    figures = measure_candidates(
+        {n: makers[n] for n in names},
+        tree_shapes(n_leaves, n_params),
+        repeats,
+        meshes,
+        tgts,
+        progress,
+    )
+    rows = [
+        compare(figures, name, counterpart(name))
+        for name in names
+        if name != "alone" and not name.startswith("optax.") and counterpart(name) in names
+    ]
     return {
         "optimizer": opt_name,
         "leaves": n_leaves,
@@ -631,6 +667,50 @@ def measure_config(
         "meshes": meshes,
         "candidates": figures,
         "rows": rows,
+    }
+
+
+# The update-clipping recipes (issue #17): AdamW with its preconditioned step clipped per
+# tensor, as the update-clipping guide and the quality benchmark build them. Optax has no
+# recipe of either name; the counterpart is the same Adafactor-style clip built from
+# Optax's own pieces (optax.clip_by_block_rms after optax.scale_by_adam).
+UPDATE_RECIPES = ("adafactor_style_adamw", "stable_adamw")
+UPDATE_COUNTERPART = "optax: scale_by_adam, clip_by_block_rms"
+
+
+def update_recipe_makers() -> dict[str, Callable]:
+    """name -> a maker of each update-clipping recipe and of its Optax counterpart."""
+    import optax
+
+    from benchmarks import _quality
+
+    makers: dict[str, Callable] = {
+        name: functools.partial(getattr(_quality, name), 1e-3) for name in UPDATE_RECIPES
+    }
+    makers[UPDATE_COUNTERPART] = functools.partial(
+        _quality.adafactor_style_adamw, 1e-3, clip=optax.clip_by_block_rms
+    )
+    return makers
+
+
+def measure_update_recipes(
+    n_leaves: int,
+    n_params: int,
+    meshes: list[str],
+    tgts: dict[str, Target],
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """The update-clipping recipes' donated steps against their Optax counterpart, in
+    two compile turns (see :func:`measure_candidates`)."""
+    figures = measure_candidates(
+        update_recipe_makers(), tree_shapes(n_leaves, n_params), 2, meshes, tgts, progress
+    )
+    return {
+        "leaves": n_leaves,
+        "params": n_params,
+        "meshes": meshes,
+        "candidates": figures,
+        "rows": [compare(figures, name, UPDATE_COUNTERPART) for name in UPDATE_RECIPES],
     }
 
 
@@ -771,6 +851,13 @@ def run(plan: TpuPlan, log: Callable[[str], None], topology: str = TOPOLOGY) -> 
         results["per_example"].append(
             measure_per_example(n_examples, n_leaves, n_params, tgts["single"])
         )
+    results["update_recipes"] = []
+    for n_leaves, n_params, meshes in tqdm(
+        plan.update_recipe_trees, desc="tpu: update recipes", unit="tree"
+    ):
+        results["update_recipes"].append(
+            measure_update_recipes(n_leaves, n_params, list(meshes), tgts)
+        )
     return results
 
 
@@ -888,12 +975,47 @@ def markdown(results: dict) -> str:
                     f"{_x(row['bytes_common_ratio'])} |"
                 )
         lines.append("")
+    lines += update_recipe_lines(results.get("update_recipes") or [])
     from benchmarks import _report
 
     lines += _report.targets_and_notes(
         results.get("targets", []), meta.get("notes", []), "## Targets (issue #14)"
     )
     return "\n".join(lines)
+
+
+def update_recipe_lines(entries: list[dict[str, Any]]) -> list[str]:
+    """The update-clipping recipes' table (empty without entries)."""
+    if not entries:
+        return []
+    lines = [
+        "## Update-clipping recipes (adamw), one chip",
+        "",
+        "The donated step of each recipe of the update-clipping guide (the clip after "
+        f"Adam's preconditioner), against `{UPDATE_COUNTERPART}`: the Adafactor-style "
+        "recipe built from Optax's pieces. StableAdamW has no Optax counterpart; it is "
+        "compared with the same per-tensor update clip. Compile: CPU time, the median of "
+        "per-turn ratios over two turns. Not part of issue #14's targets.",
+        "",
+        "| leaves | params | recipe | compile | temp optaxclip | Optax | ratio "
+        "| bytes optaxclip | Optax | ratio | FSDP optaxclip | Optax |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for e in entries:
+        c = e["candidates"]
+        for row in e["rows"]:
+            a, b = c[row["transform"]], c[row["counterpart"]]
+            lines.append(
+                f"| {e['leaves']} | {_p(e['params'])} | {row['transform']} | "
+                f"{_x(row['compile_cpu_ratio'])} | {_mib(a['temp_bytes'])} | "
+                f"{_mib(b['temp_bytes'])} | {_x(row['temp_ratio'])} | "
+                f"{_mib(a['bytes_common'])} | {_mib(b['bytes_common'])} | "
+                f"{_x(row['bytes_common_ratio'])} | "
+                f"{_coll(a.get('fsdp', {}).get('collectives'))} | "
+                f"{_coll(b.get('fsdp', {}).get('collectives'))} |"
+            )
+    lines.append("")
+    return lines
 
 
 # The tree of the README's TPU summary: (optimizer, leaves, parameters).

@@ -268,3 +268,97 @@ def test_adaptive_rows_carry_compile_time_and_temp_memory():
     }
     text = _report.markdown(results)
     assert "| update: StableAdamW | 50.0 ms | 1.250x | 2.50 s | 3.0 MiB |" in text
+
+
+def test_tpu_compare_takes_the_median_of_per_turn_ratios():
+    from benchmarks import _tpu
+
+    figures = {
+        "mine": {
+            "compile_samples": [3.0, 2.0, 9.0],
+            "compile_cpu_samples": [2.0, 2.0, 2.0],
+            "temp_bytes": 30,
+            "bytes_common": 110,
+        },
+        "theirs": {
+            "compile_samples": [2.0, 2.0, 3.0],
+            "compile_cpu_samples": [1.0, 4.0, 2.0],
+            "temp_bytes": 0,
+            "bytes_common": 100,
+        },
+    }
+    row = _tpu.compare(figures, "mine", "theirs")
+    # Per turn 1.5, 1.0, 3.0 (wall) and 2.0, 0.5, 1.0 (CPU): medians 1.5 and 1.0.
+    assert row["compile_ratio"] == 1.5
+    assert row["compile_cpu_ratio"] == 1.0
+    assert row["temp_ratio"] is None  # nothing to compare with: Optax keeps no temp
+    assert abs(row["bytes_common_ratio"] - 1.1) < 1e-12
+
+
+def test_tpu_update_recipe_rows_name_the_optax_counterpart():
+    from benchmarks import _tpu
+
+    mib = 2**20
+    cand = {
+        "adafactor_style_adamw": {"temp_bytes": 2 * mib, "bytes_common": 300 * mib},
+        _tpu.UPDATE_COUNTERPART: {"temp_bytes": 4 * mib, "bytes_common": 240 * mib},
+    }
+    entry = {
+        "leaves": 10,
+        "params": 20 * M,
+        "meshes": [],
+        "candidates": cand,
+        "rows": [
+            {
+                "transform": "adafactor_style_adamw",
+                "counterpart": _tpu.UPDATE_COUNTERPART,
+                "compile_ratio": 1.1,
+                "compile_cpu_ratio": 0.9,
+                "temp_ratio": 0.5,
+                "bytes_common_ratio": 1.25,
+            }
+        ],
+    }
+    text = "\n".join(_tpu.update_recipe_lines([entry]))
+    assert _tpu.UPDATE_COUNTERPART in text
+    assert (
+        "| 10 | 20M | adafactor_style_adamw | 0.90x | 2.0 | 4.0 | 0.50x | 300.0 | 240.0 "
+        "| 1.25x | - | - |" in text
+    )
+    assert _tpu.update_recipe_lines([]) == []
+
+
+def test_tpu_update_recipe_counterpart_does_what_the_recipe_does():
+    """The Optax-built counterpart of the TPU rows gives the Adafactor-style recipe's
+    updates (optaxclip's clip_by_block_rms equals Optax's), so the rows compare the
+    same job; at a threshold of 0.3 the clip acts on every step."""
+    import jax
+    import numpy as np
+    import optax
+
+    from benchmarks import _quality, _tpu
+
+    makers = _tpu.update_recipe_makers()
+    assert set(makers) == {*_tpu.UPDATE_RECIPES, _tpu.UPDATE_COUNTERPART}
+    for make in makers.values():  # each maker builds a transformation that runs
+        tx, tree = make(), {"w": np.ones(3, np.float32)}
+        jax.jit(tx.update)(tree, tx.init(tree), tree)
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": np.zeros(3, np.float32)}
+    grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)]
+    grads *= 3
+    clips = {
+        "optaxclip": _quality.adafactor_style_adamw(1e-3, 0.3),
+        "optax": _quality.adafactor_style_adamw(1e-3, 0.3, clip=optax.clip_by_block_rms),
+        "none": _quality.adafactor_style_adamw(1e-3, 1e9, clip=optax.clip_by_block_rms),
+    }
+    outs = {}
+    for name, tx in clips.items():
+        state = tx.init(params)
+        outs[name] = []
+        for g in grads:
+            u, state = tx.update(g, state, params)
+            outs[name].append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(u)]))
+    for mine, theirs, unclipped in zip(*outs.values(), strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-6, atol=1e-12)
+        assert np.linalg.norm(theirs) < 0.9 * np.linalg.norm(unclipped)
