@@ -110,6 +110,8 @@ class TpuPlan:
     # Per-example (DP-SGD) clipping, compiled on one chip: (examples, leaves,
     # parameters per example), as in the CPU benchmark's per-example section.
     per_example_trees: tuple[tuple[int, int, int], ...] = ((64, 10, M), (64, 100, M))
+    # The tree on which what a global statistic costs a per-leaf clip is measured.
+    statistic_tree: tuple[str, int, int] | None = ("adamw", 10, 20 * M)
     # The update-clipping recipes (with adamw, which they are built on): (leaves,
     # params, four-chip meshes).
     update_recipe_trees: tuple[tuple[int, int, tuple[str, ...]], ...] = (
@@ -136,6 +138,7 @@ class TpuPlan:
             meshes={"fsdp": (("adamw", 10, 20 * M),)},
             per_example_trees=((16, 10, M // 4),),
             update_recipe_trees=((10, 20 * M, ()),),
+            statistic_tree=None,
         )
 
     def meshes_for(self, config: tuple[str, int, int]) -> list[str]:
@@ -670,6 +673,73 @@ def measure_config(
     }
 
 
+def block_rms_keeping_global_norm(max_norm: float) -> Any:
+    """``optax.clip_by_block_rms`` that also keeps, as its state, the global norm of the
+    gradient it clipped: the least statistic a per-leaf clip can record (optaxclip's
+    record it and more in ``ClipStats``), here without anything else of optaxclip."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    clip = optax.clip_by_block_rms(max_norm)
+
+    def init_fn(params):
+        del params
+        return jnp.zeros((), jnp.float32)
+
+    def update_fn(updates, state, params=None):
+        del state
+        sums = [jnp.sum(jnp.square(x)) for x in jax.tree.leaves(updates)]
+        clipped, _ = clip.update(updates, clip.init(updates), params)
+        return clipped, jnp.sqrt(sum(sums))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# What a global statistic costs a per-leaf clip on the TPU compiler (the per-leaf clips'
+# gap of issue #14): Optax's per-leaf clip alone, the same keeping the global norm, and
+# optaxclip's.
+STATISTIC_CANDIDATES = (
+    "optax.clip_by_block_rms",
+    "optax.clip_by_block_rms + global norm",
+    "clip_by_block_rms",
+)
+
+
+def measure_statistic_cost(
+    opt_name: str,
+    n_leaves: int,
+    n_params: int,
+    tgts: dict[str, Target],
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """:data:`STATISTIC_CANDIDATES` compiled once each on one chip (temp memory and the
+    common path's bytes are the compiler's, the same every time)."""
+    import optax
+
+    import optaxclip
+    from benchmarks import _harness as H
+
+    inner = functools.partial(H.optimizer, opt_name)
+    makers = {
+        "optax.clip_by_block_rms": lambda: optax.chain(optax.clip_by_block_rms(1.0), inner()),
+        "optax.clip_by_block_rms + global norm": lambda: optax.chain(
+            block_rms_keeping_global_norm(1.0), inner()
+        ),
+        "clip_by_block_rms": lambda: optax.chain(optaxclip.clip_by_block_rms(1.0), inner()),
+    }
+    figures = measure_candidates(makers, tree_shapes(n_leaves, n_params), 1, [], tgts, progress)
+    return {
+        "optimizer": opt_name,
+        "leaves": n_leaves,
+        "params": n_params,
+        "candidates": figures,
+        "rows": [
+            compare(figures, name, STATISTIC_CANDIDATES[0]) for name in STATISTIC_CANDIDATES[1:]
+        ],
+    }
+
+
 # The update-clipping recipes (issue #17): AdamW with its preconditioned step clipped per
 # tensor, as the update-clipping guide and the quality benchmark build them. Optax has no
 # recipe of either name; the counterpart is the same Adafactor-style clip built from
@@ -851,6 +921,8 @@ def run(plan: TpuPlan, log: Callable[[str], None], topology: str = TOPOLOGY) -> 
         results["per_example"].append(
             measure_per_example(n_examples, n_leaves, n_params, tgts["single"])
         )
+    if plan.statistic_tree is not None:
+        results["statistic_cost"] = measure_statistic_cost(*plan.statistic_tree, tgts)
     results["update_recipes"] = []
     for n_leaves, n_params, meshes in tqdm(
         plan.update_recipe_trees, desc="tpu: update recipes", unit="tree"
@@ -975,6 +1047,7 @@ def markdown(results: dict) -> str:
                     f"{_x(row['bytes_common_ratio'])} |"
                 )
         lines.append("")
+    lines += statistic_cost_lines(results.get("statistic_cost"))
     lines += update_recipe_lines(results.get("update_recipes") or [])
     from benchmarks import _report
 
@@ -982,6 +1055,38 @@ def markdown(results: dict) -> str:
         results.get("targets", []), meta.get("notes", []), "## Targets (issue #14)"
     )
     return "\n".join(lines)
+
+
+def statistic_cost_lines(entry: dict[str, Any] | None) -> list[str]:
+    """The table of what a global statistic costs a per-leaf clip (empty without it)."""
+    if not entry:
+        return []
+    c = entry["candidates"]
+    base = c[STATISTIC_CANDIDATES[0]]
+    lines = [
+        f"## What a global statistic costs a per-leaf clip ({entry['optimizer']}, "
+        f"{entry['leaves']} leaves, {_p(entry['params'])} parameters, one chip)",
+        "",
+        "`optax.clip_by_block_rms` alone, the same keeping the global norm of the "
+        "gradient it clipped as its state (`block_rms_keeping_global_norm`: nothing of "
+        "optaxclip), and optaxclip's `clip_by_block_rms`, which records `ClipStats`. "
+        "Any value that combines the leaves' sums makes the TPU compiler run every "
+        "leaf's reduction before the first leaf's update, so that each leaf is read "
+        "again from HBM instead of once into on-chip memory for both.",
+        "",
+        "| step | temp (MiB) | bytes (MiB) | bytes ratio |",
+        "|---|---:|---:|---:|",
+        f"| {STATISTIC_CANDIDATES[0]} | {_mib(base['temp_bytes'])} | "
+        f"{_mib(base['bytes_common'])} | 1.00x |",
+    ]
+    for row in entry["rows"]:
+        a = c[row["transform"]]
+        lines.append(
+            f"| {row['transform']} | {_mib(a['temp_bytes'])} | {_mib(a['bytes_common'])} | "
+            f"{_x(row['bytes_common_ratio'])} |"
+        )
+    lines.append("")
+    return lines
 
 
 def update_recipe_lines(entries: list[dict[str, Any]]) -> list[str]:

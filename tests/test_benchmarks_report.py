@@ -362,3 +362,48 @@ def test_tpu_update_recipe_counterpart_does_what_the_recipe_does():
     for mine, theirs, unclipped in zip(*outs.values(), strict=True):
         np.testing.assert_allclose(mine, theirs, rtol=1e-6, atol=1e-12)
         assert np.linalg.norm(theirs) < 0.9 * np.linalg.norm(unclipped)
+
+
+def test_block_rms_keeping_global_norm_clips_like_optax_and_keeps_the_norm():
+    """The TPU statistic-cost candidate does Optax's per-leaf clip and keeps the global
+    norm of what it clipped (float64 NumPy), so its rows measure only the statistic."""
+    import numpy as np
+    import optax
+
+    from benchmarks import _tpu
+
+    rng = np.random.default_rng(1)
+    grads = {"a": rng.normal(size=(5, 4)).astype(np.float32), "b": rng.normal(size=7) * 9}
+    grads["b"] = grads["b"].astype(np.float32)
+    tx = _tpu.block_rms_keeping_global_norm(0.5)
+    out, norm = tx.update(grads, tx.init(grads))
+    ref, _ = optax.clip_by_block_rms(0.5).update(grads, optax.EmptyState())
+    for k in grads:
+        np.testing.assert_allclose(np.asarray(out[k]), np.asarray(ref[k]), rtol=1e-6)
+    expected = np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in grads.values()))
+    np.testing.assert_allclose(float(norm), expected, rtol=1e-6)
+    assert not np.allclose(np.asarray(out["b"]), grads["b"])  # the clip acted
+
+
+def test_tpu_statistic_cost_table_reads_each_step_against_optaxs_clip():
+    from benchmarks import _tpu
+
+    mib = 2**20
+    names = _tpu.STATISTIC_CANDIDATES
+    entry = {
+        "optimizer": "adamw",
+        "leaves": 10,
+        "params": 20 * M,
+        "candidates": {
+            names[0]: {"temp_bytes": 3 * mib, "bytes_common": 1000 * mib},
+            names[1]: {"temp_bytes": 8 * mib, "bytes_common": 2080 * mib},
+            names[2]: {"temp_bytes": 8 * mib, "bytes_common": 2080 * mib},
+        },
+        "rows": [
+            {"transform": n, "counterpart": names[0], "bytes_common_ratio": 2.08} for n in names[1:]
+        ],
+    }
+    text = "\n".join(_tpu.statistic_cost_lines(entry))
+    assert "| optax.clip_by_block_rms | 3.0 | 1000.0 | 1.00x |" in text
+    assert "| optax.clip_by_block_rms + global norm | 8.0 | 2080.0 | 2.08x |" in text
+    assert _tpu.statistic_cost_lines(None) == []
