@@ -48,14 +48,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--platform",
-        choices=("cpu", "tpu"),
+        choices=("cpu", "tpu", "gpu"),
         default="cpu",
         help="cpu: run the sections here; tpu: compile for a TPU v5e topology with libtpu "
         '(no TPU needed; pip install -e ".[tpu]" in an environment of its own) and report '
-        "the TPU compiler's figures in <out>/[quick_]tpu.{json,md} (--only does not apply)",
+        "the TPU compiler's figures in <out>/[quick_]tpu.{json,md}; gpu: the same for four "
+        'H100s with the CUDA plugin (pip install -e ".[gpu]", its own environment) in '
+        "<out>/[quick_]gpu.{json,md} (--only does not apply to either)",
     )
     args = parser.parse_args(argv)
-    if args.platform == "tpu" and args.only:
+    if args.platform != "cpu" and args.only:
         parser.error("--only applies to --platform cpu")
     return args
 
@@ -69,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         _tpu.prepare_environment()
         command = "python -m benchmarks --platform tpu" + (" --quick" if args.quick else "")
         return _tpu.main(args.quick, args.out, command)
+    if args.platform == "gpu":
+        from benchmarks import _gpu
+
+        # Before JAX is imported: the CUDA compiler is loaded for a description, not a GPU.
+        _gpu.prepare_environment()
+        command = "python -m benchmarks --platform gpu" + (" --quick" if args.quick else "")
+        return _gpu.main(args.quick, args.out, command)
     # Imported here so that --help answers without starting JAX.
     from benchmarks import _cases, _harness, _report
 

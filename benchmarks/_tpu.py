@@ -512,6 +512,12 @@ def compile_step(
     return lower_and_compile(step, (params, state, grads), common=common, hlo=hlo)
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds used so far by this process and by the child processes it waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def lower_and_compile(
     jitted: Any, args: tuple, *, common: bool = False, hlo: bool = False
 ) -> dict[str, Any]:
@@ -521,22 +527,23 @@ def lower_and_compile(
     seen: dict[str, list[str]] = {}
     context = common_path(seen) if common else contextlib.nullcontext()
     with context:
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         lowered = jitted.lower(*args)
     t1 = time.perf_counter()
     if common and not seen.get("replaced"):
         # Nothing to take out: the step's own compile has the common path's figures.
         return {"bytes_accessed": None, "branches": {k: sorted(set(v)) for k, v in seen.items()}}
     compiled = lowered.compile()
-    t2, c2 = time.perf_counter(), time.process_time()
+    t2, c2 = time.perf_counter(), _cpu_seconds()
     memory = compiled.memory_analysis()
     cost = _cost(compiled)
     out: dict[str, Any] = {
         "lower_s": t1 - t0,
         "compile_s": t2 - t1,
         "total_s": t2 - t0,
-        # CPU seconds of this process (every compiler thread): the work done, which
-        # other processes on a busy host do not stretch as they stretch wall time.
+        # CPU seconds of this process (every compiler thread) and of the tools it ran
+        # (the CUDA compiler's ptxas): the work done, which other processes on a busy
+        # host do not stretch as they stretch wall time.
         "total_cpu_s": c2 - c0,
         "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1)) if memory else -1,
         "bytes_accessed": float(cost.get("bytes accessed", -1.0)),
@@ -560,10 +567,12 @@ def measure_candidates(
     meshes: list[str],
     tgts: dict[str, Target],
     progress: Callable[[str], None] = lambda _: None,
+    common: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Every maker's figures for one tree: name -> compile samples and medians, temp
-    memory, the cost model's bytes (both branches and common path) and, per mesh in
-    ``meshes``, the four-chip temp memory and collectives.
+    memory, the cost model's bytes (both branches and, with ``common``, the common
+    path; None where the compiler has no cost model) and, per mesh in ``meshes``, the
+    four-chip temp memory and collectives.
 
     Compile time: ``repeats`` turns over the candidates, each turn starting from the
     next candidate, each candidate compiled once per turn (a fresh ``jax.jit``, so
@@ -591,7 +600,7 @@ def measure_candidates(
                     flops=f["flops"],
                 )
             gc.collect()
-    for name in names:
+    for name in names if common else []:
         progress(f"{name} (common path)")
         f = compile_step(makers[name](), shapes, tgts["single"], common=True)
         figures[name]["branches"] = f["branches"]
@@ -607,6 +616,7 @@ def measure_candidates(
             figures[name][mesh] = {"temp_bytes": f["temp_bytes"], "collectives": f["collectives"]}
             gc.collect()
     for name in names:
+        figures[name].setdefault("bytes_common", None)
         figures[name]["compile_s"] = float(np.median(figures[name]["compile_samples"]))
         figures[name]["compile_cpu_s"] = float(np.median(figures[name]["compile_cpu_samples"]))
     return figures
@@ -629,7 +639,11 @@ def compare(figures: dict[str, dict[str, Any]], name: str, ref: str) -> dict[str
         "compile_ratio": per_turn("compile_samples"),
         "compile_cpu_ratio": per_turn("compile_cpu_samples"),
         "temp_ratio": _ratio(mine["temp_bytes"], theirs["temp_bytes"]),
-        "bytes_common_ratio": _ratio(mine["bytes_common"], theirs["bytes_common"]),
+        "bytes_common_ratio": (
+            None
+            if mine["bytes_common"] is None or theirs["bytes_common"] is None
+            else _ratio(mine["bytes_common"], theirs["bytes_common"])
+        ),
     }
 
 

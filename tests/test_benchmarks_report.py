@@ -407,3 +407,106 @@ def test_tpu_statistic_cost_table_reads_each_step_against_optaxs_clip():
     assert "| optax.clip_by_block_rms | 3.0 | 1000.0 | 1.00x |" in text
     assert "| optax.clip_by_block_rms + global norm | 8.0 | 2080.0 | 2.08x |" in text
     assert _tpu.statistic_cost_lines(None) == []
+
+
+def test_gpu_report_judges_compile_temp_and_collectives_without_bytes():
+    from benchmarks import _gpu
+
+    def cand(temp, compile_s, fsdp):
+        return {
+            "compile_s": compile_s,
+            "temp_bytes": temp,
+            "bytes_common": None,
+            "fsdp": {
+                "temp_bytes": 0,
+                "collectives": {
+                    "count": len(fsdp),
+                    "ops": ["all-reduce"] * len(fsdp),
+                    "shapes": fsdp,
+                    "all_scalar": all(s == "f32[]" for s in fsdp),
+                    "rare_count": 0,
+                },
+            },
+        }
+
+    mib = 2**20
+    results = {
+        "meta": {
+            "command": "python -m benchmarks --platform gpu",
+            "duration_s": 60.0,
+            "notes": [],
+            "machine": {
+                "cuda_plugin": "0.10.2",
+                "target": "4 x NVIDIA H100 SXM",
+                "processor": "x86_64",
+                "cpu_count": 2,
+                "jax": "0.10.2",
+                "optax": "0.2.8",
+                "date": "2026-12-02 08:00:00 UTC",
+                "load_average": None,
+            },
+        },
+        "configs": [
+            {
+                "optimizer": "adamw",
+                "leaves": 10,
+                "params": 20 * M,
+                "compile_repeats": 1,
+                "meshes": ["fsdp"],
+                "candidates": {
+                    "alone": cand(0, 1.0, []),
+                    "clip_by_global_norm": cand(0, 1.3, ["f32[10]", "f32[]"]),
+                    "optax.clip_by_global_norm": cand(0, 2.0, ["f32[]"]),
+                    "clip_by_block_norm": cand(2 * mib, 1.0, ["f32[]"]),
+                    "optax.clip_by_block_rms": cand(0, 1.0, ["f32[]"]),
+                },
+                "rows": [
+                    {
+                        "transform": "clip_by_global_norm",
+                        "counterpart": "optax.clip_by_global_norm",
+                        "compile_ratio": 0.65,
+                        "compile_cpu_ratio": 0.9,
+                        "temp_ratio": None,
+                        "bytes_common_ratio": None,
+                    },
+                    {
+                        "transform": "clip_by_block_norm",
+                        "counterpart": "optax.clip_by_block_rms",
+                        "compile_ratio": 1.0,
+                        "compile_cpu_ratio": 1.0,
+                        "temp_ratio": None,
+                        "bytes_common_ratio": None,
+                    },
+                ],
+            }
+        ],
+    }
+    met = {t["target"].split(" ")[0]: t for t in _gpu.targets_met(results)}
+    assert met["compile"]["met"]
+    # 2 MiB of temp memory where Optax keeps none misses; nothing to divide by.
+    assert not met["temp"]["met"] and "clip_by_block_norm" in met["temp"]["measured"]
+    assert not met["collectives"]["met"]
+    assert "2 (f32[10], f32[]) vs 1 (f32[])" in met["collectives"]["measured"]
+    results["targets"] = list(met.values())
+    text = _gpu.markdown(results)
+    assert (
+        "| clip_by_global_norm | optax.clip_by_global_norm | 1.30 | 2.00 | 0.90x | 0.0 | 0.0 "
+        "| - | 2 (f32[10], f32[]) | 1 (f32[]) | - | - |" in text
+    )
+
+
+def test_compiler_platforms_take_no_sections_and_say_what_they_need(tmp_path, capsys, monkeypatch):
+    import pytest
+
+    from benchmarks import __main__ as cli
+    from benchmarks import _gpu
+
+    for platform in ("tpu", "gpu"):
+        with pytest.raises(SystemExit):
+            cli.parse(["--platform", platform, "--only", "clip"])
+        assert cli.parse(["--platform", platform]).platform == platform
+    # Without the CUDA plugin (as where the CPU tests run) it says how to get it.
+    monkeypatch.setattr(_gpu, "cuda_available", lambda: False)
+    assert _gpu.main(True, tmp_path, "python -m benchmarks --platform gpu --quick") == 2
+    assert 'pip install -e ".[gpu]"' in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,304 @@
+"""``python -m benchmarks --platform gpu``: the CUDA compiler's figures, without a GPU.
+
+JAX's CUDA plugin compiles ahead of time on a host with no GPU when it is given a
+description of the target: ``get_topology_desc("h100", "cuda", target_config=...,
+topology="1x1x4")`` hands out four H100 devices that can be lowered and compiled for but
+not run on. :data:`TARGET_CONFIG` is that description: XLA's own H100 SXM
+specification (``xla/backends/gpu/target_config/specs/h100_sxm.txtpb``) less the one
+field that jaxlib 0.10.2 does not read.
+
+The grid is the TPU benchmark's (:mod:`benchmarks._tpu`: every catalog transform before
+the optimizer against its Optax counterpart, the donated step, compiled in turns) on
+the trees a GPU user trains most (10 and 100 leaves of 20M parameters, adamw and sgd),
+with what the CUDA compiler reports: compile time, temp memory on one GPU, and the
+collectives on four GPUs with FSDP-sharded leaves and replicated (data-parallel)
+ones. The CUDA compiler has no cost model here (``cost_analysis()`` comes back empty),
+so there is no bytes column. The CUDA plugin must not be installed where the CPU tests
+run (with it JAX looks for a GPU at start-up): ``pip install -e ".[dev,gpu]"`` in an
+environment of its own. :func:`prepare_environment` must run before JAX is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+import os
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks import _tpu
+
+M = 1_000_000
+TARGET_CONFIG = pathlib.Path(__file__).resolve().parent / "h100_sxm.txtpb"
+TOPOLOGY = "1x1x4"
+# The CPU runs the process; the CUDA plugin serves only as a compiler for TARGET_CONFIG.
+ENVIRONMENT = {"JAX_PLATFORMS": "cpu"}
+
+
+def cuda_available() -> bool:
+    """Whether JAX's CUDA plugin (the compiler for ``--platform gpu``) is installed."""
+    return importlib.util.find_spec("jax_cuda12_plugin") is not None
+
+
+def prepare_environment() -> None:
+    """Sets :data:`ENVIRONMENT` (keeping values the caller set); call before importing JAX."""
+    for key, value in ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
+@dataclasses.dataclass
+class GpuPlan:
+    """What to compile and how often (the TPU plan's names; see :class:`_tpu.TpuPlan`)."""
+
+    quick: bool
+    configs: tuple[tuple[str, int, int], ...] = (
+        ("adamw", 10, 20 * M),
+        ("sgd", 10, 20 * M),
+        ("adamw", 100, 20 * M),
+    )
+    compile_repeats: dict[int, int] = dataclasses.field(default_factory=lambda: {10: 2})
+    meshes: dict[str, tuple[tuple[str, int, int], ...]] = dataclasses.field(
+        default_factory=lambda: {
+            "fsdp": (("adamw", 10, 20 * M), ("adamw", 100, 20 * M)),
+            "dp": (("adamw", 10, 20 * M),),
+        }
+    )
+
+    @classmethod
+    def make(cls, quick: bool) -> GpuPlan:
+        if not quick:
+            return cls(quick=False)
+        return cls(
+            quick=True,
+            configs=(("adamw", 10, 20 * M),),
+            compile_repeats={10: 1},
+            meshes={"fsdp": (("adamw", 10, 20 * M),)},
+        )
+
+    def meshes_for(self, config: tuple[str, int, int]) -> list[str]:
+        return [mesh for mesh, configs in self.meshes.items() if config in configs]
+
+
+def targets(config: pathlib.Path = TARGET_CONFIG) -> dict[str, _tpu.Target]:
+    """``single`` (one GPU), ``fsdp`` and ``dp`` (four GPUs) of the described H100s."""
+    from jax.experimental import topologies
+
+    description = config.read_text()
+    devices = list(
+        topologies.get_topology_desc(
+            "h100", "cuda", target_config=description, topology=TOPOLOGY
+        ).devices
+    )
+    return {
+        "single": _tpu.Target("single", devices[:1], shard_leaves=False),
+        "fsdp": _tpu.Target("fsdp", devices, shard_leaves=True),
+        "dp": _tpu.Target("dp", devices, shard_leaves=False),
+    }
+
+
+def measure_config(
+    opt_name: str,
+    n_leaves: int,
+    n_params: int,
+    plan: GpuPlan,
+    tgts: dict[str, _tpu.Target],
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Every candidate's figures for one tree (no common-path compile: no cost model)."""
+    makers = _tpu.candidates(opt_name)
+    repeats = plan.compile_repeats.get(n_leaves, 1)
+    meshes = plan.meshes_for((opt_name, n_leaves, n_params))
+    figures = _tpu.measure_candidates(
+        makers, _tpu.tree_shapes(n_leaves, n_params), repeats, meshes, tgts, progress, False
+    )
+    rows = [
+        _tpu.compare(figures, name, _tpu.counterpart(name))
+        for name in makers
+        if name != "alone" and not name.startswith("optax.")
+    ]
+    return {
+        "optimizer": opt_name,
+        "leaves": n_leaves,
+        "params": n_params,
+        "grad_bytes": 4 * n_params,
+        "compile_repeats": repeats,
+        "meshes": meshes,
+        "candidates": figures,
+        "rows": rows,
+    }
+
+
+def run(plan: GpuPlan) -> dict[str, Any]:
+    """Measures the whole plan; returns the results (see :func:`markdown`)."""
+    from tqdm.auto import tqdm
+
+    tgts = targets()
+    results: dict[str, Any] = {"configs": []}
+    with tqdm(total=len(plan.configs), desc="gpu: configs", unit="config") as bar:
+        for opt_name, n_leaves, n_params in plan.configs:
+            label = f"{opt_name} {n_leaves} leaves {_tpu._p(n_params)}"
+
+            def progress(what: str, label: str = label) -> None:
+                bar.set_postfix_str(f"{label}: {what}", refresh=True)
+
+            results["configs"].append(
+                measure_config(opt_name, n_leaves, n_params, plan, tgts, progress)
+            )
+            bar.update()
+    return results
+
+
+# The bounds of issue #14 that the CUDA compiler can be judged on (it has no cost model).
+BOUNDS = {"compile": _tpu.BOUNDS["compile"], "temp": _tpu.BOUNDS["temp"]}
+
+
+def targets_met(results: dict) -> list[dict[str, Any]]:
+    """One line per target: the rows that miss it, or that all meet it."""
+    checks: dict[str, list[str]] = {
+        f"compile (CPU time) <= {BOUNDS['compile']:.2f}x Optax's": [],
+        f"temp memory <= {BOUNDS['temp']:.2f}x Optax's": [],
+        "collectives (FSDP, DP): no more than Optax's, all scalars": [],
+    }
+    keys = list(checks)
+    count = 0
+    for e in results["configs"]:
+        c = e["candidates"]
+        where = f"{e['optimizer']}/{e['leaves']}/{_tpu._p(e['params'])}"
+        for row in e["rows"]:
+            count += 1
+            tag = f"{row['transform']} {where}"
+            if row["compile_cpu_ratio"] > BOUNDS["compile"]:
+                checks[keys[0]].append(f"{tag} {row['compile_cpu_ratio']:.2f}x")
+            temp = row["temp_ratio"]
+            mine_temp = c[row["transform"]]["temp_bytes"]
+            # Optax keeping no temp memory at all: any of ours above a MiB misses.
+            if (temp is not None and temp > BOUNDS["temp"]) or (temp is None and mine_temp > 2**20):
+                checks[keys[1]].append(
+                    f"{tag} {_tpu._x(temp)}"
+                    if temp is not None
+                    else f"{tag} {_tpu._mib(mine_temp)} MiB vs 0"
+                )
+            for mesh in e["meshes"]:
+                mine = c[row["transform"]][mesh]["collectives"]
+                theirs = c[row["counterpart"]][mesh]["collectives"]
+                if mine["count"] > theirs["count"] or not mine["all_scalar"]:
+                    checks[keys[2]].append(
+                        f"{tag} {mesh}: {_tpu._coll(mine)} vs {_tpu._coll(theirs)}"
+                    )
+    return [
+        {"target": key, "measured": "; ".join(bad) if bad else f"all {count} rows", "met": not bad}
+        for key, bad in checks.items()
+    ]
+
+
+def markdown(results: dict) -> str:
+    """The tables: per row optaxclip's figure, Optax's and their ratio."""
+    from benchmarks import _report
+
+    x, mib, coll = _tpu._x, _tpu._mib, _tpu._coll
+    meta = results["meta"]
+    m = meta["machine"]
+    lines = [
+        "# optaxclip on the CUDA compiler",
+        "",
+        f"`{meta['command']}`: jax-cuda12-plugin {m.get('cuda_plugin', '?')} compiling for "
+        f"{m['target']} on {m['processor']} ({m['cpu_count']} cores, no GPU attached), "
+        f"JAX {m['jax']}, Optax {m['optax']}, {m['date']}; "
+        f"{meta['duration_s'] / 60:.1f} min; load average at start "
+        f"{', '.join(f'{v:.1f}' for v in m['load_average'] or [])}.",
+        "",
+        "The donated step of chain(transform, optimizer) as in the TPU report, each "
+        "transform built with the catalog's defaults, on float32 vector leaves of equal "
+        "size. *Compile*: lower + compile, the median over turns; its ratio is the median "
+        "of per-turn ratios of the CPU time of the compiling process and the tools it ran "
+        "(ptxas). *Temp*: the compiler's temp buffers on one GPU, MiB. *FSDP* / *DP*: the "
+        "collectives on 4 GPUs, count (result shapes), leaves sharded along their first "
+        "axis (FSDP) or replicated (DP); rare-branch collectives counted apart. The CUDA "
+        "compiler reports no cost model here, so there are no bytes.",
+        "",
+    ]
+    for e in results["configs"]:
+        c = e["candidates"]
+        alone = c["alone"]
+        lines += [
+            f"## {e['optimizer']}, {e['leaves']} leaves, {_tpu._p(e['params'])} parameters",
+            "",
+            f"The optimizer alone: compile {alone['compile_s']:.2f} s, temp "
+            f"{mib(alone['temp_bytes'])} MiB; {e['compile_repeats']} compile turn(s)"
+            + ("" if e["meshes"] else "; 4-GPU compiles not run for this tree")
+            + ".",
+            "",
+            "| transform | Optax counterpart | compile optaxclip | Optax | CPU ratio | temp "
+            "optaxclip | Optax | ratio | FSDP optaxclip | Optax | DP optaxclip | Optax |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|",
+        ]
+        for row in e["rows"]:
+            a, b = c[row["transform"]], c[row["counterpart"]]
+            lines.append(
+                f"| {row['transform']} | {row['counterpart']} | {a['compile_s']:.2f} | "
+                f"{b['compile_s']:.2f} | {x(row['compile_cpu_ratio'])} | "
+                f"{mib(a['temp_bytes'])} | {mib(b['temp_bytes'])} | {x(row['temp_ratio'])} | "
+                f"{coll(a.get('fsdp', {}).get('collectives'))} | "
+                f"{coll(b.get('fsdp', {}).get('collectives'))} | "
+                f"{coll(a.get('dp', {}).get('collectives'))} | "
+                f"{coll(b.get('dp', {}).get('collectives'))} |"
+            )
+        lines.append("")
+    lines += _report.targets_and_notes(
+        results.get("targets", []), meta.get("notes", []), "## Targets (issue #14, no bytes)"
+    )
+    return "\n".join(lines)
+
+
+def write(results: dict, out: Any, prefix: str) -> list[str]:
+    """Writes ``<prefix>gpu.json`` and ``<prefix>gpu.md``; returns their paths."""
+    from benchmarks import _report
+
+    results["targets"] = targets_met(results)
+    return _report.write_json_and_markdown(results, markdown(results), out, f"{prefix}gpu")
+
+
+def machine_info() -> dict[str, Any]:
+    """The host, JAX, the CUDA plugin and the target compiled for."""
+    from benchmarks import _harness as H
+
+    info = H.machine_info()
+    try:
+        info["cuda_plugin"] = importlib.metadata.version("jax-cuda12-plugin")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    info["target"] = f"4 x NVIDIA H100 SXM ({TARGET_CONFIG.name}, topology {TOPOLOGY})"
+    return info
+
+
+def main(quick: bool, out: Any, command: str) -> int:
+    """Runs the GPU section and writes its results (the caller prepared the environment)."""
+    import sys
+
+    if not cuda_available():
+        print(
+            '--platform gpu needs the CUDA compiler: pip install -e ".[gpu]" in an '
+            "environment of its own (not the one the CPU tests use).",
+            file=sys.stderr,
+        )
+        return 2
+    plan = GpuPlan.make(quick)
+    machine = machine_info()  # before the run: its load average is the start's
+    source = _tpu._source()  # the code imported now is the code measured
+    start = time.perf_counter()
+    results = run(plan)
+    results["meta"] = {
+        "command": command,
+        "machine": machine,
+        "optaxclip_source": source,
+        "plan": repr(plan),
+        "duration_s": time.perf_counter() - start,
+        "notes": [],
+    }
+    written = write(results, out, "quick_" if quick else "")
+    print(markdown(results))
+    print("wrote " + ", ".join(written))
+    return 0
