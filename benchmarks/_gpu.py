@@ -155,11 +155,18 @@ def run(plan: GpuPlan) -> dict[str, Any]:
 BOUNDS = {"compile": _tpu.BOUNDS["compile"], "temp": _tpu.BOUNDS["temp"]}
 
 
+TEMP_FLOOR = 2**20  # bytes
+
+
+def _mib2(n: float) -> str:
+    return f"{n / 2**20:.2f}"
+
+
 def targets_met(results: dict) -> list[dict[str, Any]]:
     """One line per target: the rows that miss it, or that all meet it."""
     checks: dict[str, list[str]] = {
         f"compile (CPU time) <= {BOUNDS['compile']:.2f}x Optax's": [],
-        f"temp memory <= {BOUNDS['temp']:.2f}x Optax's": [],
+        f"temp memory <= {BOUNDS['temp']:.2f}x Optax's (or at most 1 MiB more)": [],
         "collectives (FSDP, DP): no more than Optax's, all scalars": [],
     }
     keys = list(checks)
@@ -172,15 +179,12 @@ def targets_met(results: dict) -> list[dict[str, Any]]:
             tag = f"{row['transform']} {where}"
             if row["compile_cpu_ratio"] > BOUNDS["compile"]:
                 checks[keys[0]].append(f"{tag} {row['compile_cpu_ratio']:.2f}x")
-            temp = row["temp_ratio"]
             mine_temp = c[row["transform"]]["temp_bytes"]
-            # Optax keeping no temp memory at all: any of ours above a MiB misses.
-            if (temp is not None and temp > BOUNDS["temp"]) or (temp is None and mine_temp > 2**20):
-                checks[keys[1]].append(
-                    f"{tag} {_tpu._x(temp)}"
-                    if temp is not None
-                    else f"{tag} {_tpu._mib(mine_temp)} MiB vs 0"
-                )
+            theirs_temp = c[row["counterpart"]]["temp_bytes"]
+            # The CUDA compiler keeps a few KiB where there is nothing to keep: a ratio of
+            # two such amounts means nothing, so a miss must also exceed TEMP_FLOOR.
+            if mine_temp > BOUNDS["temp"] * theirs_temp and mine_temp - theirs_temp > TEMP_FLOOR:
+                checks[keys[1]].append(f"{tag} {_mib2(mine_temp)} vs {_mib2(theirs_temp)} MiB")
             for mesh in e["meshes"]:
                 mine = c[row["transform"]][mesh]["collectives"]
                 theirs = c[row["counterpart"]][mesh]["collectives"]
@@ -214,7 +218,8 @@ def markdown(results: dict) -> str:
         "transform built with the catalog's defaults, on float32 vector leaves of equal "
         "size. *Compile*: lower + compile, the median over turns; its ratio is the median "
         "of per-turn ratios of the CPU time of the compiling process and the tools it ran "
-        "(ptxas). *Temp*: the compiler's temp buffers on one GPU, MiB. *FSDP* / *DP*: the "
+        "(ptxas). *Temp*: the compiler's temp buffers on one GPU, MiB (no ratio: where "
+        "neither keeps anything the compiler still reports a few KiB). *FSDP* / *DP*: the "
         "collectives on 4 GPUs, count (result shapes), leaves sharded along their first "
         "axis (FSDP) or replicated (DP); rare-branch collectives counted apart. The CUDA "
         "compiler reports no cost model here, so there are no bytes.",
@@ -232,15 +237,15 @@ def markdown(results: dict) -> str:
             + ".",
             "",
             "| transform | Optax counterpart | compile optaxclip | Optax | CPU ratio | temp "
-            "optaxclip | Optax | ratio | FSDP optaxclip | Optax | DP optaxclip | Optax |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|",
+            "optaxclip | Optax | FSDP optaxclip | Optax | DP optaxclip | Optax |",
+            "|---|---|---:|---:|---:|---:|---:|---|---|---|---|",
         ]
         for row in e["rows"]:
             a, b = c[row["transform"]], c[row["counterpart"]]
             lines.append(
                 f"| {row['transform']} | {row['counterpart']} | {a['compile_s']:.2f} | "
                 f"{b['compile_s']:.2f} | {x(row['compile_cpu_ratio'])} | "
-                f"{mib(a['temp_bytes'])} | {mib(b['temp_bytes'])} | {x(row['temp_ratio'])} | "
+                f"{_mib2(a['temp_bytes'])} | {_mib2(b['temp_bytes'])} | "
                 f"{coll(a.get('fsdp', {}).get('collectives'))} | "
                 f"{coll(b.get('fsdp', {}).get('collectives'))} | "
                 f"{coll(a.get('dp', {}).get('collectives'))} | "
