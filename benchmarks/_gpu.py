@@ -23,9 +23,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
-import os
 import pathlib
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,8 +43,7 @@ def cuda_available() -> bool:
 
 def prepare_environment() -> None:
     """Sets :data:`ENVIRONMENT` (keeping values the caller set); call before importing JAX."""
-    for key, value in ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
+    _tpu.set_environment(ENVIRONMENT)
 
 
 @dataclasses.dataclass
@@ -162,40 +159,27 @@ def _mib2(n: float) -> str:
     return f"{n / 2**20:.2f}"
 
 
+def temp_missed(e: dict[str, Any], row: dict[str, Any], tag: str) -> list[str]:
+    """The temp target for one row: within the bound of the counterpart's, or at most
+    :data:`TEMP_FLOOR` more. The CUDA compiler reports a few KiB where nothing is kept,
+    and a ratio of two such amounts means nothing."""
+    mine = e["candidates"][row["transform"]]["temp_bytes"]
+    theirs = e["candidates"][row["counterpart"]]["temp_bytes"]
+    if mine > BOUNDS["temp"] * theirs and mine - theirs > TEMP_FLOOR:
+        return [f"{tag} {_mib2(mine)} vs {_mib2(theirs)} MiB"]
+    return []
+
+
 def targets_met(results: dict) -> list[dict[str, Any]]:
     """One line per target: the rows that miss it, or that all meet it."""
-    checks: dict[str, list[str]] = {
-        f"compile (CPU time) <= {BOUNDS['compile']:.2f}x Optax's": [],
-        f"temp memory <= {BOUNDS['temp']:.2f}x Optax's (or at most 1 MiB more)": [],
-        "collectives (FSDP, DP): no more than Optax's, all scalars": [],
-    }
-    keys = list(checks)
-    count = 0
-    for e in results["configs"]:
-        c = e["candidates"]
-        where = f"{e['optimizer']}/{e['leaves']}/{_tpu._p(e['params'])}"
-        for row in e["rows"]:
-            count += 1
-            tag = f"{row['transform']} {where}"
-            if row["compile_cpu_ratio"] > BOUNDS["compile"]:
-                checks[keys[0]].append(f"{tag} {row['compile_cpu_ratio']:.2f}x")
-            mine_temp = c[row["transform"]]["temp_bytes"]
-            theirs_temp = c[row["counterpart"]]["temp_bytes"]
-            # The CUDA compiler keeps a few KiB where there is nothing to keep: a ratio of
-            # two such amounts means nothing, so a miss must also exceed TEMP_FLOOR.
-            if mine_temp > BOUNDS["temp"] * theirs_temp and mine_temp - theirs_temp > TEMP_FLOOR:
-                checks[keys[1]].append(f"{tag} {_mib2(mine_temp)} vs {_mib2(theirs_temp)} MiB")
-            for mesh in e["meshes"]:
-                mine = c[row["transform"]][mesh]["collectives"]
-                theirs = c[row["counterpart"]][mesh]["collectives"]
-                if mine["count"] > theirs["count"] or not mine["all_scalar"]:
-                    checks[keys[2]].append(
-                        f"{tag} {mesh}: {_tpu._coll(mine)} vs {_tpu._coll(theirs)}"
-                    )
-    return [
-        {"target": key, "measured": "; ".join(bad) if bad else f"all {count} rows", "met": not bad}
-        for key, bad in checks.items()
-    ]
+    return _tpu.judge(
+        results,
+        {
+            f"compile (CPU time) <= {BOUNDS['compile']:.2f}x Optax's": _tpu.compile_missed,
+            f"temp memory <= {BOUNDS['temp']:.2f}x Optax's (or at most 1 MiB more)": temp_missed,
+            "collectives (FSDP, DP): no more than Optax's, all scalars": (_tpu.collectives_missed),
+        },
+    )
 
 
 def markdown(results: dict) -> str:
@@ -281,29 +265,9 @@ def machine_info() -> dict[str, Any]:
 
 def main(quick: bool, out: Any, command: str) -> int:
     """Runs the GPU section and writes its results (the caller prepared the environment)."""
-    import sys
-
-    if not cuda_available():
-        print(
-            '--platform gpu needs the CUDA compiler: pip install -e ".[gpu]" in an '
-            "environment of its own (not the one the CPU tests use).",
-            file=sys.stderr,
-        )
-        return 2
+    available = cuda_available()
     plan = GpuPlan.make(quick)
-    machine = machine_info()  # before the run: its load average is the start's
-    source = _tpu._source()  # the code imported now is the code measured
-    start = time.perf_counter()
-    results = run(plan)
-    results["meta"] = {
-        "command": command,
-        "machine": machine,
-        "optaxclip_source": source,
-        "plan": repr(plan),
-        "duration_s": time.perf_counter() - start,
-        "notes": [],
-    }
-    written = write(results, out, "quick_" if quick else "")
-    print(markdown(results))
-    print("wrote " + ", ".join(written))
-    return 0
+    machine = machine_info() if available else {}
+    return _tpu.run_section(
+        "gpu", available, plan, machine, lambda log: run(plan), write, markdown, out, command
+    )

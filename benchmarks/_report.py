@@ -484,9 +484,7 @@ def plots(results: dict, out: pathlib.Path, prefix: str) -> list[str]:
     return written
 
 
-def write_json_and_markdown(
-    results: dict, text: str, out: pathlib.Path, stem: str
-) -> list[str]:
+def write_json_and_markdown(results: dict, text: str, out: pathlib.Path, stem: str) -> list[str]:
     """Writes ``<stem>.json`` (replaced whole, never left half-written) and ``<stem>.md``
     into ``out``; returns their paths. Every section of the benchmarks writes this way."""
     out.mkdir(parents=True, exist_ok=True)

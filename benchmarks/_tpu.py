@@ -61,10 +61,15 @@ def libtpu_available() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
+def set_environment(values: dict[str, str]) -> None:
+    """Sets each of ``values`` that the caller has not set already."""
+    for key, value in values.items():
+        os.environ.setdefault(key, value)
+
+
 def prepare_environment() -> None:
     """Sets :data:`ENVIRONMENT` (keeping values the caller set); call before importing JAX."""
-    for key, value in ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
+    set_environment(ENVIRONMENT)
 
 
 # --------------------------------------------------------------------------------------
@@ -1200,45 +1205,76 @@ def tpu_summary(results: dict) -> list[str]:
 BOUNDS = {"compile": 1.0, "bytes": 1.02, "temp": 1.05}
 
 
-def targets_met(results: dict) -> list[dict[str, Any]]:
-    """One line per target of issue #14: the rows that miss it, or that all meet it."""
-    checks: dict[str, list[str]] = {
-        f"compile (CPU time) <= {BOUNDS['compile']:.2f}x Optax's": [],
-        f"common-path bytes <= {BOUNDS['bytes']:.2f}x Optax's": [],
-        f"temp memory <= {BOUNDS['temp']:.2f}x Optax's": [],
-        "collectives (FSDP, DP): no more than Optax's, all scalars": [],
-    }
-    keys = list(checks)
+Check = Callable[[dict[str, Any], dict[str, Any], str], list[str]]
+
+
+def judge(results: dict, checks: dict[str, Check]) -> list[dict[str, Any]]:
+    """One line per target: the rows that miss it, or that all meet it.
+
+    ``checks`` maps each target's description to a function of (tree entry, row, the
+    row's tag) that returns what that row misses (nothing when it meets the target).
+    """
+    missed: dict[str, list[str]] = {key: [] for key in checks}
     count = 0
     for e in results["configs"]:
-        c = e["candidates"]
         where = f"{e['optimizer']}/{e['leaves']}/{_p(e['params'])}"
         for row in e["rows"]:
             count += 1
-            name = row["transform"]
-            tag = f"{name} {where}"
-            if row["compile_cpu_ratio"] > BOUNDS["compile"]:
-                checks[keys[0]].append(
-                    f"{tag} {row['compile_cpu_ratio']:.2f}x (wall {row['compile_ratio']:.2f}x)"
-                )
-            nbytes, temp = row["bytes_common_ratio"], row["temp_ratio"]
-            if nbytes is not None and nbytes > BOUNDS["bytes"]:
-                checks[keys[1]].append(f"{tag} {nbytes:.2f}x")
-            if temp is not None and temp > BOUNDS["temp"]:
-                checks[keys[2]].append(f"{tag} {temp:.2f}x")
-            for mesh in e["meshes"]:
-                mine = c[name][mesh]["collectives"]
-                theirs = c[row["counterpart"]][mesh]["collectives"]
-                if mine["count"] > theirs["count"] or not mine["all_scalar"]:
-                    checks[keys[3]].append(f"{tag} {mesh}: {_coll(mine)} vs {_coll(theirs)}")
+            for key, check in checks.items():
+                missed[key] += check(e, row, f"{row['transform']} {where}")
     return [
         {
             "target": key,
             "measured": "; ".join(bad) if bad else f"all {count} rows",
             "met": not bad,
         }
-        for key, bad in checks.items()
+        for key, bad in missed.items()
     ]
+
+
+def collectives_missed(e: dict[str, Any], row: dict[str, Any], tag: str) -> list[str]:
+    """Issue #14's collectives target for one row: on every four-chip mesh compiled, no
+    more collectives than the counterpart's, and every one a scalar."""
+    out = []
+    for mesh in e["meshes"]:
+        mine = e["candidates"][row["transform"]][mesh]["collectives"]
+        theirs = e["candidates"][row["counterpart"]][mesh]["collectives"]
+        if mine["count"] > theirs["count"] or not mine["all_scalar"]:
+            out.append(f"{tag} {mesh}: {_coll(mine)} vs {_coll(theirs)}")
+    return out
+
+
+def compile_missed(e: dict[str, Any], row: dict[str, Any], tag: str) -> list[str]:
+    """Issue #14's compile target for one row: no more CPU time than the counterpart."""
+    ratio = row["compile_cpu_ratio"]
+    if ratio <= BOUNDS["compile"]:
+        return []
+    return [f"{tag} {ratio:.2f}x (wall {row['compile_ratio']:.2f}x)"]
+
+
+def targets_met(results: dict) -> list[dict[str, Any]]:
+    """One line per target of issue #14: the rows that miss it, or that all meet it."""
+
+    def ratio_missed(key: str, bound: float) -> Check:
+        def check(e: dict, row: dict, tag: str) -> list[str]:
+            r = row[key]
+            return [f"{tag} {r:.2f}x"] if r is not None and r > bound else []
+
+        return check
+
+    return judge(
+        results,
+        {
+            f"compile (CPU time) <= {BOUNDS['compile']:.2f}x Optax's": compile_missed,
+            f"common-path bytes <= {BOUNDS['bytes']:.2f}x Optax's": ratio_missed(
+                "bytes_common_ratio", BOUNDS["bytes"]
+            ),
+            f"temp memory <= {BOUNDS['temp']:.2f}x Optax's": ratio_missed(
+                "temp_ratio", BOUNDS["temp"]
+            ),
+            "collectives (FSDP, DP): no more than Optax's, all scalars": collectives_missed,
+        },
+    )
 
 
 def write(results: dict, out: Any, prefix: str) -> list[str]:
@@ -1254,13 +1290,29 @@ def write(results: dict, out: Any, prefix: str) -> list[str]:
     return written
 
 
-def main(quick: bool, out: Any, command: str) -> int:
-    """Runs the TPU section and writes its results (the caller prepared the environment)."""
+def run_section(
+    platform: str,
+    available: bool,
+    plan: Any,
+    machine: dict[str, Any],
+    measure: Callable[[Callable[[str], None]], dict[str, Any]],
+    write_results: Callable[[dict, Any, str], list[str]],
+    report: Callable[[dict], str],
+    out: Any,
+    command: str,
+) -> int:
+    """What ``--platform tpu`` and ``--platform gpu`` share: say how to install the
+    compiler when it is missing (exit status 2), else measure the plan, record where
+    and what was measured, write the results and print the report.
+
+    ``machine`` is taken before the run (its load average is the start's); the
+    optaxclip source is recorded now, as the code imported now is the code measured.
+    """
     import sys
 
-    if not libtpu_available():
+    if not available:
         print(
-            '--platform tpu needs the TPU compiler: pip install -e ".[tpu]" in an '
+            f'--platform {platform} needs its compiler: pip install -e ".[{platform}]" in an '
             "environment of its own (not the one the CPU tests use).",
             file=sys.stderr,
         )
@@ -1272,11 +1324,9 @@ def main(quick: bool, out: Any, command: str) -> int:
             notes.append(message)
             print(f"note: {message}", file=sys.stderr, flush=True)
 
-    plan = TpuPlan.make(quick)
-    machine = machine_info(TOPOLOGY)  # before the run: its load average is the start's
-    source = _source()  # the code imported now is the code measured
+    source = _source()
     start = time.perf_counter()
-    results = run(plan, log)
+    results = measure(log)
     results["meta"] = {
         "command": command,
         "machine": machine,
@@ -1285,7 +1335,25 @@ def main(quick: bool, out: Any, command: str) -> int:
         "duration_s": time.perf_counter() - start,
         "notes": notes,
     }
-    written = write(results, out, "quick_" if quick else "")
-    print(markdown(results))
+    written = write_results(results, out, "quick_" if plan.quick else "")
+    print(report(results))
     print("wrote " + ", ".join(written))
     return 0
+
+
+def main(quick: bool, out: Any, command: str) -> int:
+    """Runs the TPU section and writes its results (the caller prepared the environment)."""
+    available = libtpu_available()
+    plan = TpuPlan.make(quick)
+    machine = machine_info(TOPOLOGY) if available else {}
+    return run_section(
+        "tpu",
+        available,
+        plan,
+        machine,
+        lambda log: run(plan, log),
+        write,
+        markdown,
+        out,
+        command,
+    )
