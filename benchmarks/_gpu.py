@@ -76,7 +76,13 @@ class GpuPlan:
         )
 
     def meshes_for(self, config: tuple[str, int, int]) -> list[str]:
+        """The four-GPU meshes compiled for this (optimizer, leaves, params)."""
         return [mesh for mesh, configs in self.meshes.items() if config in configs]
+
+    def names_for(self, n_leaves: int, names: list[str]) -> list[str]:
+        """The candidates compiled for a tree: all of them (no 2,000-leaf trees here)."""
+        del n_leaves
+        return names
 
 
 def targets(config: pathlib.Path = TARGET_CONFIG) -> dict[str, _tpu.Target]:
@@ -96,56 +102,10 @@ def targets(config: pathlib.Path = TARGET_CONFIG) -> dict[str, _tpu.Target]:
     }
 
 
-def measure_config(
-    opt_name: str,
-    n_leaves: int,
-    n_params: int,
-    plan: GpuPlan,
-    tgts: dict[str, _tpu.Target],
-    progress: Callable[[str], None] = lambda _: None,
-) -> dict[str, Any]:
-    """Every candidate's figures for one tree (no common-path compile: no cost model)."""
-    makers = _tpu.candidates(opt_name)
-    repeats = plan.compile_repeats.get(n_leaves, 1)
-    meshes = plan.meshes_for((opt_name, n_leaves, n_params))
-    figures = _tpu.measure_candidates(
-        makers, _tpu.tree_shapes(n_leaves, n_params), repeats, meshes, tgts, progress, False
-    )
-    rows = [
-        _tpu.compare(figures, name, _tpu.counterpart(name))
-        for name in makers
-        if name != "alone" and not name.startswith("optax.")
-    ]
-    return {
-        "optimizer": opt_name,
-        "leaves": n_leaves,
-        "params": n_params,
-        "grad_bytes": 4 * n_params,
-        "compile_repeats": repeats,
-        "meshes": meshes,
-        "candidates": figures,
-        "rows": rows,
-    }
-
-
-def run(plan: GpuPlan) -> dict[str, Any]:
-    """Measures the whole plan; returns the results (see :func:`markdown`)."""
-    from tqdm.auto import tqdm
-
-    tgts = targets()
-    results: dict[str, Any] = {"configs": []}
-    with tqdm(total=len(plan.configs), desc="gpu: configs", unit="config") as bar:
-        for opt_name, n_leaves, n_params in plan.configs:
-            label = f"{opt_name} {n_leaves} leaves {_tpu._p(n_params)}"
-
-            def progress(what: str, label: str = label) -> None:
-                bar.set_postfix_str(f"{label}: {what}", refresh=True)
-
-            results["configs"].append(
-                measure_config(opt_name, n_leaves, n_params, plan, tgts, progress)
-            )
-            bar.update()
-    return results
+def run(plan: GpuPlan, log: Callable[[str], None]) -> dict[str, Any]:
+    """Measures the whole plan; returns the results (see :func:`markdown`). No
+    common-path compiles: without a cost model they would measure nothing."""
+    return {"configs": _tpu.measure_configs(plan, targets(), "gpu", log, common=False)}
 
 
 # The bounds of issue #14 that the CUDA compiler can be judged on (it has no cost model).
@@ -269,5 +229,5 @@ def main(quick: bool, out: Any, command: str) -> int:
     plan = GpuPlan.make(quick)
     machine = machine_info() if available else {}
     return _tpu.run_section(
-        "gpu", available, plan, machine, lambda log: run(plan), write, markdown, out, command
+        "gpu", available, plan, machine, lambda log: run(plan, log), write, markdown, out, command
     )

@@ -664,9 +664,11 @@ def measure_config(
     tgts: dict[str, Target],
     progress: Callable[[str], None] = lambda _: None,
     only: tuple[str, ...] | None = None,
+    common: bool = True,
 ) -> dict[str, Any]:
     """Every candidate's figures for one tree and optimizer (see
-    :func:`measure_candidates`), and each transform's row against its counterpart."""
+    :func:`measure_candidates`; ``common=False`` for a compiler without a cost model),
+    and each transform's row against its counterpart."""
     makers = candidates(opt_name, only)
     names = plan.names_for(n_leaves, list(makers))
     repeats = plan.compile_repeats.get(n_leaves, 1)
@@ -678,6 +680,7 @@ def measure_config(
         meshes,
         tgts,
         progress,
+        common=common,
     )
     rows = [
         compare(figures, name, counterpart(name))
@@ -927,26 +930,44 @@ def _source() -> dict[str, Any]:
     return out
 
 
-def run(plan: TpuPlan, log: Callable[[str], None], topology: str = TOPOLOGY) -> dict[str, Any]:
-    """Measures the whole plan; returns the results (see :func:`markdown`)."""
+def measure_configs(
+    plan: Any,
+    tgts: dict[str, Target],
+    platform: str,
+    log: Callable[[str], None],
+    common: bool = True,
+) -> list[dict[str, Any]]:
+    """:func:`measure_config` for each of ``plan.configs``, with a progress bar; logs the
+    conditionals a candidate's common path kept. Shared by the TPU and GPU sections
+    (``plan`` has ``configs``, ``compile_repeats``, ``names_for`` and ``meshes_for``)."""
     from tqdm.auto import tqdm
 
-    tgts = targets(topology)
-    results: dict[str, Any] = {"configs": []}
-    with tqdm(total=len(plan.configs), desc="tpu: configs", unit="config") as bar:
+    entries = []
+    with tqdm(total=len(plan.configs), desc=f"{platform}: configs", unit="config") as bar:
         for opt_name, n_leaves, n_params in plan.configs:
             label = f"{opt_name} {n_leaves} leaves {_p(n_params)}"
 
             def progress(what: str, label: str = label) -> None:
                 bar.set_postfix_str(f"{label}: {what}", refresh=True)
 
-            entry = measure_config(opt_name, n_leaves, n_params, plan, tgts, progress)
+            entry = measure_config(
+                opt_name, n_leaves, n_params, plan, tgts, progress, common=common
+            )
             for name, c in entry["candidates"].items():
-                kept = c["branches"].get("kept", [])
+                kept = c.get("branches", {}).get("kept", [])
                 if kept:
                     log(f"{name}: conditionals kept in its common path: {'; '.join(kept)}")
-            results["configs"].append(entry)
+            entries.append(entry)
             bar.update()
+    return entries
+
+
+def run(plan: TpuPlan, log: Callable[[str], None], topology: str = TOPOLOGY) -> dict[str, Any]:
+    """Measures the whole plan; returns the results (see :func:`markdown`)."""
+    from tqdm.auto import tqdm
+
+    tgts = targets(topology)
+    results: dict[str, Any] = {"configs": measure_configs(plan, tgts, "tpu", log)}
     results["per_example"] = []
     for n_examples, n_leaves, n_params in tqdm(
         plan.per_example_trees, desc="tpu: per-example", unit="tree"
