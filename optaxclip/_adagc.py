@@ -187,14 +187,19 @@ def adagc(
         ema_gamma = jnp.where(unset, leaf_norms, finite_ema(gamma, fed, b))
         ema_gamma = jnp.where(positive, ema_gamma, gamma)
 
-        hi = jnp.where(in_warmup, global_hi, jnp.where(leaf_over, h_hi, 1))
-        lo = jnp.where(in_warmup, global_lo, jnp.where(leaf_over, h_lo, 1))
+        def factors(_):
+            # A NaN/inf step: the policy decides the updates (factors of 1).
+            hi = jnp.where(in_warmup, global_hi, jnp.where(leaf_over, h_hi, 1))
+            lo = jnp.where(in_warmup, global_lo, jnp.where(leaf_over, h_lo, 1))
+            return jnp.where(finite, hi, 1), jnp.where(finite, lo, 1)
+
+        # Each leaf's kernel then reads its two factors from the conditional's outputs
+        # instead of computing these selects again (see scale_parts).
+        hi, lo = jax.lax.cond(in_warmup, factors, factors, None)
         over = jnp.where(in_warmup, global_over, jnp.any(leaf_over))
         threshold = jnp.where(in_warmup, cap, jnp.max(r * gamma))
         new_gamma = jnp.where(in_warmup, warm_gamma, ema_gamma)
-
-        # A NaN/inf step: the policy decides the updates; gamma stays as it was.
-        hi, lo = jnp.where(finite, hi, 1), jnp.where(finite, lo, 1)
+        # A NaN/inf step leaves gamma as it was.
         new_gamma = jnp.where(finite, new_gamma, gamma)
         scaled, _, scaled_norm = scale_blocks(leaves, leaf_norms, hi, lo)
         new_leaves, clipped_norm, over = apply_nonfinite_policy(

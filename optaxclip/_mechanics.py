@@ -88,6 +88,8 @@ def scale_parts(
       two), so the clipped values do not flush to zero;
     - a zero threshold gives 0 even where the norm is 0 (where the reported scale is 1):
       the clip is then identically 0, and so is its derivative.
+
+    ``norm`` and ``threshold`` may be scalars or (broadcastable) vectors.
     """
     scale, over = scale_for(norm, threshold)
     dtype = norm.dtype
@@ -95,10 +97,22 @@ def scale_parts(
     split = _SCALE_SPLIT[info.bits]
     t = threshold.astype(dtype)
     tiny = over & (scale < info.tiny)
-    # Only where t / norm < tiny: then t < norm * tiny, so t * split cannot overflow.
-    hi = jnp.where(tiny, _ratio(jnp.where(tiny, t, 0) * split, jnp.where(over, norm, 1)), scale)
-    hi = jnp.where((t == 0) & jnp.isfinite(norm), 0, hi).astype(dtype)
-    lo = jnp.where(tiny, 1 / split, 1).astype(dtype)
+    zero = (t == 0) & jnp.isfinite(norm)
+
+    # hi and lo come out of a lax.cond, which XLA cannot fuse into what reads them:
+    # computed inline, their selects would be copied into every leaf's kernel, and at
+    # 2,000 leaves that cost XLA:CPU as much compile time as the norm itself.
+    def common(_):
+        hi = jnp.where(zero, 0, scale).astype(dtype)
+        return hi, jnp.ones_like(hi)  # ones_like, not ones: keeps shard_map's varying axes
+
+    def split_scale(_):
+        # Only where t / norm < tiny: then t < norm * tiny, so t * split cannot overflow.
+        ratio = _ratio(jnp.where(tiny, t, 0) * split, jnp.where(over, norm, 1))
+        hi = jnp.where(zero, 0, jnp.where(tiny, ratio, scale)).astype(dtype)
+        return hi, jnp.where(tiny, 1 / split, 1).astype(dtype)
+
+    hi, lo = jax.lax.cond(jnp.any(tiny), split_scale, common, None)
     return scale, over, hi, lo
 
 
