@@ -11,6 +11,7 @@ import optax
 from optaxclip import _stats
 from optaxclip._mechanics import (
     NONFINITE_POLICIES,
+    SHARED_SCALE_LEAVES,
     apply_nonfinite_policy,
     finite_ema,
     measure_leaves,
@@ -193,9 +194,12 @@ def adagc(
             lo = jnp.where(in_warmup, global_lo, jnp.where(leaf_over, h_lo, 1))
             return jnp.where(finite, hi, 1), jnp.where(finite, lo, 1)
 
-        # Each leaf's kernel then reads its two factors from the conditional's outputs
-        # instead of computing these selects again (see scale_parts).
-        hi, lo = jax.lax.cond(in_warmup, factors, factors, None)
+        if len(leaves) < SHARED_SCALE_LEAVES:
+            hi, lo = factors(None)
+        else:
+            # Each leaf's kernel then reads its two factors from the conditional's
+            # outputs instead of compiling these selects again (see scale_parts).
+            hi, lo = jax.lax.cond(in_warmup, factors, factors, None)
         over = jnp.where(in_warmup, global_over, jnp.any(leaf_over))
         threshold = jnp.where(in_warmup, cap, jnp.max(r * gamma))
         new_gamma = jnp.where(in_warmup, warm_gamma, ema_gamma)

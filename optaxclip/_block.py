@@ -54,7 +54,7 @@ def clip_blocks(
         return updates, new_stats, leaf_norms
     bounds = jnp.asarray(bounds_for(leaf_norms, leaves), leaf_norms.dtype)
     # The overflow- and underflow-safe scale of the global clip, one per leaf.
-    _, over, hi, lo = scale_parts(leaf_norms, bounds)
+    _, over, hi, lo = scale_parts(leaf_norms, bounds, readers=len(leaves))
     new_leaves, out_norms, clipped_norm = scale_blocks(leaves, leaf_norms, hi, lo)
     new_stats = _stats.record(
         prev,

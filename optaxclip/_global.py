@@ -164,5 +164,6 @@ def clip_tree_by_global_norm(
         # dtype the clip's arithmetic runs in); float64 stays float64.
         norm = jnp.asarray(norm)
         norm = norm.astype(jnp.promote_types(norm.dtype, jnp.float32))
-    scale, _, hi, lo = scale_parts(norm, jnp.asarray(max_norm, jnp.float32))
+    readers = len(jax.tree.leaves(tree))
+    scale, _, hi, lo = scale_parts(norm, jnp.asarray(max_norm, jnp.float32), readers=readers)
     return jax.tree.map(lambda x: scale_leaf(x, hi, lo), tree), scale

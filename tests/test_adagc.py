@@ -11,6 +11,7 @@ import pytest
 from _reference import jit_run, np64
 
 import optaxclip
+from optaxclip._mechanics import SHARED_SCALE_LEAVES
 
 SHAPES = [(3, 4), (4,), (2, 2, 2), (5,), (1,)]
 RNG = np.random.default_rng(0)
@@ -409,12 +410,17 @@ def test_gamma_follows_the_reference_feeding_the_bound_not_the_clipped_norm():
     np.testing.assert_allclose(gammas, [1e-5, 1.02e-5, 1.0404e-5], rtol=1e-5)
 
 
-def test_a_per_tensor_scale_below_the_smallest_normal_float_does_not_flush_the_tensor():
+@pytest.mark.parametrize("extra_leaves", [0, SHARED_SCALE_LEAVES], ids=["inline", "shared"])
+def test_a_per_tensor_scale_below_the_smallest_normal_float_does_not_flush_the_tensor(
+    extra_leaves,
+):
     # gamma settles at 1e-10 in the warm-up; then a tensor of norm 1e30 is clipped to
     # ratio * gamma = 1.04e-10 (the reference's bound with eps = 0): a scale of 1e-40,
-    # below float32's smallest normal number, applied without flushing to zero.
+    # below float32's smallest normal number, applied without flushing to zero. From
+    # SHARED_SCALE_LEAVES leaves up the factors come out of a lax.cond.
     tx = optaxclip.adagc(warmup_steps=1, warmup_max_norm=1.0, eps=0.0)
-    grads = [jnp.array([6e-11, 8e-11], jnp.float32)]
+    zeros = [jnp.zeros(2, jnp.float32)] * extra_leaves
+    grads = [jnp.array([6e-11, 8e-11], jnp.float32)] + zeros
     _, state = tx.update(grads, tx.init(grads))
-    out, _ = tx.update([jnp.array([6e29, 8e29], jnp.float32)], state)
+    out, _ = tx.update([jnp.array([6e29, 8e29], jnp.float32)] + zeros, state)
     np.testing.assert_allclose(np64(out[0]), np.array([0.6, 0.8]) * 1.04e-10, rtol=1e-5)

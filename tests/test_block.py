@@ -8,6 +8,7 @@ import pytest
 from _reference import norm64, np64, rel_err
 
 import optaxclip
+from optaxclip._mechanics import SHARED_SCALE_LEAVES
 
 
 def _tree(seed, scale):
@@ -110,12 +111,17 @@ def test_block_transforms_under_inject_hyperparams_and_scan(factory):
     assert bool(state.inner_state.stats.clipped)
 
 
+@pytest.mark.parametrize("extra_leaves", [0, SHARED_SCALE_LEAVES], ids=["inline", "shared"])
 @pytest.mark.parametrize("factory", [optaxclip.clip_by_block_norm, optaxclip.clip_by_block_rms])
-def test_a_scale_below_the_smallest_normal_float_does_not_flush_the_leaf_to_zero(factory):
+def test_a_scale_below_the_smallest_normal_float_does_not_flush_the_leaf_to_zero(
+    factory, extra_leaves
+):
     # 1e-10 / 1e30 = 1e-40 is below float32's smallest normal number; the clipped values
-    # themselves (1e-10, or 1e-10 * sqrt(2) for the rms bound) are representable.
+    # themselves (1e-10, or 1e-10 * sqrt(2) for the rms bound) are representable. From
+    # SHARED_SCALE_LEAVES leaves up the scales come out of a lax.cond.
     tx = factory(1e-10)
     grads = {"a": jnp.array([1e30, 0.0]), "b": jnp.array([3.0, 4.0])}
+    grads.update({f"zero{i:03d}": jnp.zeros(2) for i in range(extra_leaves)})
     out, _ = tx.update(grads, tx.init(grads))
     bound = 1e-10 * (np.sqrt(2) if factory is optaxclip.clip_by_block_rms else 1)
     np.testing.assert_allclose(np64(out["a"]), [bound, 0.0], rtol=1e-6)

@@ -8,6 +8,7 @@ import pytest
 from _reference import clip64, norm64, np64, rel_err
 
 import optaxclip
+from optaxclip._mechanics import SHARED_SCALE_LEAVES
 
 
 def _tree(seed, scale=1.0):
@@ -149,15 +150,21 @@ def test_zero_threshold_zeroes_tiny_gradients():
     assert np.array_equal(out[0], [0.0])
 
 
+@pytest.mark.parametrize("extra_leaves", [0, SHARED_SCALE_LEAVES], ids=["inline", "shared"])
 @pytest.mark.parametrize(("max_norm", "big"), [(1e-10, 1e30), (1e-30, 1e10), (1e-20, 1e25)])
-def test_a_clip_whose_result_is_representable_does_not_underflow_to_zero(max_norm, big):
+def test_a_clip_whose_result_is_representable_does_not_underflow_to_zero(
+    max_norm, big, extra_leaves
+):
     # The scale max_norm / norm is below the smallest normal float here (1e-40), but
-    # [max_norm, 0] is representable.
-    g = [jnp.array([big, 0.0], jnp.float32)]
+    # [max_norm, 0] is representable. From SHARED_SCALE_LEAVES leaves up the scale's two
+    # factors come out of a lax.cond instead of being computed inline.
+    g = [jnp.array([big, 0.0], jnp.float32)] + [jnp.zeros(2, jnp.float32)] * extra_leaves
     out, _ = _apply(optaxclip.clip_by_global_norm(max_norm), g)
     np.testing.assert_allclose(np64(out[0]), [max_norm, 0.0], rtol=1e-6)
     tree, _ = optaxclip.clip_tree_by_global_norm(g, max_norm)
     np.testing.assert_allclose(np64(tree[0]), [max_norm, 0.0], rtol=1e-6)
+    zero, _ = _apply(optaxclip.clip_by_global_norm(0.0), [x + 1e-20 for x in g])
+    assert not any(np.any(np64(x)) for x in zero)
 
 
 def test_clip_tree_by_global_norm_refuses_a_schedule_and_says_what_to_do():
