@@ -11,12 +11,12 @@ import optax
 from optaxclip import _stats
 from optaxclip._mechanics import (
     NONFINITE_POLICIES,
-    SHARED_SCALE_LEAVES,
     apply_nonfinite_policy,
     finite_ema,
     measure_leaves,
     scale_blocks,
     scale_parts,
+    shares_scale,
 )
 from optaxclip._norms import AxisName, Sharded
 from optaxclip._stats import ClipStats, as_float32
@@ -194,7 +194,7 @@ def adagc(
             lo = jnp.where(in_warmup, global_lo, jnp.where(leaf_over, h_lo, 1))
             return jnp.where(finite, hi, 1), jnp.where(finite, lo, 1)
 
-        if len(leaves) < SHARED_SCALE_LEAVES:
+        if not shares_scale(leaves):
             hi, lo = factors(None)
         else:
             # Each leaf's kernel then reads its two factors from the conditional's

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optaxclip import _stats
-from optaxclip._mechanics import measure_leaves, scale_blocks, scale_parts
+from optaxclip._mechanics import measure_leaves, scale_blocks, scale_parts, shares_scale
 from optaxclip._norms import AxisName, Sharded, sharded_flags
 from optaxclip._stats import ClipStats
 from optaxclip._validation import check_threshold, threshold_at
@@ -54,7 +54,7 @@ def clip_blocks(
         return updates, new_stats, leaf_norms
     bounds = jnp.asarray(bounds_for(leaf_norms, leaves), leaf_norms.dtype)
     # The overflow- and underflow-safe scale of the global clip, one per leaf.
-    _, over, hi, lo = scale_parts(leaf_norms, bounds, readers=len(leaves))
+    _, over, hi, lo = scale_parts(leaf_norms, bounds, shared=shares_scale(leaves))
     new_leaves, out_norms, clipped_norm = scale_blocks(leaves, leaf_norms, hi, lo)
     new_stats = _stats.record(
         prev,

@@ -15,6 +15,7 @@ from optaxclip._mechanics import (
     measure,
     scale_leaf,
     scale_parts,
+    shares_scale,
 )
 from optaxclip._norms import AxisName, Sharded
 from optaxclip._stats import ClipStats
@@ -164,6 +165,6 @@ def clip_tree_by_global_norm(
         # dtype the clip's arithmetic runs in); float64 stays float64.
         norm = jnp.asarray(norm)
         norm = norm.astype(jnp.promote_types(norm.dtype, jnp.float32))
-    readers = len(jax.tree.leaves(tree))
-    scale, _, hi, lo = scale_parts(norm, jnp.asarray(max_norm, jnp.float32), readers=readers)
+    shared = shares_scale(jax.tree.leaves(tree))
+    scale, _, hi, lo = scale_parts(norm, jnp.asarray(max_norm, jnp.float32), shared=shared)
     return jax.tree.map(lambda x: scale_leaf(x, hi, lo), tree), scale

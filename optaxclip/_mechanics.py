@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from optaxclip import _stats
-from optaxclip._norm_engine import leaf_and_global_norms, safe_sqrt
+from optaxclip._norm_engine import leaf_and_global_norms, safe_sqrt, target_platform
 from optaxclip._norms import AxisName, Sharded, sharded_flags, vector_norm
 from optaxclip._stats import ClipStats
 from optaxclip._validation import check_float_leaves, raise_at_runtime_if
@@ -75,17 +75,25 @@ def scale_for(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Arr
 # (scale * 2^64) * 2^-64.
 _SCALE_SPLIT = {32: 2.0**64, 64: 2.0**512}
 
-# From this many leaf kernels reading a scale up, it comes out of a lax.cond. XLA fuses
-# cheap producers into each consumer, so computed inline the scale's compares and
-# selects are compiled again in every leaf's kernel: at 2,000 leaves that cost XLA:CPU
-# about 0.5 s and the TPU compiler a quarter of the step's compile. A conditional costs
-# XLA:CPU a fixed ~0.05 s, more than the copies below a few hundred leaves (measured at
-# 10, 100 and 2,000 leaves on both compilers, 2026-12-02).
+# On XLA:CPU, from this many leaf kernels reading a scale up, it comes out of a lax.cond.
+# XLA fuses cheap producers into each consumer, so computed inline the scale's compares
+# and selects are compiled again in every leaf's kernel: at 2,000 leaves that cost
+# XLA:CPU about 0.7 s. A conditional costs XLA:CPU a fixed ~0.05 s, more than the copies
+# below a few hundred leaves. The TPU compiler takes as long either way (45-46 s for
+# chain(clip_by_global_norm, sgd) at 2,000 leaves, 51 s per block, in turns), and on GPUs
+# a conditional reads its predicate on the host, so elsewhere the scale stays inline
+# (measured 2026-12-02; DESIGN §9).
 SHARED_SCALE_LEAVES = 256
 
 
+def shares_scale(leaves: list[jax.Array]) -> bool:
+    """Whether the factors that scale ``leaves`` should be a ``lax.cond``'s outputs:
+    at least :data:`SHARED_SCALE_LEAVES` leaves compiled for XLA:CPU."""
+    return len(leaves) >= SHARED_SCALE_LEAVES and target_platform(leaves) == "cpu"
+
+
 def scale_parts(
-    norm: jax.Array, threshold: jax.Array, *, readers: int = 1
+    norm: jax.Array, threshold: jax.Array, *, shared: bool = False
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """``(scale, over, hi, lo)`` for a clip of a tree of global norm ``norm``.
 
@@ -97,9 +105,9 @@ def scale_parts(
     - a zero threshold gives 0 even where the norm is 0 (where the reported scale is 1):
       the clip is then identically 0, and so is its derivative.
 
-    ``norm`` and ``threshold`` may be scalars or (broadcastable) vectors. ``readers``
-    is how many leaves will be multiplied by ``hi`` and ``lo``: from
-    :data:`SHARED_SCALE_LEAVES` up they are a ``lax.cond``'s outputs (see there).
+    ``norm`` and ``threshold`` may be scalars or (broadcastable) vectors. With
+    ``shared`` (:func:`shares_scale` of the leaves to be scaled), ``hi`` and ``lo`` are
+    a ``lax.cond``'s outputs (see :data:`SHARED_SCALE_LEAVES`).
     """
     scale, over = scale_for(norm, threshold)
     dtype = norm.dtype
@@ -115,7 +123,7 @@ def scale_parts(
         hi = jnp.where(zero, 0, jnp.where(tiny, ratio, scale)).astype(dtype)
         return hi, jnp.where(tiny, 1 / split, 1).astype(dtype)
 
-    if readers < SHARED_SCALE_LEAVES:
+    if not shared:
         hi, lo = split_scale(None)
         return scale, over, hi, lo
 
@@ -204,7 +212,7 @@ def clip_with_threshold(
     is taken as given: this function never reads the updates to measure them again.
     """
     leaves, treedef = jax.tree_util.tree_flatten(updates)
-    _, over, hi, lo = scale_parts(norm, threshold, readers=len(leaves))
+    _, over, hi, lo = scale_parts(norm, threshold, shared=shares_scale(leaves))
     leaves, clipped_norm, clipped = apply_nonfinite_policy(
         [scale_leaf(x, hi, lo) for x in leaves],
         jnp.isfinite(norm),
