@@ -241,11 +241,6 @@ RARE_BRANCHES = (
     ("unitwise_norm.<locals>.<lambda>", 1),
     ("raise_at_runtime_if.<locals>.<lambda>", 0),
     ("apply_if_finite.<locals>.update.<locals>.reject_update", 1),
-    # A scale below the smallest normal float, carried by two factors.
-    ("scale_parts.<locals>.split_scale", 0),
-    # AdaGC's factors during warm-up (both branches compute them; the cond only keeps
-    # XLA from copying their selects into every leaf's kernel).
-    ("adagc.<locals>.update_fn.<locals>.factors", 0),
 )
 
 
