@@ -90,16 +90,10 @@ def targets(config: pathlib.Path = TARGET_CONFIG) -> dict[str, _tpu.Target]:
     from jax.experimental import topologies
 
     description = config.read_text()
-    devices = list(
-        topologies.get_topology_desc(
-            "h100", "cuda", target_config=description, topology=TOPOLOGY
-        ).devices
-    )
-    return {
-        "single": _tpu.Target("single", devices[:1], shard_leaves=False),
-        "fsdp": _tpu.Target("fsdp", devices, shard_leaves=True),
-        "dp": _tpu.Target("dp", devices, shard_leaves=False),
-    }
+    devices = topologies.get_topology_desc(
+        "h100", "cuda", target_config=description, topology=TOPOLOGY
+    ).devices
+    return _tpu.device_targets(list(devices))
 
 
 def run(plan: GpuPlan, log: Callable[[str], None]) -> dict[str, Any]:
@@ -137,7 +131,7 @@ def targets_met(results: dict) -> list[dict[str, Any]]:
         {
             f"compile (CPU time) <= {BOUNDS['compile']:.2f}x Optax's": _tpu.compile_missed,
             f"temp memory <= {BOUNDS['temp']:.2f}x Optax's (or at most 1 MiB more)": temp_missed,
-            "collectives (FSDP, DP): no more than Optax's, all scalars": (_tpu.collectives_missed),
+            "collectives (FSDP, DP): no more than Optax's, all scalars": _tpu.collectives_missed,
         },
     )
 

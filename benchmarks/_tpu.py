@@ -460,16 +460,21 @@ class Target:
         return jax.tree.map(place, state, is_leaf=mirrors)
 
 
-def targets(topology: str = TOPOLOGY) -> dict[str, Target]:
-    """``single`` (one chip), ``fsdp`` and ``dp`` (all the topology's chips)."""
-    from jax.experimental import topologies
-
-    devices = list(topologies.get_topology_desc(topology, "tpu").devices)
+def device_targets(devices: list[Any]) -> dict[str, Target]:
+    """``single`` (the first device), ``fsdp`` and ``dp`` (all of them). Shared by the
+    TPU and GPU sections."""
     return {
         "single": Target("single", devices[:1], shard_leaves=False),
         "fsdp": Target("fsdp", devices, shard_leaves=True),
         "dp": Target("dp", devices, shard_leaves=False),
     }
+
+
+def targets(topology: str = TOPOLOGY) -> dict[str, Target]:
+    """``single`` (one chip), ``fsdp`` and ``dp`` (all the topology's chips)."""
+    from jax.experimental import topologies
+
+    return device_targets(list(topologies.get_topology_desc(topology, "tpu").devices))
 
 
 def compile_step(
