@@ -13,7 +13,7 @@ from optaxclip._mechanics import (
     NONFINITE_POLICIES,
     clip_with_threshold,
     measure,
-    scale_leaf,
+    scale_all,
     scale_parts,
     shares_scale,
 )
@@ -165,6 +165,7 @@ def clip_tree_by_global_norm(
         # dtype the clip's arithmetic runs in); float64 stays float64.
         norm = jnp.asarray(norm)
         norm = norm.astype(jnp.promote_types(norm.dtype, jnp.float32))
-    shared = shares_scale(jax.tree.leaves(tree))
+    leaves, treedef = jax.tree.flatten(tree)
+    shared = shares_scale(leaves)
     scale, _, hi, lo = scale_parts(norm, jnp.asarray(max_norm, jnp.float32), shared=shared)
-    return jax.tree.map(lambda x: scale_leaf(x, hi, lo), tree), scale
+    return jax.tree.unflatten(treedef, scale_all(leaves, hi, lo, shared=shared)), scale

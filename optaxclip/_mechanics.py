@@ -1,8 +1,9 @@
 """The mechanics every transform is built from.
 
 Measure a tree (:func:`measure`), turn a norm and a threshold into a scale
-(:func:`scale_for`, :func:`scale_parts`), scale a leaf (:func:`scale_leaf`), clip a tree
-to a threshold and record the step (:func:`clip_with_threshold`), apply the
+(:func:`scale_for`, :func:`scale_parts`), scale a leaf or all of a tree's leaves
+(:func:`scale_leaf`, :func:`scale_all`), clip a tree to a threshold and record the
+step (:func:`clip_with_threshold`), apply the
 ``nonfinite`` policy (:data:`NONFINITE_POLICIES`, :func:`check_finite_at_runtime`), and
 keep running statistics finite (:func:`finite_ema`, :func:`masked_mean_std`) and
 histories of fixed size (:func:`ring_write`). A transform module composes these;
@@ -151,6 +152,36 @@ def check_finite_at_runtime(who: str, finite: jax.Array, step: jax.Array, norm: 
     raise_at_runtime_if(~finite, _nonfinite_error(who), step, norm)
 
 
+def scale_all(
+    leaves: list[jax.Array], hi: jax.Array, lo: jax.Array, *, shared: bool
+) -> list[jax.Array]:
+    """Every leaf times the scalars ``hi * lo`` (:func:`scale_leaf`), dtype kept.
+
+    With ``shared`` (:func:`shares_scale`), the two factors are broadcast once per leaf
+    shape and dtype, and each leaf costs two multiplies: on XLA:CPU compile time grows
+    with the number of operations, and a broadcast per leaf and factor cost about
+    0.2 s at 2,000 leaves (``tests/test_norms_compile.py``).
+    """
+    if not shared:
+        return [scale_leaf(x, hi, lo) for x in leaves]
+    factors: dict[tuple[tuple[int, ...], jnp.dtype], tuple[jax.Array, jax.Array]] = {}
+    out = []
+    for x in leaves:
+        half = jnp.finfo(x.dtype).bits < 32
+        wide = x.astype(jnp.float32) if half else x
+        real = jnp.finfo(wide.dtype).dtype  # complex leaves: their parts' dtype
+        key = (x.shape, real)
+        if key not in factors:
+            factors[key] = (
+                jnp.broadcast_to(hi.astype(real), x.shape),
+                jnp.broadcast_to(lo.astype(real), x.shape),
+            )
+        wide_hi, wide_lo = factors[key]
+        y = wide * wide_hi * wide_lo
+        out.append(y.astype(x.dtype) if half else y)
+    return out
+
+
 def scale_leaves(leaves: list[jax.Array], hi: jax.Array, lo: jax.Array) -> list[jax.Array]:
     """Leaf ``i`` times ``hi[i] * lo[i]`` (per-leaf :func:`scale_parts`), dtype kept."""
     return [scale_leaf(x, hi[i], lo[i]) for i, x in enumerate(leaves)]
@@ -212,9 +243,10 @@ def clip_with_threshold(
     is taken as given: this function never reads the updates to measure them again.
     """
     leaves, treedef = jax.tree_util.tree_flatten(updates)
-    _, over, hi, lo = scale_parts(norm, threshold, shared=shares_scale(leaves))
+    shared = shares_scale(leaves)
+    _, over, hi, lo = scale_parts(norm, threshold, shared=shared)
     leaves, clipped_norm, clipped = apply_nonfinite_policy(
-        [scale_leaf(x, hi, lo) for x in leaves],
+        scale_all(leaves, hi, lo, shared=shared),
         jnp.isfinite(norm),
         (norm * hi) * lo,  # norm * scale, which flushes to 0 where the scale is tiny
         over,

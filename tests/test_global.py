@@ -167,6 +167,30 @@ def test_a_clip_whose_result_is_representable_does_not_underflow_to_zero(
     assert not any(np.any(np64(x)) for x in zero)
 
 
+def test_a_shared_scale_clips_leaves_of_every_dtype_and_shape_as_float64_does():
+    # From SHARED_SCALE_LEAVES leaves up the factors are broadcast once per shape and
+    # dtype: half-precision leaves are scaled in float32, complex ones by their parts'.
+    rng = np.random.default_rng(3)
+    dtypes = [jnp.float32, jnp.bfloat16, jnp.float16, jnp.complex64]
+    shapes = [(3,), (2, 4), (3,), ()]
+    g = []
+    for i in range(SHARED_SCALE_LEAVES):
+        dtype, shape = dtypes[i % 4], shapes[(i // 4) % 4]
+        x = rng.standard_normal(shape) + (1j * rng.standard_normal(shape) if i % 4 == 3 else 0)
+        g.append(jnp.asarray(x, dtype))
+    wide = [np.asarray(x).astype(np.complex128) for x in g]
+    norm = np.sqrt(sum(np.sum(np.abs(x) ** 2) for x in wide))
+    max_norm = norm / 7
+    for out in (
+        _apply(optaxclip.clip_by_global_norm(max_norm), g)[0],
+        optaxclip.clip_tree_by_global_norm(g, max_norm)[0],
+    ):
+        for x, y, w in zip(g, out, wide, strict=True):
+            assert y.dtype == x.dtype and y.shape == x.shape
+            tol = {"bfloat16": 1e-2, "float16": 2e-3}.get(x.dtype.name, 1e-5)
+            np.testing.assert_allclose(np.asarray(y).astype(np.complex128), w / 7, rtol=tol)
+
+
 def test_clip_tree_by_global_norm_refuses_a_schedule_and_says_what_to_do():
     with pytest.raises(TypeError, match="clip_by_global_norm\\(schedule\\)"):
         optaxclip.clip_tree_by_global_norm({"a": jnp.ones(2)}, lambda count: 1.0)
