@@ -18,7 +18,7 @@ Change the layout only with both in hand.
 Names used below: a leaf "reduced on its own" (``solo``) keeps its own reduction; a
 "bucketed" leaf is a row of a shared bucket; the "rescued" sums are those of the
 leaves times a power of two (``_RESCALE`` down for overflow, ``_UPSCALE`` up for
-underflow); a "witness" is a value that only one reduction reads (:func:`_own_scale`).
+underflow); a "witness" is a value that only one reduction reads (:func:`own_scale`).
 """
 
 from __future__ import annotations
@@ -243,10 +243,11 @@ def _sum_rows(*arrays: jax.Array) -> tuple[jax.Array, ...]:
     )
 
 
-def _own_scale(witness: jax.Array, scale: float, acc: jnp.dtype) -> jax.Array:
-    """``scale`` as a scalar that XLA cannot see through, tied to ``witness``.
+def own_scale(witness: jax.Array, scale: Any, acc: jnp.dtype) -> jax.Array:
+    """``scale`` as a value that XLA cannot see through, tied to ``witness``.
 
-    A constant would not do: XLA rewrites (c x)^2 as x^2 c^2, and c^2 is 0 in float32.
+    ``scale`` is a number or a run-time value (shaped like ``witness``). A constant
+    would not do: XLA rewrites (c x)^2 as x^2 c^2, and c^2 is 0 in float32.
     A scalar shared by several reductions would not do either: XLA:CPU writes its
     broadcast out in full. So each reduction gets its own, halved where the witness
     (a value only that reduction reads) is NaN (see :class:`_Sums` for why reading
@@ -264,7 +265,7 @@ class _Sums(NamedTuple):
     others, whose rescue runs apart), None when nothing is bucketed and in the rescue
     pass. ``solo``: the plain sums of the arrays reduced on their own, by index.
 
-    Every rescaled sum is read as if c were _RESCALE (_UPSCALE). :func:`_own_scale` halves c only
+    Every rescaled sum is read as if c were _RESCALE (_UPSCALE). :func:`own_scale` halves c only
     in a reduction whose witness is NaN: a leaf reduced on its own whose sum is NaN
     anyway, or a bucket whose first leaf holds a NaN (the total is then NaN, and
     another leaf of that bucket whose plain sum overflowed would read a norm half its
@@ -289,7 +290,7 @@ def _square_sums(
 
     Without ``scale`` (the common pass) the buckets also give their rescaled sums. With
     it (the rescue of the arrays reduced on their own), ``witnesses`` holds their plain
-    sums, which tie each reduction to a scale of its own (see :func:`_own_scale`).
+    sums, which tie each reduction to a scale of its own (see :func:`own_scale`).
     """
     sizes = [math.prod(np.shape(x)) for x in xs]
     direct, buckets = _layout(xs, sizes, concatenable, copy_big)
@@ -301,7 +302,7 @@ def _square_sums(
     owners: list[int] = []  # the array of each entry of concatenate(parts); -1: none
     solo: dict[int, jax.Array] = {}
     for i in direct:
-        c = None if scale is None else _own_scale(witnesses[i], scale, acc)
+        c = None if scale is None else own_scale(witnesses[i], scale, acc)
         solo[i] = jnp.sum(abs_sq(xs[i], acc, c))
     for k in range(0, len(direct), _STACK):
         # A concatenation of thousands of scalars compiles superlinearly slowly, so
@@ -327,8 +328,8 @@ def _square_sums(
         flat = jnp.concatenate(block) if len(block) > 1 else block[0]
         y = flat.reshape(-1, width)
         if scale is None:
-            down = _own_scale(flat[0], rescale, acc)  # local by construction
-            up = _own_scale(flat[0], upscale, acc)
+            down = own_scale(flat[0], rescale, acc)  # local by construction
+            up = own_scale(flat[0], upscale, acc)
             bound = _UP_BOUND[jnp.finfo(acc).bits]
             # One reduction with three outputs: one kernel reads the bucket once.
             sums, sums_down, sums_up = _sum_rows(
@@ -336,7 +337,7 @@ def _square_sums(
             )
             scaled_parts.append(jnp.stack([sums_down, sums_up]))
         else:
-            sums = jnp.sum(abs_sq(y, acc, _own_scale(flat[0], scale, acc)), axis=1)
+            sums = jnp.sum(abs_sq(y, acc, own_scale(flat[0], scale, acc)), axis=1)
         link = jax.lax.stop_gradient(sums[0])
         plain_parts.append(sums)
         owners.extend(rows + [-1] * (y.shape[0] - len(rows)))

@@ -22,6 +22,7 @@ from optaxclip._norm_engine import (
     abs_sq,
     accumulation_dtype,
     is_tiny,
+    own_scale,
     rescue_factor,
     safe_sqrt,
 )
@@ -103,18 +104,6 @@ def _group_sums(parts: list[jax.Array]) -> jax.Array:
     return parts[0] if len(parts) == 1 else jnp.sum(jnp.stack(parts), axis=0)
 
 
-def _own_factor(factor: jax.Array, witness: jax.Array) -> jax.Array:
-    """``factor`` as a value of one leaf's own, so that XLA:CPU does not write out one
-    (examples, elements) broadcast of it shared by every leaf of the group (a temporary
-    the size of the largest leaf's per-example gradients, in every step's memory).
-
-    Halved where ``witness`` (that leaf's per-example sums) is NaN: XLA cannot fold a
-    select between two different values, and that example's norm is NaN whatever the
-    factor.
-    """
-    return jax.lax.select(jnp.isnan(witness), factor / 2, factor)
-
-
 def _group_norms(
     leaves: list[jax.Array], groups: list[list[int]], bounds: list[jax.Array], acc: jnp.dtype
 ) -> list[jax.Array]:
@@ -143,7 +132,7 @@ def _group_norms(
         for members, t in zip(groups, totals, strict=True):
             factor = rescue_factor(t)
             parts = [
-                _example_sums(operands[i], acc, _own_factor(factor, leaf_sums[i]))
+                _example_sums(operands[i], acc, own_scale(leaf_sums[i], factor, acc))
                 for i in members
             ]
             again = _group_sums(parts)
