@@ -230,13 +230,14 @@ def tree_shapes(n_leaves: int, n_params: int) -> dict[str, tuple[int, ...]]:
 # The rare branches of the code measured, by the end of the qualified name of the branch
 # function and its position in lax.cond(pred, true_fun, false_fun): the norm engine's
 # overflow and underflow rescue (named _leaf_and_global_norms before the engine got its
-# own module), the per-example clip's rescue, the rescue of clip_by_value's one-read
-# layout, unitwise_norm's rescaled unit norms (a named function, later a lambda), the
-# run-time argument check's error callback, and Optax's apply_if_finite rejecting a step.
+# own module), the per-example clip's rescue, the rescue of the one-read measurement
+# around an elementwise clip (map_and_measure: clip_by_value, spike_aware_clip),
+# unitwise_norm's rescaled unit norms (a named function, later a lambda), the run-time
+# argument check's error callback, and Optax's apply_if_finite rejecting a step.
 RARE_BRANCHES = (
     ("leaf_and_global_norms.<locals>.rescued", 1),
     ("_group_norms.<locals>.rescued", 0),
-    ("_norms_in_one_read.<locals>.rescued", 1),
+    ("map_and_measure.<locals>.rescued", 1),
     ("unitwise_norm.<locals>.rescaled", 1),
     ("unitwise_norm.<locals>.<lambda>", 1),
     ("raise_at_runtime_if.<locals>.<lambda>", 0),

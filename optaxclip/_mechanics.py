@@ -1,6 +1,7 @@
 """The mechanics every transform is built from.
 
-Measure a tree (:func:`measure`), turn a norm and a threshold into a scale
+Measure a tree (:func:`measure`; before and after an elementwise clip in one read,
+:func:`map_and_measure`), turn a norm and a threshold into a scale
 (:func:`scale_for`, :func:`scale_parts`), scale a leaf or all of a tree's leaves
 (:func:`scale_leaf`, :func:`scale_all`), clip a tree to a threshold and record the
 step (:func:`clip_with_threshold`), apply the
@@ -20,8 +21,17 @@ import jax
 import jax.numpy as jnp
 
 from optaxclip import _stats
-from optaxclip._norm_engine import leaf_and_global_norms, safe_sqrt, target_platform
-from optaxclip._norms import AxisName, Sharded, sharded_flags, vector_norm
+from optaxclip._norm_engine import (
+    abs_sq,
+    accumulation_dtype,
+    is_tiny,
+    leaf_and_global_norms,
+    own_scale,
+    rescue_factor,
+    safe_sqrt,
+    target_platform,
+)
+from optaxclip._norms import AxisName, Sharded, reduce_over_devices, sharded_flags, vector_norm
 from optaxclip._stats import ClipStats
 from optaxclip._validation import check_float_leaves, raise_at_runtime_if
 
@@ -259,6 +269,104 @@ def clip_with_threshold(
         prev, norm=norm, clipped_norm=clipped_norm, threshold=threshold, clipped=clipped
     )
     return jax.tree_util.tree_unflatten(treedef, leaves), new_stats
+
+
+def _add(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    return tuple(p + q for p, q in zip(a, b, strict=True))
+
+
+@jax.custom_jvp
+def _sum_together(*parts: jax.Array) -> tuple[jax.Array, ...]:
+    """The sums of several same-shaped arrays as one reduction with several outputs."""
+    zero = tuple(jnp.zeros((), p.dtype) for p in parts)
+    return jax.lax.reduce(parts, zero, _add, tuple(range(parts[0].ndim)))
+
+
+@_sum_together.defjvp
+def _sum_together_jvp(primals, tangents):
+    # A sum is linear: the tangents' sums, as plain sums that reverse mode can transpose
+    # (JAX's rule for a reduction with several outputs fails on a zero tangent, which
+    # the count of marked elements has).
+    return _sum_together(*primals), tuple(jnp.sum(t) for t in tangents)
+
+
+def map_and_measure(
+    leaves: list[jax.Array],
+    elementwise: Callable[[int, jax.Array], tuple[jax.Array, jax.Array]],
+    *,
+    axis_name: AxisName,
+    flags: list[bool],
+) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]:
+    """An elementwise map of each leaf, with the global norms before and after it and
+    how many elements it marked, each leaf read once.
+
+    ``elementwise(i, leaf_i)`` gives ``(mapped leaf, mask)`` (a clip and where it
+    clipped). Each leaf's ``sum |x|^2``, ``sum |mapped|^2`` and mask count come out of
+    one reduction with three outputs, and every leaf's three travel in one collective:
+    measuring the two trees with the norm engine and counting apart is three
+    reductions per leaf, which neither XLA:CPU nor the TPU compiler fuses into one
+    read (for ``clip_by_value`` that cost 1.29x ``optax.clip``'s bytes on TPU, 50 MiB of
+    temp memory and a second all-reduce under FSDP, and 1.8x a global clip's step on
+    CPU). Where a total overflowed or is tiny, a ``lax.cond`` branch sums both trees
+    again times the power of two its total calls for (:func:`rescue_factor`, as the norm
+    engine's rescue does), in one reduction with two outputs per leaf; two calls of the
+    norm engine there made the TPU compiler take 1.7x as long at 10 leaves.
+
+    Args:
+      leaves: the arrays.
+      elementwise: the map, called again inside the rescue branch (as operands of
+        the conditional the mapped leaves would have to exist as buffers before it).
+      axis_name: mapped axis over which sharded leaves' sums are ``psum``-ed.
+      flags: one bool per leaf, True when that leaf is sharded along ``axis_name``.
+
+    Returns:
+      ``(mapped leaves, norm, mapped norm, count)``, the count a float of the
+      accumulation dtype (exact up to 2^24 marked elements per leaf and device).
+    """
+    mapped = [elementwise(i, x) for i, x in enumerate(leaves)]
+    if not leaves:
+        zero = jnp.zeros((), jnp.float32)
+        return [], zero, zero, zero
+    acc = accumulation_dtype(leaves)
+    sums = [
+        _sum_together(abs_sq(x, acc), abs_sq(y, acc), mask.astype(acc))
+        for x, (y, mask) in zip(leaves, mapped, strict=True)
+    ]
+    n = len(leaves)
+    reduced = reduce_over_devices(
+        [s[k] for k in range(3) for s in sums], flags * 3, axis_name, jax.lax.psum
+    )
+    plain, mapped_sq, count = (jnp.sum(reduced[k * n : (k + 1) * n]) for k in range(3))
+
+    def common(_):
+        return safe_sqrt(plain), safe_sqrt(mapped_sq)
+
+    def rescued(operands):
+        plain_factor, mapped_factor = rescue_factor(plain), rescue_factor(mapped_sq)
+        again = []
+        for i, (x, s) in enumerate(zip(operands, sums, strict=True)):
+            # Each reduction scales by a value of its own: XLA:CPU would write out the
+            # broadcast of a scalar that several of them share.
+            y, _ = elementwise(i, x)
+            again.append(
+                _sum_together(
+                    abs_sq(x, acc, own_scale(s[0], plain_factor, acc)),
+                    abs_sq(y, acc, own_scale(s[1], mapped_factor, acc)),
+                )
+            )
+        totals = reduce_over_devices(
+            [s[k] for k in range(2) for s in again], flags * 2, axis_name, jax.lax.psum
+        )
+        return (
+            safe_sqrt(jnp.sum(totals[:n])) / plain_factor,
+            safe_sqrt(jnp.sum(totals[n:])) / mapped_factor,
+        )
+
+    safe = (
+        jnp.isfinite(plain) & ~is_tiny(plain) & jnp.isfinite(mapped_sq) & ~is_tiny(mapped_sq)
+    )
+    norm, mapped_norm = jax.lax.cond(safe, common, rescued, list(leaves))
+    return [y for y, _ in mapped], norm, mapped_norm, count
 
 
 def measure(tree: Any, axis_name: AxisName = None, sharded: Sharded = None) -> jax.Array:

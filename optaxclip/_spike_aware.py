@@ -11,12 +11,13 @@ import numpy as np
 import optax
 
 from optaxclip import _stats
-from optaxclip._mechanics import NONFINITE_POLICIES, apply_nonfinite_policy, measure_leaves
-from optaxclip._norm_engine import leaf_and_global_norms, safe_sqrt
-from optaxclip._norms import AxisName, Sharded, reduce_over_devices, sharded_flags
+from optaxclip._mechanics import NONFINITE_POLICIES, apply_nonfinite_policy, map_and_measure
+from optaxclip._norm_engine import safe_sqrt
+from optaxclip._norms import AxisName, Sharded, sharded_flags
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
     check_choice,
+    check_float_leaves,
     check_range,
     check_threshold,
     is_concrete,
@@ -82,20 +83,21 @@ def _ema_rms(r: jax.Array, c: jax.Array, beta: jax.Array, rest: jax.Array) -> ja
     return s * safe_sqrt(beta * jnp.square(r / s) + rest * c_sq)
 
 
-def _clip_leaf(
+def _clip_coordinates(
     x: jax.Array, r: jax.Array, active: jax.Array, hyper: Callable[[Any], tuple]
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(clipped x, new rms, number of coordinates clipped)`` for one leaf.
+) -> tuple[jax.Array, jax.Array]:
+    """``(clipped x, where a coordinate was clipped)`` for one leaf, the clipped values
+    in the leaf's working precision (that of x and its ``rms``, at least float32).
 
-    ``active`` is the scalar "this step may clip": finite, past the warm-up, threshold
+    ``active`` is the scalar "this step may clip": past the warm-up, threshold
     positive. ``hyper(dtype)`` gives ``(sqrt(threshold), beta, 1 - beta)`` in the
-    leaf's working precision. A coordinate whose ``rms`` is 0 has no scale to be judged
+    working precision. A coordinate whose ``rms`` is 0 has no scale to be judged
     against and passes (its first non-zero gradient enters ``rms``).
     """
     work = jnp.promote_types(_real_dtype(x.dtype), r.dtype)
     xc = x.astype(jnp.promote_types(x.dtype, work))
     rc = r.astype(work)
-    root_threshold, beta, rest = hyper(work)
+    root_threshold, _, _ = hyper(work)
     has_scale = rc > 0
     # Where rms is 0, or the threshold inf, no bound: inf * 0 would make a NaN.
     bound = jnp.where(has_scale, root_threshold * rc, jnp.inf)
@@ -103,11 +105,15 @@ def _clip_leaf(
     safe_bound = jnp.where(over, bound, 0)  # finite in the branch not taken (gradients)
     if jnp.iscomplexobj(xc):
         z = jnp.where(over, xc, 1)
-        clipped = jnp.where(over, z * (safe_bound / jnp.abs(z)), xc)
-    else:
-        clipped = jnp.where(over, jnp.sign(xc) * safe_bound, xc)
-    new_r = _ema_rms(rc, clipped, beta, rest).astype(r.dtype)
-    return clipped.astype(x.dtype), new_r, jnp.sum(over, dtype=jnp.int32)
+        return jnp.where(over, z * (safe_bound / jnp.abs(z)), xc), over
+    return jnp.where(over, jnp.sign(xc) * safe_bound, xc), over
+
+
+def _new_rms(clipped: jax.Array, r: jax.Array, hyper: Callable[[Any], tuple]) -> jax.Array:
+    """The coordinates' ``rms`` after this step's (working-precision) clipped values."""
+    work = jnp.promote_types(_real_dtype(clipped.dtype), r.dtype)
+    _, beta, rest = hyper(work)
+    return _ema_rms(r.astype(work), clipped, beta, rest).astype(r.dtype)
 
 
 def _check_warmup(value: Any) -> None:
@@ -277,7 +283,8 @@ def spike_aware_clip(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        leaves, treedef, _, norm = measure_leaves(updates, axis_name, sharded)
+        check_float_leaves(updates)
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
         rms_leaves, rms_def = jax.tree_util.tree_flatten(state.rms)
         if rms_def != treedef:
             raise ValueError(
@@ -287,30 +294,36 @@ def spike_aware_clip(
                 "parameters being trained."
             )
         flags = sharded_flags(updates, sharded)
-        finite = jnp.isfinite(norm)
         count = state.stats.count
         t, hyper = _hyperparameters(threshold, beta, count)
-        active = finite & (state.recorded >= warmup_steps) & (t > 0)
-        results = [_clip_leaf(x, r, active, hyper) for x, r in zip(leaves, rms_leaves, strict=True)]
-        out = [res[0] for res in results]
-        # A NaN/inf step leaves the statistics as they were.
-        new_rms = [jnp.where(finite, res[1], r) for res, r in zip(results, rms_leaves, strict=True)]
-        if results:
-            counts = reduce_over_devices(
-                [res[2] for res in results], flags, axis_name, jax.lax.psum
-            )
-            sizes = [float(x.size) for x in leaves]
-            if axis_name is not None:
-                devices = jax.lax.psum(1, axis_name)
-                sizes = [n * devices if flag else n for n, flag in zip(sizes, flags, strict=True)]
-            n_clipped = jnp.sum(counts.astype(jnp.float32))
-            fraction = n_clipped / jnp.maximum(sum(sizes), 1.0).astype(jnp.float32)
-        else:
-            n_clipped = fraction = jnp.zeros((), jnp.float32)
+        # Whether the step is finite is known only once the leaves are summed, in the
+        # same read that measures the clipped values; a NaN/inf step then returns the
+        # updates as they came (for the policy) and leaves the statistics as they were.
+        may_clip = (state.recorded >= warmup_steps) & (t > 0)
 
-        # A NaN/inf step clipped nothing (``active`` is False): "propagate" returns
-        # the updates as they came.
-        _, clipped_norm = leaf_and_global_norms(out, axis_name=axis_name, flags=flags)
+        clipped_leaves, norm, clipped_norm, n_clipped = map_and_measure(
+            leaves,
+            lambda i, x: _clip_coordinates(x, rms_leaves[i], may_clip, hyper),
+            axis_name=axis_name,
+            flags=flags,
+        )
+        finite = jnp.isfinite(norm)
+        out = [
+            jnp.where(finite, c.astype(x.dtype), x)
+            for c, x in zip(clipped_leaves, leaves, strict=True)
+        ]
+        new_rms = [
+            jnp.where(finite, _new_rms(c, r, hyper), r)
+            for c, r in zip(clipped_leaves, rms_leaves, strict=True)
+        ]
+        n_clipped = jnp.where(finite, n_clipped, 0).astype(jnp.float32)
+        clipped_norm = jnp.where(finite, clipped_norm, norm)
+        sizes = [float(x.size) for x in leaves]
+        if axis_name is not None and leaves:
+            devices = jax.lax.psum(1, axis_name)
+            sizes = [n * devices if flag else n for n, flag in zip(sizes, flags, strict=True)]
+        fraction = n_clipped / jnp.maximum(sum(sizes), 1.0).astype(jnp.float32)
+
         out, clipped_norm, clipped = apply_nonfinite_policy(
             out,
             finite,

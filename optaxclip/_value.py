@@ -9,20 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from optaxclip import _stats
-from optaxclip._norm_engine import (
-    abs_sq,
-    accumulation_dtype,
-    is_tiny,
-    own_scale,
-    rescue_factor,
-    safe_sqrt,
-)
-from optaxclip._norms import (
-    AxisName,
-    Sharded,
-    reduce_over_devices,
-    sharded_flags,
-)
+from optaxclip._mechanics import map_and_measure
+from optaxclip._norms import AxisName, Sharded, sharded_flags
 from optaxclip._stats import ClipStats
 from optaxclip._validation import check_float_leaves, check_threshold, threshold_at
 
@@ -56,103 +44,6 @@ def _clip_elements(x: jax.Array, limit: jax.Array) -> tuple[jax.Array, jax.Array
         return x * factor, over
     lim = limit.astype(x.dtype)
     return jnp.clip(x, -lim, lim), jnp.abs(x) > lim
-
-
-def _add(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    return tuple(p + q for p, q in zip(a, b, strict=True))
-
-
-@jax.custom_jvp
-def _sum_together(*parts: jax.Array) -> tuple[jax.Array, ...]:
-    """The sums of several same-shaped arrays as one reduction with several outputs."""
-    zero = tuple(jnp.zeros((), p.dtype) for p in parts)
-    return jax.lax.reduce(parts, zero, _add, tuple(range(parts[0].ndim)))
-
-
-@_sum_together.defjvp
-def _sum_together_jvp(primals, tangents):
-    # A sum is linear: the tangents' sums, as plain sums that reverse mode can transpose
-    # (JAX's rule for a reduction with several outputs fails on a zero tangent, which
-    # the count of clipped elements has).
-    return _sum_together(*primals), tuple(jnp.sum(t) for t in tangents)
-
-
-def _sums_in_one_read(
-    x: jax.Array, clipped: jax.Array, over: jax.Array, acc: jnp.dtype
-) -> tuple[jax.Array, ...]:
-    """``(sum |x|^2, sum |clipped|^2, elements over the limit)`` from one reduction.
-
-    ``clipped`` and ``over`` are :func:`_clip_elements` of ``x``. One reduction with three
-    outputs, so that the compiler cannot read ``x`` three times; the count is a float so
-    that under FSDP it travels in the same all-reduce as the sums.
-    """
-    return _sum_together(abs_sq(x, acc), abs_sq(clipped, acc), over.astype(acc))
-
-
-def _norms_in_one_read(
-    leaves: list[jax.Array],
-    clipped_elements: list[tuple[jax.Array, jax.Array]],
-    limit: jax.Array,
-    axis_name: AxisName,
-    flags: list[bool],
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(norm, clipped_norm, clipped)`` of the leaves and of their clipped values, each
-    leaf read once.
-
-    Measuring the two trees with the norm engine and testing each leaf for clipped
-    elements apart is three reductions per leaf, which neither XLA:CPU nor the TPU
-    compiler fuses into one read. Measured with ``python -m benchmarks`` before this
-    layout, that cost 1.29x ``optax.clip``'s bytes on TPU, 50 MiB of temp memory and a
-    second all-reduce under FSDP, and 1.8x a global clip's step on CPU. The plain sums
-    are used where both totals are finite and not tiny; otherwise a ``lax.cond`` branch
-    sums both trees again times a power of two (:func:`rescue_factor`), as the norm
-    engine's rescue does.
-    """
-    acc = accumulation_dtype(leaves)
-    sums = [
-        _sums_in_one_read(x, clipped, over, acc)
-        for x, (clipped, over) in zip(leaves, clipped_elements, strict=True)
-    ]
-    n = len(leaves)
-    # The three kinds of sums of every leaf travel in one collective.
-    reduced = reduce_over_devices(
-        [s[k] for k in range(3) for s in sums], flags * 3, axis_name, jax.lax.psum
-    )
-    plain, clipped_sq, over = (jnp.sum(reduced[k * n : (k + 1) * n]) for k in range(3))
-
-    def common(_):
-        return safe_sqrt(plain), safe_sqrt(clipped_sq)
-
-    def rescued(operands):
-        # Both trees summed again times the power of two their total calls for (1 for a
-        # total that was fine), as in the common path: one reduction with two outputs per
-        # leaf and one collective. Each reduction scales by a value of its own
-        # (own_scale: XLA:CPU would write out a shared scalar's broadcast). The leaves
-        # are clipped again inside the branch: as operands of the cond, the clipped
-        # leaves would have to exist as buffers before it. Two calls of the norm engine
-        # here compiled 2.2x slower on TPU (10 leaves, 20M).
-        plain_factor, clipped_factor = rescue_factor(plain), rescue_factor(clipped_sq)
-        again = []
-        for x, s in zip(operands, sums, strict=True):
-            clipped, _ = _clip_elements(x, limit)
-            again.append(
-                _sum_together(
-                    abs_sq(x, acc, own_scale(s[0], plain_factor, acc)),
-                    abs_sq(clipped, acc, own_scale(s[1], clipped_factor, acc)),
-                )
-            )
-        totals = reduce_over_devices(
-            [s[k] for k in range(2) for s in again], flags * 2, axis_name, jax.lax.psum
-        )
-        return (
-            safe_sqrt(jnp.sum(totals[:n])) / plain_factor,
-            safe_sqrt(jnp.sum(totals[n:])) / clipped_factor,
-        )
-
-    plain_ok = jnp.isfinite(plain) & ~is_tiny(plain)
-    clipped_ok = jnp.isfinite(clipped_sq) & ~is_tiny(clipped_sq)
-    norm, clipped_norm = jax.lax.cond(plain_ok & clipped_ok, common, rescued, list(leaves))
-    return norm, clipped_norm, over > 0
 
 
 def clip_by_value(
@@ -209,17 +100,15 @@ def clip_by_value(
         limit = threshold_at(max_delta, state.stats.count, "max_delta")
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         flags = sharded_flags(updates, sharded)
-        clipped_elements = [_clip_elements(x, limit) for x in leaves]
-        new_leaves = [clipped for clipped, _ in clipped_elements]
-        if not leaves:
-            zero = jnp.zeros((), jnp.float32)
-            norm, clipped_norm, clipped = zero, zero, jnp.array(False)
-        else:
-            norm, clipped_norm, clipped = _norms_in_one_read(
-                leaves, clipped_elements, limit, axis_name, flags
-            )
+        new_leaves, norm, clipped_norm, n_clipped = map_and_measure(
+            leaves, lambda i, x: _clip_elements(x, limit), axis_name=axis_name, flags=flags
+        )
         new_stats = _stats.record(
-            state.stats, norm=norm, clipped_norm=clipped_norm, threshold=limit, clipped=clipped
+            state.stats,
+            norm=norm,
+            clipped_norm=clipped_norm,
+            threshold=limit,
+            clipped=n_clipped > 0,
         )
         return jax.tree_util.tree_unflatten(treedef, new_leaves), ClipByValueState(new_stats)
 
