@@ -301,20 +301,21 @@ def spike_aware_clip(
         # updates as they came (for the policy) and leaves the statistics as they were.
         may_clip = (state.recorded >= warmup_steps) & (t > 0)
 
+        def clip_leaf(i: int, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+            # Measured as returned (a bf16 leaf's clipped norm is that of bf16 values).
+            clipped, over = _clip_coordinates(x, rms_leaves[i], may_clip, hyper)
+            return clipped.astype(x.dtype), over
+
         clipped_leaves, norm, clipped_norm, n_clipped = map_and_measure(
-            leaves,
-            lambda i, x: _clip_coordinates(x, rms_leaves[i], may_clip, hyper),
-            axis_name=axis_name,
-            flags=flags,
+            leaves, clip_leaf, axis_name=axis_name, flags=flags
         )
         finite = jnp.isfinite(norm)
-        out = [
-            jnp.where(finite, c.astype(x.dtype), x)
-            for c, x in zip(clipped_leaves, leaves, strict=True)
-        ]
+        out = [jnp.where(finite, c, x) for c, x in zip(clipped_leaves, leaves, strict=True)]
+        # The EMA takes the working-precision clipped values (the same operations as
+        # above, which XLA computes once).
         new_rms = [
-            jnp.where(finite, _new_rms(c, r, hyper), r)
-            for c, r in zip(clipped_leaves, rms_leaves, strict=True)
+            jnp.where(finite, _new_rms(_clip_coordinates(x, r, may_clip, hyper)[0], r, hyper), r)
+            for x, r in zip(leaves, rms_leaves, strict=True)
         ]
         n_clipped = jnp.where(finite, n_clipped, 0).astype(jnp.float32)
         clipped_norm = jnp.where(finite, clipped_norm, norm)
