@@ -45,14 +45,21 @@ def scale_leaf(x: jax.Array, scale: jax.Array, lo: jax.Array | None = None) -> j
     0 when cast to fp16 first, which is how Optax zeroes fp16 leaves whose tree has a
     norm above 65504. ``lo`` is a power of two that carries the part of a scale too
     small for one float (see :func:`scale_parts`); multiplying by 1 changes nothing.
+    The factors are scalars or already broadcast to x's shape (:func:`scale_all`).
     """
-    info = jnp.finfo(x.dtype)
-    wide = x if info.bits >= 32 else x.astype(jnp.float32)
-    real = jnp.finfo(wide.dtype).dtype
+    half = jnp.finfo(x.dtype).bits < 32
+    wide = x.astype(jnp.float32) if half else x
+    real = _factor_dtype(x.dtype)
     out = wide * scale.astype(real)
     if lo is not None:
         out = out * lo.astype(real)
-    return out if info.bits >= 32 else out.astype(x.dtype)
+    return out.astype(x.dtype) if half else out
+
+
+def _factor_dtype(dtype: Any) -> jnp.dtype:
+    """The real dtype a leaf of ``dtype`` is scaled in: float32 for half precision, the
+    parts' dtype for complex leaves, the leaf's own otherwise."""
+    return jnp.finfo(jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype).dtype
 
 
 @jax.custom_jvp
@@ -174,21 +181,14 @@ def scale_all(
     """
     if not shared:
         return [scale_leaf(x, hi, lo) for x in leaves]
-    factors: dict[tuple[tuple[int, ...], jnp.dtype], tuple[jax.Array, jax.Array]] = {}
+    factors: dict[tuple[tuple[int, ...], jnp.dtype], list[jax.Array]] = {}
     out = []
     for x in leaves:
-        half = jnp.finfo(x.dtype).bits < 32
-        wide = x.astype(jnp.float32) if half else x
-        real = jnp.finfo(wide.dtype).dtype  # complex leaves: their parts' dtype
+        real = _factor_dtype(x.dtype)
         key = (x.shape, real)
         if key not in factors:
-            factors[key] = (
-                jnp.broadcast_to(hi.astype(real), x.shape),
-                jnp.broadcast_to(lo.astype(real), x.shape),
-            )
-        wide_hi, wide_lo = factors[key]
-        y = wide * wide_hi * wide_lo
-        out.append(y.astype(x.dtype) if half else y)
+            factors[key] = [jnp.broadcast_to(f.astype(real), x.shape) for f in (hi, lo)]
+        out.append(scale_leaf(x, *factors[key]))
     return out
 
 
