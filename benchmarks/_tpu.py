@@ -408,6 +408,105 @@ def summarize_collectives(found: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+# What XLA's cost model calls "bytes accessed" on TPU counts every operand and result of
+# every instruction, wherever it lies: after memory-space assignment has placed a
+# gradient in on-chip memory (VMEM, memory space 1), the prefetch that brings it there,
+# the kernels that read it there and the copy that evicts a result to HBM all add up.
+# Measured: sgd alone on 10 leaves of 2M reads 3 x 76 MiB of HBM (the gradient and the
+# parameters, the parameters written back) and the cost model says 931 MiB, while
+# `optax.clip_by_block_rms` before the same sgd says 542 MiB, less than sgd alone,
+# because it was scheduled with less in VMEM. So the step's HBM traffic is also read
+# off the compiled module itself: what each instruction reads and writes in memory
+# space 0.
+_LAYOUT_ARRAY = re.compile(r"(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\](?:\{(?P<layout>[^}]*)\})?")
+# "%name = <type> <op>(<operands>)": the type may be a tuple, whose layouts hold
+# parentheses too ("{0:T(1024)S(1)}"), so it ends at the first " <op>(".
+_ANY_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.*?)\s"
+    r"(?P<op>[a-z][\w\-]*)\((?P<operands>[^)]*)\)"
+)
+# Instructions that move no data of their own: they name, bundle or pass buffers, or
+# finish an asynchronous operation whose start is counted.
+_NO_TRAFFIC = {
+    "parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all",
+    "partition-id", "replica-id", "conditional", "while", "call", "opt-barrier",
+    "copy-done", "slice-done", "all-reduce-done", "all-gather-done",
+    "collective-permute-done", "async-done", "send-done", "recv-done",
+}  # fmt: skip
+
+
+def _hbm_array_bytes(shape: str) -> int:
+    """Bytes of the arrays of a result type that lie in HBM (no memory-space mark)."""
+    return sum(
+        _array_bytes(m["dtype"], m["dims"])
+        for m in _LAYOUT_ARRAY.finditer(shape)
+        if "S(" not in (m["layout"] or "")
+    )
+
+
+def hbm_bytes(hlo: str) -> int:
+    """The bytes a compiled TPU module reads from and writes to HBM, from its text.
+
+    Every instruction of the entry computation and of the computations it runs through
+    ``conditional`` (both branches, as the cost model), ``while`` and ``call`` counts
+    the arrays it reads (its operands) and writes (its result) that lie in memory space
+    0 (HBM; arrays in on-chip memory carry an ``S(n)`` mark in their layout). A fusion
+    counts at its call, not inside. An asynchronous copy into on-chip memory (a
+    prefetch, ``copy-start`` or ``slice-start``) counts its result once, as an HBM read
+    of that size; a copy out of it (an eviction) counts its result once, as a write; a
+    copy from HBM to HBM twice. Instructions that move nothing are skipped (:data:`_NO_TRAFFIC`).
+    A fusion that reads only part of an HBM operand (a fused dynamic slice) is counted
+    as reading all of it: an upper bound.
+    """
+    bodies: dict[str, list[str]] = {}
+    entry = None
+    current = None
+    for line in hlo.splitlines():
+        head = _COMPUTATION.match(line)
+        if head and "=" not in line.split("(")[0]:
+            current = head.group("name")
+            bodies[current] = []
+            if line.startswith("ENTRY"):
+                entry = current
+            continue
+        if current is not None:
+            bodies[current].append(line)
+    total, seen, pending = 0, set(), [entry] if entry else []
+    while pending:
+        name = pending.pop()
+        if name in seen or name not in bodies:
+            continue
+        seen.add(name)
+        shapes: dict[str, str] = {}
+        for line in bodies[name]:
+            match = _ANY_INSTRUCTION.match(line)
+            if not match:
+                continue
+            op, shape = match["op"], match["shape"]
+            shapes[match["name"]] = shape
+            if op == "conditional":
+                for group in _BRANCHES.findall(line):
+                    pending.extend(b.strip().lstrip("%") for b in group.split(","))
+                pending.extend(_COND_TARGETS.findall(line))
+            if op in ("while", "call"):
+                pending.extend(re.findall(r"(?:body|condition|to_apply)=%?([\w.\-]+)", line))
+            if op in _NO_TRAFFIC:
+                continue
+            if op in ("copy-start", "slice-start"):
+                # (destination, source, context) for a copy, ((source), destination,
+                # context) for a slice: whichever end is in HBM moves the other's size.
+                arrays = list(_LAYOUT_ARRAY.finditer(shape))
+                dest = arrays[1] if op == "slice-start" else arrays[0]
+                source = arrays[0] if op == "slice-start" else arrays[1]
+                ends_in_hbm = sum("S(" not in (a["layout"] or "") for a in (dest, source))
+                total += ends_in_hbm * _array_bytes(dest["dtype"], dest["dims"])
+                continue
+            total += _hbm_array_bytes(shape)
+            for operand in re.findall(r"%([\w.\-]+)", match["operands"]):
+                total += _hbm_array_bytes(shapes.get(operand, ""))
+    return total
+
+
 def _cost(compiled: Any) -> dict[str, float]:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per device program
@@ -547,7 +646,11 @@ def lower_and_compile(
     t1 = time.perf_counter()
     if common and not seen.get("replaced"):
         # Nothing to take out: the step's own compile has the common path's figures.
-        return {"bytes_accessed": None, "branches": {k: sorted(set(v)) for k, v in seen.items()}}
+        return {
+            "bytes_accessed": None,
+            "hbm_bytes": None,
+            "branches": {k: sorted(set(v)) for k, v in seen.items()},
+        }
     compiled = lowered.compile()
     t2, c2 = time.perf_counter(), _cpu_seconds()
     memory = compiled.memory_analysis()
@@ -565,8 +668,10 @@ def lower_and_compile(
         "flops": float(cost.get("flops", -1.0)),
         "branches": {k: sorted(set(v)) for k, v in seen.items()},
     }
+    text = compiled.as_text()
+    out["hbm_bytes"] = hbm_bytes(text)
     if hlo:
-        out["collectives"] = summarize_collectives(collectives(compiled.as_text()))
+        out["collectives"] = summarize_collectives(collectives(text))
     del lowered, compiled
     return out
 
@@ -612,6 +717,7 @@ def measure_candidates(
                 figures[name].update(
                     temp_bytes=f["temp_bytes"],
                     bytes_both_branches=f["bytes_accessed"],
+                    hbm_both_branches=f["hbm_bytes"],
                     flops=f["flops"],
                 )
             gc.collect()
@@ -620,8 +726,7 @@ def measure_candidates(
         f = compile_step(makers[name](), shapes, tgts["single"], common=True)
         figures[name]["branches"] = f["branches"]
         # None: no rare branch was stubbed, so the common path is the whole step.
-        both = figures[name]["bytes_both_branches"]
-        figures[name]["bytes_common"] = both if f["bytes_accessed"] is None else f["bytes_accessed"]
+        _set_common_bytes(figures[name], f)
         gc.collect()
     for mesh in meshes:
         for name in names:
@@ -632,9 +737,21 @@ def measure_candidates(
             gc.collect()
     for name in names:
         figures[name].setdefault("bytes_common", None)
+        figures[name].setdefault("hbm_common", None)
         figures[name]["compile_s"] = float(np.median(figures[name]["compile_samples"]))
         figures[name]["compile_cpu_s"] = float(np.median(figures[name]["compile_cpu_samples"]))
     return figures
+
+
+def _set_common_bytes(figures: dict[str, Any], common: dict[str, Any]) -> None:
+    """``bytes_common`` and ``hbm_common`` from the common path's compile, or from the
+    step's own (``*_both_branches``) where it had no rare branch to take out."""
+    for key, both, measured in (
+        ("bytes_common", "bytes_both_branches", "bytes_accessed"),
+        ("hbm_common", "hbm_both_branches", "hbm_bytes"),
+    ):
+        value = common.get(measured)
+        figures[key] = figures.get(both) if value is None else value
 
 
 def compare(figures: dict[str, dict[str, Any]], name: str, ref: str) -> dict[str, Any]:
@@ -654,12 +771,14 @@ def compare(figures: dict[str, dict[str, Any]], name: str, ref: str) -> dict[str
         "compile_ratio": per_turn("compile_samples"),
         "compile_cpu_ratio": per_turn("compile_cpu_samples"),
         "temp_ratio": _ratio(mine["temp_bytes"], theirs["temp_bytes"]),
-        "bytes_common_ratio": (
-            None
-            if mine["bytes_common"] is None or theirs["bytes_common"] is None
-            else _ratio(mine["bytes_common"], theirs["bytes_common"])
-        ),
+        "bytes_common_ratio": _ratio_or_none(mine, theirs, "bytes_common"),
+        "hbm_common_ratio": _ratio_or_none(mine, theirs, "hbm_common"),
     }
+
+
+def _ratio_or_none(mine: dict[str, Any], theirs: dict[str, Any], key: str) -> float | None:
+    a, b = mine.get(key), theirs.get(key)
+    return None if a is None or b is None else _ratio(a, b)
 
 
 def measure_config(
@@ -863,13 +982,13 @@ def measure_per_example(
             figures[name].setdefault("compile_s", f["total_s"])
             figures[name].setdefault("temp_bytes", f["temp_bytes"])
             figures[name].setdefault("bytes_both_branches", f["bytes_accessed"])
+            figures[name].setdefault("hbm_both_branches", f["hbm_bytes"])
             gc.collect()
     for name in names:
         progress(f"{name} (common path)")
         f = lower_and_compile(jax.jit(_fresh(makers[name])), (grads, bound), common=True)
         # None: no rare branch was stubbed, so the common path is the whole function.
-        both = figures[name]["bytes_both_branches"]
-        figures[name]["bytes_common"] = both if f["bytes_accessed"] is None else f["bytes_accessed"]
+        _set_common_bytes(figures[name], f)
     rows = []
     for fn in PER_EXAMPLE_FUNCTIONS:
         mine, theirs = figures[f"optaxclip.{fn}"], figures[f"optax.{fn}"]
@@ -880,6 +999,7 @@ def measure_per_example(
                 "compile_cpu_ratio": float(np.median([a / b for a, b in pairs])),
                 "temp_ratio": _ratio(mine["temp_bytes"], theirs["temp_bytes"]),
                 "bytes_common_ratio": _ratio(mine["bytes_common"], theirs["bytes_common"]),
+                "hbm_common_ratio": _ratio_or_none(mine, theirs, "hbm_common"),
             }
         )
     return {
@@ -1001,8 +1121,8 @@ def _p(n: int) -> str:
     return f"{n // M}M" if n % M == 0 else f"{n / M:.1f}M"
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f}"
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
 
 
 def _x(r: float | None) -> str:
@@ -1044,7 +1164,11 @@ def markdown(results: dict) -> str:
         "stretch less; the target is judged on it). *Temp*: the "
         "compiler's temp buffers on one chip, MiB. *Bytes*: the cost model's bytes "
         "accessed on the common path (rare `lax.cond` branches stubbed out; the cost "
-        "model otherwise adds both branches), MiB, one chip. *FSDP* / *DP*: the "
+        "model otherwise adds both branches), MiB, one chip; it counts on-chip (VMEM) "
+        "traffic too, so it moves with where the compiler places buffers. *HBM*: what "
+        "the same compiled common path reads from and writes to HBM, read off its "
+        "instructions' memory spaces (`hbm_bytes` in `benchmarks/_tpu.py`), MiB; the "
+        "bytes target is judged on it. *FSDP* / *DP*: the "
         "collectives of the common path on 4 chips, count (result shapes), with leaves, "
         "Adam moments and gradients sharded along their first axis (FSDP) or everything "
         "replicated (DP); rare-branch collectives are counted apart.",
@@ -1057,15 +1181,17 @@ def markdown(results: dict) -> str:
             f"## {e['optimizer']}, {e['leaves']} leaves, {_p(e['params'])} parameters",
             "",
             f"The optimizer alone: compile {alone['compile_s']:.2f} s, temp "
-            f"{_mib(alone['temp_bytes'])} MiB, bytes {_mib(alone['bytes_common'])} MiB; "
+            f"{_mib(alone['temp_bytes'])} MiB, bytes {_mib(alone['bytes_common'])} MiB, "
+            f"HBM {_mib(alone.get('hbm_common'))} MiB; "
             f"gradient {_mib(e['grad_bytes'])} MiB; {e['compile_repeats']} compile turn(s)"
             + ("" if e["meshes"] else "; 4-chip compiles not run for this tree")
             + ".",
             "",
             "| transform | Optax counterpart | compile optaxclip | Optax | ratio | CPU ratio "
-            "| temp optaxclip | Optax | ratio | bytes optaxclip | Optax | ratio | FSDP "
-            "optaxclip | Optax | DP optaxclip | Optax |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|",
+            "| temp optaxclip | Optax | ratio | bytes optaxclip | Optax | ratio | HBM "
+            "optaxclip | Optax | ratio | FSDP optaxclip | Optax | DP optaxclip | Optax |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
+            "|---|---|---|---|",
         ]
         for row in e["rows"]:
             a, b = c[row["transform"]], c[row["counterpart"]]
@@ -1075,7 +1201,8 @@ def markdown(results: dict) -> str:
                 f"{_x(row['compile_cpu_ratio'])} | "
                 f"{_mib(a['temp_bytes'])} | {_mib(b['temp_bytes'])} | {_x(row['temp_ratio'])} "
                 f"| {_mib(a['bytes_common'])} | {_mib(b['bytes_common'])} | "
-                f"{_x(row['bytes_common_ratio'])} | "
+                f"{_x(row['bytes_common_ratio'])} | {_mib(a.get('hbm_common'))} | "
+                f"{_mib(b.get('hbm_common'))} | {_x(row.get('hbm_common_ratio'))} | "
                 f"{_coll(a.get('fsdp', {}).get('collectives'))} | "
                 f"{_coll(b.get('fsdp', {}).get('collectives'))} | "
                 f"{_coll(a.get('dp', {}).get('collectives'))} | "
@@ -1092,8 +1219,8 @@ def markdown(results: dict) -> str:
             "same name (compile: CPU time, the median of two turns).",
             "",
             "| examples | leaves | params / example | function | compile | temp optaxclip "
-            "| Optax | bytes optaxclip | Optax | ratio |",
-            "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+            "| Optax | bytes optaxclip | Optax | ratio | HBM optaxclip | Optax | ratio |",
+            "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for e in per_example:
             for row in e["rows"]:
@@ -1104,7 +1231,8 @@ def markdown(results: dict) -> str:
                     f"{row['function']} | {_x(row['compile_cpu_ratio'])} | "
                     f"{_mib(a['temp_bytes'])} | {_mib(b['temp_bytes'])} | "
                     f"{_mib(a['bytes_common'])} | {_mib(b['bytes_common'])} | "
-                    f"{_x(row['bytes_common_ratio'])} |"
+                    f"{_x(row['bytes_common_ratio'])} | {_mib(a.get('hbm_common'))} | "
+                    f"{_mib(b.get('hbm_common'))} | {_x(row.get('hbm_common_ratio'))} |"
                 )
         lines.append("")
     lines += statistic_cost_lines(results.get("statistic_cost"))
@@ -1134,16 +1262,17 @@ def statistic_cost_lines(entry: dict[str, Any] | None) -> list[str]:
         "leaf's reduction before the first leaf's update, so that each leaf is read "
         "again from HBM instead of once into on-chip memory for both.",
         "",
-        "| step | temp (MiB) | bytes (MiB) | bytes ratio |",
-        "|---|---:|---:|---:|",
+        "| step | temp (MiB) | bytes (MiB) | bytes ratio | HBM (MiB) | HBM ratio |",
+        "|---|---:|---:|---:|---:|---:|",
         f"| {STATISTIC_CANDIDATES[0]} | {_mib(base['temp_bytes'])} | "
-        f"{_mib(base['bytes_common'])} | 1.00x |",
+        f"{_mib(base['bytes_common'])} | 1.00x | {_mib(base.get('hbm_common'))} | 1.00x |",
     ]
     for row in entry["rows"]:
         a = c[row["transform"]]
         lines.append(
             f"| {row['transform']} | {_mib(a['temp_bytes'])} | {_mib(a['bytes_common'])} | "
-            f"{_x(row['bytes_common_ratio'])} |"
+            f"{_x(row['bytes_common_ratio'])} | {_mib(a.get('hbm_common'))} | "
+            f"{_x(row.get('hbm_common_ratio'))} |"
         )
     lines.append("")
     return lines
@@ -1163,8 +1292,9 @@ def update_recipe_lines(entries: list[dict[str, Any]]) -> list[str]:
         "per-turn ratios over two turns. Not part of issue #14's targets.",
         "",
         "| leaves | params | recipe | compile | temp optaxclip | Optax | ratio "
-        "| bytes optaxclip | Optax | ratio | FSDP optaxclip | Optax |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| bytes optaxclip | Optax | ratio | HBM optaxclip | Optax | ratio | FSDP optaxclip "
+        "| Optax |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for e in entries:
         c = e["candidates"]
@@ -1175,7 +1305,8 @@ def update_recipe_lines(entries: list[dict[str, Any]]) -> list[str]:
                 f"{_x(row['compile_cpu_ratio'])} | {_mib(a['temp_bytes'])} | "
                 f"{_mib(b['temp_bytes'])} | {_x(row['temp_ratio'])} | "
                 f"{_mib(a['bytes_common'])} | {_mib(b['bytes_common'])} | "
-                f"{_x(row['bytes_common_ratio'])} | "
+                f"{_x(row['bytes_common_ratio'])} | {_mib(a.get('hbm_common'))} | "
+                f"{_mib(b.get('hbm_common'))} | {_x(row.get('hbm_common_ratio'))} | "
                 f"{_coll(a.get('fsdp', {}).get('collectives'))} | "
                 f"{_coll(b.get('fsdp', {}).get('collectives'))} |"
             )
@@ -1197,11 +1328,12 @@ def tpu_summary(results: dict) -> list[str]:
         f"{m.get('libtpu', '?')}, no TPU attached), JAX {m['jax']}, {m['date'][:10]}: "
         f"the donated step of `chain(transform, {opt})` on {leaves} leaves and "
         f"{_p(params)} parameters, as ratios to the Optax counterpart's: compile (CPU "
-        "time of the compiler), temp memory, the cost model's bytes on the common path; "
-        "collectives on 4 chips with FSDP-sharded leaves (optaxclip / Optax).",
+        "time of the compiler), temp memory, the cost model's bytes and the HBM bytes "
+        "on the common path; collectives on 4 chips with FSDP-sharded leaves "
+        "(optaxclip / Optax).",
         "",
-        "| transform | Optax counterpart | compile | temp | bytes | FSDP collectives |",
-        "|---|---|---:|---:|---:|---|",
+        "| transform | Optax counterpart | compile | temp | bytes | HBM | FSDP collectives |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     entry = next(
         (
@@ -1228,13 +1360,15 @@ def tpu_summary(results: dict) -> list[str]:
                 if b["temp_bytes"]
                 else f"{_mib(a['temp_bytes'])} vs {_mib(b['temp_bytes'])} MiB"
             )
-            + f" | {_x(row['bytes_common_ratio'])} | {count(a)} / {count(b)} |"
+            + f" | {_x(row['bytes_common_ratio'])} | {_x(row.get('hbm_common_ratio'))} | "
+            f"{count(a)} / {count(b)} |"
         )
     met = results.get("targets", [])
     lines += [
         "",
         f"Targets met: {sum(t['met'] for t in met)} of {len(met)} (issue #14: compile no "
-        "slower, bytes within 2%, temp within 5%, no more collectives and all scalar; "
+        "slower, HBM bytes within 2%, temp within 5%, no more collectives and all "
+        "scalar; "
         "every tree in `benchmarks/results/tpu.md`).",
         "<!-- tpu-summary:end -->",
     ]
@@ -1298,7 +1432,7 @@ def targets_met(results: dict) -> list[dict[str, Any]]:
 
     def ratio_missed(key: str, bound: float) -> Check:
         def check(e: dict, row: dict, tag: str) -> list[str]:
-            r = row[key]
+            r = row.get(key)
             return [f"{tag} {r:.2f}x"] if r is not None and r > bound else []
 
         return check
@@ -1307,7 +1441,11 @@ def targets_met(results: dict) -> list[dict[str, Any]]:
         results,
         {
             f"compile (CPU time) <= {BOUNDS['compile']:.2f}x Optax's": compile_missed,
-            f"common-path bytes <= {BOUNDS['bytes']:.2f}x Optax's": ratio_missed(
+            f"common-path HBM bytes <= {BOUNDS['bytes']:.2f}x Optax's": ratio_missed(
+                "hbm_common_ratio", BOUNDS["bytes"]
+            ),
+            f"common-path cost-model bytes <= {BOUNDS['bytes']:.2f}x Optax's (counts "
+            "on-chip traffic too; reported, not binding)": ratio_missed(
                 "bytes_common_ratio", BOUNDS["bytes"]
             ),
             f"temp memory <= {BOUNDS['temp']:.2f}x Optax's": ratio_missed(
