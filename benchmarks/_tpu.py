@@ -415,9 +415,8 @@ def summarize_collectives(found: list[dict[str, Any]]) -> dict[str, Any]:
 # Measured: sgd alone on 10 leaves of 2M reads 3 x 76 MiB of HBM (the gradient and the
 # parameters, the parameters written back) and the cost model says 931 MiB, while
 # `optax.clip_by_block_rms` before the same sgd says 542 MiB, less than sgd alone,
-# because it was scheduled with less in VMEM. So the step's HBM traffic is also read
-# off the compiled module itself: what each instruction reads and writes in memory
-# space 0.
+# though it reads the gradient once more. So the step's HBM traffic is also read off
+# the compiled module itself: what each instruction reads and writes in memory space 0.
 _LAYOUT_ARRAY = re.compile(r"(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\](?:\{(?P<layout>[^}]*)\})?")
 # "%name = <type> <op>(<operands>)": the type may be a tuple, whose layouts hold
 # parentheses too ("{0:T(1024)S(1)}"), so it ends at the first " <op>(".
@@ -454,9 +453,15 @@ def hbm_bytes(hlo: str) -> int:
     counts at its call, not inside. An asynchronous copy into on-chip memory (a
     prefetch, ``copy-start`` or ``slice-start``) counts its result once, as an HBM read
     of that size; a copy out of it (an eviction) counts its result once, as a write; a
-    copy from HBM to HBM twice. Instructions that move nothing are skipped (:data:`_NO_TRAFFIC`).
-    A fusion that reads only part of an HBM operand (a fused dynamic slice) is counted
-    as reading all of it: an upper bound.
+    copy from HBM to HBM twice. Instructions that move nothing are skipped
+    (:data:`_NO_TRAFFIC`). A fusion that reads only part of an HBM operand (a fused
+    dynamic slice) is counted as reading all of it: an upper bound.
+
+    Args:
+      hlo: ``compiled.as_text()`` of a module compiled for TPU.
+
+    Returns:
+      The bytes, summed over the instructions (both branches of every conditional).
     """
     bodies: dict[str, list[str]] = {}
     entry = None
@@ -494,7 +499,8 @@ def hbm_bytes(hlo: str) -> int:
                 continue
             if op in ("copy-start", "slice-start"):
                 # (destination, source, context) for a copy, ((source), destination,
-                # context) for a slice: whichever end is in HBM moves the other's size.
+                # context) for a slice, which moves only the destination's size: each
+                # end in HBM counts that size once.
                 arrays = list(_LAYOUT_ARRAY.finditer(shape))
                 dest = arrays[1] if op == "slice-start" else arrays[0]
                 source = arrays[0] if op == "slice-start" else arrays[1]
