@@ -1265,8 +1265,9 @@ def statistic_cost_lines(entry: dict[str, Any] | None) -> list[str]:
         "gradient it clipped as its state (`block_rms_keeping_global_norm`: nothing of "
         "optaxclip), and optaxclip's `clip_by_block_rms`, which records `ClipStats`. "
         "Any value that combines the leaves' sums makes the TPU compiler run every "
-        "leaf's reduction before the first leaf's update, so that each leaf is read "
-        "again from HBM instead of once into on-chip memory for both.",
+        "leaf's reduction before the first leaf's update and stage the gradient through "
+        "on-chip memory: the cost model's bytes double, as they count on-chip traffic "
+        "too, while the HBM bytes stay those of Optax's clip.",
         "",
         "| step | temp (MiB) | bytes (MiB) | bytes ratio | HBM (MiB) | HBM ratio |",
         "|---|---:|---:|---:|---:|---:|",
