@@ -12,7 +12,8 @@ step and reads what the compiler says:
   taken within one turn),
 - temp memory (``memory_analysis().temp_size_in_bytes``), on one chip,
 - the cost model's bytes accessed on the common path (see :func:`common_path`), on one
-  chip,
+  chip, and what that common path reads from and writes to HBM (:func:`hbm_bytes`: the
+  cost model counts on-chip memory traffic too),
 - the collectives the step emits on four chips, with the leaves sharded along their
   first axis (FSDP: parameters, optimizer state and gradients split over the chips)
   and with everything replicated (data parallel, the gradients already averaged): how
