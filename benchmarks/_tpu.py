@@ -340,6 +340,29 @@ def _array_bytes(dtype: str, dims: str) -> int:
     return count * bits // 8
 
 
+def _computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
+    """A module's text split into its computations: name -> the lines of its body, and
+    the name of the entry computation."""
+    bodies: dict[str, list[str]] = {}
+    entry = current = None
+    for line in hlo.splitlines():
+        head = _COMPUTATION.match(line)
+        if head and "=" not in line.split("(")[0]:
+            current = head.group("name")
+            bodies[current] = []
+            if line.startswith("ENTRY"):
+                entry = current
+        elif current is not None:
+            bodies[current].append(line)
+    return bodies, entry
+
+
+def _branch_names(line: str) -> list[str]:
+    """The branch computations a ``conditional`` instruction's line names."""
+    names = [b.strip().lstrip("%") for g in _BRANCHES.findall(line) for b in g.split(",")]
+    return names + _COND_TARGETS.findall(line)
+
+
 def collectives(hlo: str) -> list[dict[str, Any]]:
     """The collectives of a compiled module's text, each with where it sits.
 
@@ -349,40 +372,29 @@ def collectives(hlo: str) -> list[dict[str, Any]]:
     conditional (a ``lax.cond``; in the steps measured here only the rare branches are
     conditionals, see :data:`RARE_BRANCHES`).
     """
-    computation = None
-    owner: dict[str, str] = {}  # instruction name -> its computation
     calls: dict[str, set[str]] = {}
     branch_roots: set[str] = set()
     found: list[tuple[str, dict[str, Any]]] = []
-    for line in hlo.splitlines():
-        head = _COMPUTATION.match(line)
-        if head and "=" not in line.split("(")[0]:
-            computation = head.group("name")
-            calls.setdefault(computation, set())
-            continue
-        if computation is None:
-            continue
-        calls[computation].update(_CALLS.findall(line))
-        if " conditional(" in line:
-            for group in _BRANCHES.findall(line):
-                branch_roots.update(b.strip().lstrip("%") for b in group.split(","))
-            branch_roots.update(_COND_TARGETS.findall(line))
-            for group in _BRANCHES.findall(line):
-                calls[computation].update(b.strip().lstrip("%") for b in group.split(","))
-        match = _INSTRUCTION.match(line)
-        if match:
-            arrays = _ARRAY.findall(match.group("shape"))
-            owner[match.group("name")] = computation
-            found.append(
-                (
-                    computation,
-                    {
-                        "op": match.group("op"),
-                        "shapes": [f"{d}[{s}]" for d, s in arrays],
-                        "bytes": sum(_array_bytes(d, s) for d, s in arrays),
-                    },
+    for computation, lines in _computations(hlo)[0].items():
+        calls[computation] = set()
+        for line in lines:
+            calls[computation].update(_CALLS.findall(line))
+            if " conditional(" in line:
+                branch_roots.update(_branch_names(line))
+                calls[computation].update(_branch_names(line))
+            match = _INSTRUCTION.match(line)
+            if match:
+                arrays = _ARRAY.findall(match.group("shape"))
+                found.append(
+                    (
+                        computation,
+                        {
+                            "op": match.group("op"),
+                            "shapes": [f"{d}[{s}]" for d, s in arrays],
+                            "bytes": sum(_array_bytes(d, s) for d, s in arrays),
+                        },
+                    )
                 )
-            )
     in_branch: set[str] = set()
     stack = list(branch_roots)
     while stack:
@@ -464,19 +476,7 @@ def hbm_bytes(hlo: str) -> int:
     Returns:
       The bytes, summed over the instructions (both branches of every conditional).
     """
-    bodies: dict[str, list[str]] = {}
-    entry = None
-    current = None
-    for line in hlo.splitlines():
-        head = _COMPUTATION.match(line)
-        if head and "=" not in line.split("(")[0]:
-            current = head.group("name")
-            bodies[current] = []
-            if line.startswith("ENTRY"):
-                entry = current
-            continue
-        if current is not None:
-            bodies[current].append(line)
+    bodies, entry = _computations(hlo)
     total, seen, pending = 0, set(), [entry] if entry else []
     while pending:
         name = pending.pop()
@@ -491,9 +491,7 @@ def hbm_bytes(hlo: str) -> int:
             op, shape = match["op"], match["shape"]
             shapes[match["name"]] = shape
             if op == "conditional":
-                for group in _BRANCHES.findall(line):
-                    pending.extend(b.strip().lstrip("%") for b in group.split(","))
-                pending.extend(_COND_TARGETS.findall(line))
+                pending.extend(_branch_names(line))
             if op in ("while", "call"):
                 pending.extend(re.findall(r"(?:body|condition|to_apply)=%?([\w.\-]+)", line))
             if op in _NO_TRAFFIC:
@@ -1132,6 +1130,16 @@ def _mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
 
 
+def _bytes_cells(mine: dict[str, Any], theirs: dict[str, Any], row: dict[str, Any]) -> str:
+    """The six cells "bytes optaxclip | Optax | ratio | HBM optaxclip | Optax | ratio"
+    of a row (``-`` for the HBM bytes of results measured before they were)."""
+    return (
+        f"{_mib(mine['bytes_common'])} | {_mib(theirs['bytes_common'])} | "
+        f"{_x(row['bytes_common_ratio'])} | {_mib(mine.get('hbm_common'))} | "
+        f"{_mib(theirs.get('hbm_common'))} | {_x(row.get('hbm_common_ratio'))}"
+    )
+
+
 def _x(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}x"
 
@@ -1207,9 +1215,7 @@ def markdown(results: dict) -> str:
                 f"{b['compile_s']:.2f} | {_x(row['compile_ratio'])} | "
                 f"{_x(row['compile_cpu_ratio'])} | "
                 f"{_mib(a['temp_bytes'])} | {_mib(b['temp_bytes'])} | {_x(row['temp_ratio'])} "
-                f"| {_mib(a['bytes_common'])} | {_mib(b['bytes_common'])} | "
-                f"{_x(row['bytes_common_ratio'])} | {_mib(a.get('hbm_common'))} | "
-                f"{_mib(b.get('hbm_common'))} | {_x(row.get('hbm_common_ratio'))} | "
+                f"| {_bytes_cells(a, b, row)} | "
                 f"{_coll(a.get('fsdp', {}).get('collectives'))} | "
                 f"{_coll(b.get('fsdp', {}).get('collectives'))} | "
                 f"{_coll(a.get('dp', {}).get('collectives'))} | "
@@ -1237,9 +1243,7 @@ def markdown(results: dict) -> str:
                     f"| {e['examples']} | {e['leaves']} | {_p(e['params'])} | "
                     f"{row['function']} | {_x(row['compile_cpu_ratio'])} | "
                     f"{_mib(a['temp_bytes'])} | {_mib(b['temp_bytes'])} | "
-                    f"{_mib(a['bytes_common'])} | {_mib(b['bytes_common'])} | "
-                    f"{_x(row['bytes_common_ratio'])} | {_mib(a.get('hbm_common'))} | "
-                    f"{_mib(b.get('hbm_common'))} | {_x(row.get('hbm_common_ratio'))} |"
+                    f"{_bytes_cells(a, b, row)} |"
                 )
         lines.append("")
     lines += statistic_cost_lines(results.get("statistic_cost"))
@@ -1312,9 +1316,7 @@ def update_recipe_lines(entries: list[dict[str, Any]]) -> list[str]:
                 f"| {e['leaves']} | {_p(e['params'])} | {row['transform']} | "
                 f"{_x(row['compile_cpu_ratio'])} | {_mib(a['temp_bytes'])} | "
                 f"{_mib(b['temp_bytes'])} | {_x(row['temp_ratio'])} | "
-                f"{_mib(a['bytes_common'])} | {_mib(b['bytes_common'])} | "
-                f"{_x(row['bytes_common_ratio'])} | {_mib(a.get('hbm_common'))} | "
-                f"{_mib(b.get('hbm_common'))} | {_x(row.get('hbm_common_ratio'))} | "
+                f"{_bytes_cells(a, b, row)} | "
                 f"{_coll(a.get('fsdp', {}).get('collectives'))} | "
                 f"{_coll(b.get('fsdp', {}).get('collectives'))} |"
             )
