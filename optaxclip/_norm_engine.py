@@ -68,7 +68,7 @@ def safe_sqrt(s: jax.Array) -> jax.Array:
 
 # Compile time grows with the number of kernels, and a reduction per leaf is one
 # kernel per leaf (three on XLA:CPU below 4096 elements, with the squares written out
-# to memory). So leaves with fewer than _SMALL elements are copied, as they are, into
+# to memory). So leaves with fewer than SMALL_LEAF elements are copied, as they are, into
 # a few shared [rows, width] buckets (one zero-padded row per leaf) whose row sums of
 # squares are the per-leaf sums, while bigger leaves keep a reduction each (one fused
 # read, nothing copied). A bucket holds at most about 1/_BUCKETS of the tree's
@@ -82,7 +82,7 @@ def safe_sqrt(s: jax.Array) -> jax.Array:
 # lax.cond that runs only when the plain total is not finite (a second read of a big
 # leaf would cost a pass); when there are many of them it buckets those that share a
 # size, so that it adds a few dozen kernels instead of one per leaf.
-_SMALL = 4096
+SMALL_LEAF = 4096
 _BUCKETS = 32
 _BUCKET_MIN = 1 << 14  # elements
 _SHARED_LENGTH = 8  # this many small leaves of one size get rows of exactly that size
@@ -218,7 +218,7 @@ def _layout(
             continue
         if not concatenable[i]:
             direct.append(i)
-        elif size < _SMALL:
+        elif size < SMALL_LEAF:
             width = size if counts[key] >= _SHARED_LENGTH else _padded_width(size)
             groups.setdefault((key[0], width), []).append(i)
         elif copy_big and size <= bucket_size and counts[key] > 1:

@@ -12,7 +12,7 @@ import optax
 
 from optaxclip import _stats
 from optaxclip._mechanics import NONFINITE_POLICIES, apply_nonfinite_policy, map_and_measure
-from optaxclip._norm_engine import safe_sqrt
+from optaxclip._norm_engine import leaf_and_global_norms, safe_sqrt, target_platform
 from optaxclip._norms import AxisName, Sharded, sharded_flags
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
@@ -114,6 +114,75 @@ def _new_rms(clipped: jax.Array, r: jax.Array, hyper: Callable[[Any], tuple]) ->
     work = jnp.promote_types(_real_dtype(clipped.dtype), r.dtype)
     _, beta, rest = hyper(work)
     return _ema_rms(r.astype(work), clipped, beta, rest).astype(r.dtype)
+
+
+_ClipLeaf = Callable[[int, jax.Array], tuple[jax.Array, jax.Array]]
+_NewRms = Callable[[int, jax.Array], jax.Array]
+
+
+def _measure_first(
+    leaves: list[jax.Array],
+    rms_leaves: list[jax.Array],
+    clip_leaf: _ClipLeaf,
+    new_rms_leaf: _NewRms,
+    *,
+    axis_name: AxisName,
+    flags: list[bool],
+) -> tuple[list[jax.Array], list[jax.Array], jax.Array, jax.Array, jax.Array]:
+    """``(updates out, rms out, norm, clipped norm, clipped count)``, the step as
+    XLA:CPU runs it best: one read of each leaf and its rms measures both trees
+    (:func:`map_and_measure`); a second, once the step is known to be finite, writes
+    the clipped leaf and the new rms.
+    """
+    clipped, norm, clipped_norm, n_clipped = map_and_measure(
+        leaves, clip_leaf, axis_name=axis_name, flags=flags
+    )
+    finite = jnp.isfinite(norm)
+    out = [jnp.where(finite, c, x) for c, x in zip(clipped, leaves, strict=True)]
+    new_rms = [
+        jnp.where(finite, new_rms_leaf(i, x), r)
+        for i, (x, r) in enumerate(zip(leaves, rms_leaves, strict=True))
+    ]
+    return out, new_rms, norm, clipped_norm, n_clipped
+
+
+def _norm_first(
+    leaves: list[jax.Array],
+    rms_leaves: list[jax.Array],
+    clip_leaf: _ClipLeaf,
+    new_rms_leaf: _NewRms,
+    *,
+    axis_name: AxisName,
+    flags: list[bool],
+) -> tuple[list[jax.Array], list[jax.Array], jax.Array, jax.Array, jax.Array]:
+    """What :func:`_measure_first` returns, the step as the TPU compiler runs it best:
+    the global norm first, in a read of the updates alone (the norm engine's); then one
+    read of each leaf and its rms writes the clipped leaf and the new rms and measures
+    the clipped values.
+
+    On the TPU compiler (chain with adamw, 10 leaves of 2M, one chip) the measuring
+    first read of :func:`_measure_first` reads every rms twice: its step moves 1.11x
+    the HBM bytes of this one, which are ``optax.clip``'s plus the rms read and
+    written. On XLA:CPU this layout took 1.1x the step time and 1.2x the compile time
+    (100 leaves of 200,000). Counting the NaN/inf elements first instead of the norm
+    (no rescue there; the norm measured in the second read) made the second read's
+    rescue keep a copy of every rms: 79 MiB of TPU temp memory against 14.
+    """
+    _, norm = leaf_and_global_norms(leaves, axis_name=axis_name, flags=flags)
+    finite = jnp.isfinite(norm)
+
+    def clip_if_finite(i: int, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        clipped, over = clip_leaf(i, x)
+        return jnp.where(finite, clipped, x), over & finite
+
+    out, _, clipped_norm, n_clipped = map_and_measure(
+        leaves, clip_if_finite, axis_name=axis_name, flags=flags
+    )
+    new_rms = [
+        jnp.where(finite, new_rms_leaf(i, x), r)
+        for i, (x, r) in enumerate(zip(leaves, rms_leaves, strict=True))
+    ]
+    return out, new_rms, norm, clipped_norm, n_clipped
 
 
 def _check_warmup(value: Any) -> None:
@@ -296,9 +365,6 @@ def spike_aware_clip(
         flags = sharded_flags(updates, sharded)
         count = state.stats.count
         t, hyper = _hyperparameters(threshold, beta, count)
-        # Whether the step is finite is known only once the leaves are summed, in the
-        # same read that measures the clipped values; a NaN/inf step then returns the
-        # updates as they came (for the policy) and leaves the statistics as they were.
         may_clip = (state.recorded >= warmup_steps) & (t > 0)
 
         def clip_leaf(i: int, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -306,17 +372,20 @@ def spike_aware_clip(
             clipped, over = _clip_coordinates(x, rms_leaves[i], may_clip, hyper)
             return clipped.astype(x.dtype), over
 
-        clipped_leaves, norm, clipped_norm, n_clipped = map_and_measure(
-            leaves, clip_leaf, axis_name=axis_name, flags=flags
+        def new_rms_leaf(i: int, x: jax.Array) -> jax.Array:
+            # The EMA takes the working-precision clipped values (the operations of
+            # clip_leaf, which XLA computes once).
+            r = rms_leaves[i]
+            return _new_rms(_clip_coordinates(x, r, may_clip, hyper)[0], r, hyper)
+
+        # Whether the step is finite is known only once the leaves are summed; a NaN/inf
+        # step returns the updates as they came (for the policy) and leaves rms and the
+        # warm-up count as they were.
+        layout = _norm_first if target_platform(leaves) == "tpu" else _measure_first
+        out, new_rms, norm, clipped_norm, n_clipped = layout(
+            leaves, rms_leaves, clip_leaf, new_rms_leaf, axis_name=axis_name, flags=flags
         )
         finite = jnp.isfinite(norm)
-        out = [jnp.where(finite, c, x) for c, x in zip(clipped_leaves, leaves, strict=True)]
-        # The EMA takes the working-precision clipped values (the same operations as
-        # above, which XLA computes once).
-        new_rms = [
-            jnp.where(finite, _new_rms(_clip_coordinates(x, r, may_clip, hyper)[0], r, hyper), r)
-            for x, r in zip(leaves, rms_leaves, strict=True)
-        ]
         n_clipped = jnp.where(finite, n_clipped, 0).astype(jnp.float32)
         clipped_norm = jnp.where(finite, clipped_norm, norm)
         sizes = [float(x.size) for x in leaves]

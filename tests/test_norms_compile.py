@@ -23,7 +23,7 @@ from _reference import norm64, norms64, np64
 
 import optaxclip
 from optaxclip._mechanics import SHARED_SCALE_LEAVES
-from optaxclip._norm_engine import _SMALL, leaf_and_global_norms
+from optaxclip._norm_engine import SMALL_LEAF, leaf_and_global_norms
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.complex64)
 # Sizes below and above the bucketing limit (4096), repeated ones (rows of exactly
@@ -65,7 +65,7 @@ def _small_f32_leaf(leaves: list[jax.Array]) -> int:
     return next(
         i
         for i, x in enumerate(leaves)
-        if x.dtype == jnp.float32 and 2 <= x.size < _SMALL and i != 5
+        if x.dtype == jnp.float32 and 2 <= x.size < SMALL_LEAF and i != 5
     )
 
 
@@ -81,7 +81,7 @@ def test_bucketed_norms_match_float64_on_mixed_trees(n_leaves):
         cases["overflow in a small leaf"] = _set(leaves, small, [3e19, 4e19])
         cases["nan"] = _set(leaves, small, [np.nan])
         cases["inf"] = _set(leaves, small, [np.inf])
-    big = [i for i, x in enumerate(leaves) if x.size >= _SMALL and x.dtype == jnp.float32]
+    big = [i for i, x in enumerate(leaves) if x.size >= SMALL_LEAF and x.dtype == jnp.float32]
     if big:
         cases["overflow in a big leaf"] = _set(leaves, big[0], [3e19, 4e19])
     for name, tree in cases.items():
@@ -120,7 +120,7 @@ def test_empty_leaves_beside_any_mix_of_big_and_small_leaves(sizes, overflow):
 def test_hundreds_of_big_leaves_keep_nan_inf_and_overflow():
     # Over 256 leaves reduced on their own: their sums are stacked in groups.
     rng = np.random.default_rng(7)
-    tree = [jnp.asarray(rng.standard_normal(_SMALL + 8 * i), jnp.float32) for i in range(300)]
+    tree = [jnp.asarray(rng.standard_normal(SMALL_LEAF + 8 * i), jnp.float32) for i in range(300)]
     for name, values in {"plain": None, "overflow": [3e19, 4e19], "nan": [np.nan]}.items():
         case = tree if values is None else _set(tree, 271, values)
         got_leaves, got = norms(case)
@@ -248,6 +248,7 @@ def test_an_elementwise_clip_measures_in_one_read_with_one_flat_rescue(clip):
         "spike_aware_clip": lambda: optaxclip.spike_aware_clip(),
     }[clip]()
     text = jax.jit(tx.update).lower(g, tx.init(g)).as_text()
+    # (On XLA:CPU; spike_aware_clip's TPU layout is pinned in its own tests.)
     assert text.count("stablehlo.case") == 1
     # One reduction per leaf in the common path, one in the rescue, a few of vectors.
     assert text.count("stablehlo.reduce") <= 2 * len(g) + 6, text.count("stablehlo.reduce")

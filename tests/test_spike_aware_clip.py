@@ -10,6 +10,10 @@ The reference is ``TianjinYellow/SPAM-Optimizer``'s ``galore_torch/SPAM.py``, wh
     exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad   # the clipped grad
 
 :func:`spam64` writes that out in float64 NumPy; nothing in it comes from optaxclip.
+
+Every test runs twice: with the layout XLA:CPU gets and with the one the TPU compiler
+gets (the norm first, then one read that clips, writes and measures; sums kept apart),
+chosen here by making the transform read "tpu" as the platform it is compiled for.
 """
 
 from __future__ import annotations
@@ -24,6 +28,26 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import optaxclip
+from optaxclip import _mechanics, _spike_aware
+
+
+@pytest.fixture(scope="module", autouse=True, params=["cpu-layout", "tpu-layout"])
+def layout(request):
+    """The transform's layout for the target platform (DESIGN §9), both on this CPU."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "tpu-layout":
+            for module in (_spike_aware, _mechanics):
+                patch.setattr(module, "target_platform", lambda leaves: "tpu")
+        yield request.param
+
+
+def test_each_layout_is_the_one_its_platform_gets(layout):
+    g = {"w": jnp.ones((5000,))}
+    tx = optaxclip.spike_aware_clip()
+    text = jax.jit(tx.update).lower(g, tx.init(g)).as_text()
+    # The TPU layout measures the norm first with the norm engine, whose rescue is a
+    # conditional of its own; the CPU layout has map_and_measure's alone.
+    assert text.count("stablehlo.case") == (2 if layout == "tpu-layout" else 1)
 
 
 def spam64(grads, *, threshold, beta, grad_accu_steps, pass_zero_v=False):

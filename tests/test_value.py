@@ -175,3 +175,32 @@ def test_gradient_matches_the_formula():
     np.testing.assert_allclose(np64(got), expected, rtol=1e-6)
     got = jax.jit(jax.grad(f))(jnp.asarray(x, jnp.float32))
     np.testing.assert_allclose(np64(got), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale, limit", [(1.0, 0.5), (1e25, 3e24), (1e-25, 4e-26)])
+def test_on_tpu_big_leaves_are_summed_apart_with_the_same_results(monkeypatch, scale, limit):
+    """The TPU compiler fuses separate sums of a big leaf into the kernel that writes it
+    (the one three-output reduction it reads apart), so there big leaves get three plain
+    sums; small ones keep the one reduction. Chosen by the platform compiled for."""
+    from optaxclip import _mechanics
+    from optaxclip._norm_engine import SMALL_LEAF
+
+    monkeypatch.setattr(_mechanics, "target_platform", lambda leaves: "tpu")
+    rng = np.random.default_rng(2)
+    g = {
+        "big": jnp.asarray(rng.normal(size=(SMALL_LEAF + 3,)) * scale, jnp.float32),
+        "big2": jnp.asarray(rng.normal(size=(64, SMALL_LEAF // 64)) * scale, jnp.float32),
+        "small": jnp.asarray(rng.normal(size=(7,)) * scale, jnp.float32),
+    }
+    tx = optaxclip.clip_by_value(limit)
+    eqns = jax.make_jaxpr(tx.update)(g, tx.init(g)).jaxpr.eqns
+    together = [e for e in eqns if e.primitive.name == "custom_jvp_call"]
+    assert len(together) == 1  # the small leaf's, before the rare branch
+    out, state = jax.jit(tx.update)(g, tx.init(g))
+    lim32 = float(np.float32(limit))
+    expected = {k: _clip64(v, lim32) for k, v in g.items()}
+    for k in g:
+        np.testing.assert_allclose(np64(out[k]), expected[k], rtol=2e-6, atol=0)
+    assert float(state.stats.norm) == pytest.approx(norm64(g), rel=1e-5)
+    assert float(state.stats.clipped_norm) == pytest.approx(norm64(expected), rel=1e-5)
+    assert bool(state.stats.clipped)
