@@ -335,8 +335,8 @@ def map_and_measure(
     of temp memory and a second all-reduce under FSDP, and 1.8x a global clip's step
     on CPU). Where a total overflowed or is tiny, a ``lax.cond`` branch sums both trees
     again times the power of two its total calls for (:func:`rescue_factor`, as the norm
-    engine's rescue does), in one reduction with two outputs per leaf; two calls of the
-    norm engine there made the TPU compiler take 1.7x as long at 10 leaves.
+    engine's rescue does), summed as the common path sums (two outputs per leaf); two
+    calls of the norm engine there made the TPU compiler take 1.7x as long at 10 leaves.
 
     Args:
       leaves: the arrays.
