@@ -297,12 +297,12 @@ def _sums_apart(leaves: list[jax.Array]) -> list[bool]:
 
     XLA:CPU needs the one reduction: it reads a leaf once per separate sum (2.5x
     ``chain(clip_by_value, adamw)``'s step at 10 leaves of 2M). The TPU compiler fuses
-    separate sums of a big leaf into the kernel that writes the mapped leaf, where it
-    keeps the one reduction apart and reads the leaf again for the write (with sgd at
-    10 leaves of 2M: 1.03x ``optax.clip``'s HBM bytes against 1.00x). Small leaves keep
-    the one reduction on TPU too: at 2,000 leaves of 1,000 separate sums made the
-    compile 1.5x as long and saved no HBM traffic. Read from what is being compiled
-    (DESIGN §9).
+    separate sums of a big leaf into the kernel that writes the mapped leaf, but makes
+    the one reduction a kernel of its own, so the leaf is read again for the write (with
+    sgd at 10 leaves of 2M: 1.03x ``optax.clip``'s HBM bytes against 1.00x). Small
+    leaves keep the one reduction on TPU too: at 2,000 leaves of 1,000 separate sums
+    made the compile 1.5x as long and saved no HBM traffic. Read from what is being
+    compiled (DESIGN §9).
     """
     on_tpu = bool(leaves) and target_platform(leaves) == "tpu"
     return [on_tpu and x.size >= SMALL_LEAF for x in leaves]

@@ -117,48 +117,33 @@ def _new_rms(clipped: jax.Array, r: jax.Array, hyper: Callable[[Any], tuple]) ->
 
 
 _ClipLeaf = Callable[[int, jax.Array], tuple[jax.Array, jax.Array]]
-_NewRms = Callable[[int, jax.Array], jax.Array]
+_Measured = tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]
 
 
 def _measure_first(
-    leaves: list[jax.Array],
-    rms_leaves: list[jax.Array],
-    clip_leaf: _ClipLeaf,
-    new_rms_leaf: _NewRms,
-    *,
-    axis_name: AxisName,
-    flags: list[bool],
-) -> tuple[list[jax.Array], list[jax.Array], jax.Array, jax.Array, jax.Array]:
-    """``(updates out, rms out, norm, clipped norm, clipped count)``, the step as
-    XLA:CPU runs it best: one read of each leaf and its rms measures both trees
-    (:func:`map_and_measure`); a second, once the step is known to be finite, writes
-    the clipped leaf and the new rms.
+    leaves: list[jax.Array], clip_leaf: _ClipLeaf, *, axis_name: AxisName, flags: list[bool]
+) -> _Measured:
+    """``(updates out, norm, clipped norm, clipped count)``, the updates out being the
+    clipped ones where the step is finite and the updates as they came where it is not:
+    the layout XLA:CPU runs best. One read of each leaf and its rms measures both trees
+    (:func:`map_and_measure`); the clipped leaf (and the new rms) are written in a second,
+    once the step is known to be finite.
     """
     clipped, norm, clipped_norm, n_clipped = map_and_measure(
         leaves, clip_leaf, axis_name=axis_name, flags=flags
     )
     finite = jnp.isfinite(norm)
     out = [jnp.where(finite, c, x) for c, x in zip(clipped, leaves, strict=True)]
-    new_rms = [
-        jnp.where(finite, new_rms_leaf(i, x), r)
-        for i, (x, r) in enumerate(zip(leaves, rms_leaves, strict=True))
-    ]
-    return out, new_rms, norm, clipped_norm, n_clipped
+    return out, norm, clipped_norm, n_clipped
 
 
 def _norm_first(
-    leaves: list[jax.Array],
-    rms_leaves: list[jax.Array],
-    clip_leaf: _ClipLeaf,
-    new_rms_leaf: _NewRms,
-    *,
-    axis_name: AxisName,
-    flags: list[bool],
-) -> tuple[list[jax.Array], list[jax.Array], jax.Array, jax.Array, jax.Array]:
-    """What :func:`_measure_first` returns, the step as the TPU compiler runs it best:
-    the global norm first, in a read of the updates alone (the norm engine's); then one
-    read of each leaf and its rms writes the clipped leaf and the new rms and measures
-    the clipped values.
+    leaves: list[jax.Array], clip_leaf: _ClipLeaf, *, axis_name: AxisName, flags: list[bool]
+) -> _Measured:
+    """What :func:`_measure_first` returns, in the layout the TPU compiler runs best: the
+    global norm first, in a read of the updates alone (the norm engine's); then one read
+    of each leaf and its rms writes the clipped leaf (and the new rms) and measures the
+    clipped values.
 
     On the TPU compiler (chain with adamw, 10 leaves of 2M, one chip) the measuring
     first read of :func:`_measure_first` reads every rms twice: its step moves 1.11x
@@ -178,11 +163,7 @@ def _norm_first(
     out, _, clipped_norm, n_clipped = map_and_measure(
         leaves, clip_if_finite, axis_name=axis_name, flags=flags
     )
-    new_rms = [
-        jnp.where(finite, new_rms_leaf(i, x), r)
-        for i, (x, r) in enumerate(zip(leaves, rms_leaves, strict=True))
-    ]
-    return out, new_rms, norm, clipped_norm, n_clipped
+    return out, norm, clipped_norm, n_clipped
 
 
 def _check_warmup(value: Any) -> None:
@@ -372,20 +353,20 @@ def spike_aware_clip(
             clipped, over = _clip_coordinates(x, rms_leaves[i], may_clip, hyper)
             return clipped.astype(x.dtype), over
 
-        def new_rms_leaf(i: int, x: jax.Array) -> jax.Array:
-            # The EMA takes the working-precision clipped values (the operations of
-            # clip_leaf, which XLA computes once).
-            r = rms_leaves[i]
-            return _new_rms(_clip_coordinates(x, r, may_clip, hyper)[0], r, hyper)
-
         # Whether the step is finite is known only once the leaves are summed; a NaN/inf
         # step returns the updates as they came (for the policy) and leaves rms and the
         # warm-up count as they were.
         layout = _norm_first if target_platform(leaves) == "tpu" else _measure_first
-        out, new_rms, norm, clipped_norm, n_clipped = layout(
-            leaves, rms_leaves, clip_leaf, new_rms_leaf, axis_name=axis_name, flags=flags
+        out, norm, clipped_norm, n_clipped = layout(
+            leaves, clip_leaf, axis_name=axis_name, flags=flags
         )
         finite = jnp.isfinite(norm)
+        # The EMA takes the working-precision clipped values (the operations of
+        # clip_leaf, which XLA computes once).
+        new_rms = [
+            jnp.where(finite, _new_rms(_clip_coordinates(x, r, may_clip, hyper)[0], r, hyper), r)
+            for x, r in zip(leaves, rms_leaves, strict=True)
+        ]
         n_clipped = jnp.where(finite, n_clipped, 0).astype(jnp.float32)
         clipped_norm = jnp.where(finite, clipped_norm, norm)
         sizes = [float(x.size) for x in leaves]
