@@ -380,8 +380,9 @@ def collectives(hlo: str) -> list[dict[str, Any]]:
         for line in lines:
             calls[computation].update(_CALLS.findall(line))
             if " conditional(" in line:
-                branch_roots.update(_branch_names(line))
-                calls[computation].update(_branch_names(line))
+                branches = _branch_names(line)
+                branch_roots.update(branches)
+                calls[computation].update(branches)
             match = _INSTRUCTION.match(line)
             if match:
                 arrays = _ARRAY.findall(match.group("shape"))

@@ -304,7 +304,7 @@ def _sums_apart(leaves: list[jax.Array]) -> list[bool]:
     made the compile 1.5x as long and saved no HBM traffic. Read from what is being
     compiled (DESIGN §9).
     """
-    on_tpu = bool(leaves) and target_platform(leaves) == "tpu"
+    on_tpu = target_platform(leaves) == "tpu"
     return [on_tpu and x.size >= SMALL_LEAF for x in leaves]
 
 
