@@ -14,6 +14,7 @@ norms themselves in ``_norms.py``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,8 @@ from optaxclip._norm_engine import (
     SMALL_LEAF,
     abs_sq,
     accumulation_dtype,
+    bucket_elements,
+    concatenable,
     is_tiny,
     leaf_and_global_norms,
     own_scale,
@@ -276,66 +279,111 @@ def _add(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array,
     return tuple(p + q for p, q in zip(a, b, strict=True))
 
 
-@jax.custom_jvp
-def _sum_together(*parts: jax.Array) -> tuple[jax.Array, ...]:
-    """The sums of several same-shaped arrays as one reduction with several outputs."""
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _sum_together(axes: tuple[int, ...] | None, *parts: jax.Array) -> tuple[jax.Array, ...]:
+    """The sums of several same-shaped arrays over ``axes`` (None: all), as one reduction
+    with several outputs."""
     zero = tuple(jnp.zeros((), p.dtype) for p in parts)
-    return jax.lax.reduce(parts, zero, _add, tuple(range(parts[0].ndim)))
+    dims = tuple(range(parts[0].ndim)) if axes is None else axes
+    return tuple(jax.lax.reduce(parts, zero, _add, dims))
 
 
 @_sum_together.defjvp
-def _sum_together_jvp(primals, tangents):
+def _sum_together_jvp(axes, primals, tangents):
     # A sum is linear: the tangents' sums, as plain sums that reverse mode can transpose
     # (JAX's rule for a reduction with several outputs fails on a zero tangent, which
     # the count of marked elements has).
-    return _sum_together(*primals), tuple(jnp.sum(t) for t in tangents)
+    return _sum_together(axes, *primals), tuple(jnp.sum(t, axis=axes) for t in tangents)
 
 
-def _sums_apart(leaves: list[jax.Array]) -> list[bool]:
-    """Which leaves :func:`map_and_measure` sums as plain, separate sums rather than as
-    one reduction with several outputs (:func:`_sum_together`).
+def _measured_units(
+    leaves: list[jax.Array],
+    aligned: tuple[list[jax.Array], ...],
+    flags: list[bool],
+    axis_name: AxisName,
+) -> tuple[list[list[int]], list[bool]]:
+    """The units :func:`map_and_measure` sums, each a list of leaf indices, and for each
+    whether its sums are plain, separate sums rather than one reduction with several
+    outputs (:func:`_sum_together`).
 
-    XLA:CPU needs the one reduction: it reads a leaf once per separate sum (2.5x
-    ``chain(clip_by_value, adamw)``'s step at 10 leaves of 2M). The TPU compiler fuses
-    separate sums of a big leaf into the kernel that writes the mapped leaf, but makes
-    the one reduction a kernel of its own, so the leaf is read again for the write (with
-    sgd at 10 leaves of 2M: 1.03x ``optax.clip``'s HBM bytes against 1.00x). Small
-    leaves keep the one reduction on TPU too: at 2,000 leaves of 1,000 separate sums
-    made the compile 1.5x as long and saved no HBM traffic. Read from what is being
-    compiled (DESIGN §9).
+    A unit per small leaf is a kernel (and a few scalars) per leaf: at 2,000 leaves of
+    1,000 (sgd), XLA:CPU took 48 s to compile the step (``optax.clip``: 3 s) and the
+    TPU compiler kept thousands of small buffers live at once, 492 MiB of temp memory
+    (``optax.clip``: 0). So the small leaves (< ``SMALL_LEAF`` elements) that may be
+    copied without moving data (:func:`concatenable`) and share their dtypes and
+    sharding flag are measured in buckets, concatenated as the norm engine's are (there
+    XLA:CPU compiled in 4.5 s, its step 0.37x as long; the TPU compiler kept 189 MiB,
+    in 0.54x the time). Each big leaf is a unit of its own, summed in the read that
+    writes its map.
+
+    XLA:CPU sums a unit as one reduction: separate sums there read the leaf once each
+    (2.5x ``chain(clip_by_value, adamw)``'s step at 10 leaves of 2M). The TPU compiler
+    fuses separate sums of a big leaf into the kernel that writes the mapped leaf, but
+    makes the one reduction a kernel of its own that reads the leaf again (with sgd at
+    10 leaves of 2M: 1.03x ``optax.clip``'s HBM bytes against 1.00x), so there units of
+    ``SMALL_LEAF`` elements or more are summed apart. The platform is read from what is
+    being compiled (DESIGN §9).
     """
+    may_copy = concatenable(leaves, axis_name)
+    small: dict[tuple, list[int]] = {}
+    units: list[list[int]] = []
+    for i, x in enumerate(leaves):
+        if may_copy[i] and 0 < x.size < SMALL_LEAF:
+            dtypes = tuple(jnp.dtype(arrays[i].dtype).name for arrays in (leaves, *aligned))
+            small.setdefault((dtypes, flags[i]), []).append(i)
+        else:
+            units.append([i])
+    capacity = bucket_elements(sum(leaves[i].size for group in small.values() for i in group))
+    for group in small.values():
+        bucket: list[int] = []
+        filled = 0
+        for i in group:
+            if bucket and filled + leaves[i].size > capacity:
+                units.append(bucket)
+                bucket, filled = [], 0
+            bucket.append(i)
+            filled += leaves[i].size
+        units.append(bucket)
     on_tpu = target_platform(leaves) == "tpu"
-    return [on_tpu and x.size >= SMALL_LEAF for x in leaves]
+    return units, [on_tpu and sum(leaves[i].size for i in unit) >= SMALL_LEAF for unit in units]
 
 
-def _leaf_sums(*parts: jax.Array, apart: bool) -> tuple[jax.Array, ...]:
+def _leaf_sums(*parts: jax.Array, apart: bool, rows: bool = False) -> tuple[jax.Array, ...]:
     """The sums of same-shaped arrays: separate sums, or one reduction with an output
-    per array (:func:`_sums_apart` says which)."""
-    if apart:
-        return tuple(jnp.sum(p) for p in parts)
-    return _sum_together(*parts)
+    per array (:func:`_measured_units` says which). With ``rows`` (a bucket,
+    :func:`_bucket`) each row is summed first, then the rows: one float32 sum along
+    16,000 equal squares drifted by 6e-5."""
+    axes = (1,) if rows else None
+    sums = tuple(jnp.sum(p, axis=axes) for p in parts) if apart else _sum_together(axes, *parts)
+    return tuple(jnp.sum(s) for s in sums) if rows else sums
 
 
 def map_and_measure(
     leaves: list[jax.Array],
-    elementwise: Callable[[int, jax.Array], tuple[jax.Array, jax.Array]],
+    elementwise: Callable[..., tuple[jax.Array, jax.Array]],
     *,
     axis_name: AxisName,
     flags: list[bool],
+    aligned: tuple[list[jax.Array], ...] = (),
 ) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]:
     """An elementwise map of each leaf, with the global norms before and after it and
     how many elements it marked, each leaf read once.
 
-    ``elementwise(i, leaf_i)`` gives ``(mapped leaf, mask)`` (a clip and where it
-    clipped). Each leaf's ``sum |x|^2``, ``sum |mapped|^2`` and mask count are summed
-    in the read that maps it (:func:`_leaf_sums`), and every leaf's three travel in one
-    collective: measuring the two trees with the norm engine and counting apart is
-    three reductions per leaf, which neither XLA:CPU nor the TPU compiler fuses into
-    one read (for ``clip_by_value`` that cost 1.29x ``optax.clip``'s bytes on TPU, 50 MiB
-    of temp memory and a second all-reduce under FSDP, and 1.8x a global clip's step
-    on CPU). Where a total overflowed or is tiny, a ``lax.cond`` branch sums both trees
-    again times the power of two its total calls for (:func:`rescue_factor`, as the norm
-    engine's rescue does), summed as the common path sums (two outputs per leaf); two
+    ``elementwise(x, *a)`` gives ``(mapped x, mask)`` (a clip and where it clipped),
+    ``a`` being the arrays of ``aligned`` that go with ``x`` (a per-coordinate state,
+    shaped like it). It must be elementwise and take zeros to ``(0, False)``: it is also
+    applied to several leaves flattened, concatenated and zero-padded (with their
+    aligned arrays likewise). Each leaf's
+    ``sum |x|^2``, ``sum |mapped|^2`` and mask count are summed in the read that maps
+    it (:func:`_leaf_sums`; small leaves are measured in buckets, see
+    :func:`_measured_units`), and every unit's three travel in one collective:
+    measuring the two trees with the norm engine and counting apart is three
+    reductions per leaf, which neither XLA:CPU nor the TPU compiler fuses into one read
+    (for ``clip_by_value`` that cost 1.29x ``optax.clip``'s bytes on TPU, 50 MiB of temp
+    memory and a second all-reduce under FSDP, and 1.8x a global clip's step on CPU).
+    Where a total overflowed or is tiny, a ``lax.cond`` branch sums both trees again
+    times the power of two its total calls for (:func:`rescue_factor`, as the norm
+    engine's rescue does), summed as the common path sums (two outputs per unit); two
     calls of the norm engine there made the TPU compiler take 1.7x as long at 10 leaves.
 
     Args:
@@ -344,24 +392,43 @@ def map_and_measure(
         the conditional the mapped leaves would have to exist as buffers before it).
       axis_name: mapped axis over which sharded leaves' sums are ``psum``-ed.
       flags: one bool per leaf, True when that leaf is sharded along ``axis_name``.
+      aligned: lists of arrays, one array per leaf shaped like it, passed to
+        ``elementwise`` with their leaf.
 
     Returns:
       ``(mapped leaves, norm, mapped norm, count)``, the count a float of the
-      accumulation dtype (exact up to 2^24 marked elements per leaf and device).
+      accumulation dtype (exact up to 2^24 marked elements per unit and device).
     """
-    mapped = [elementwise(i, x) for i, x in enumerate(leaves)]
+    mapped = [elementwise(x, *(a[i] for a in aligned)) for i, x in enumerate(leaves)]
     if not leaves:
         zero = jnp.zeros((), jnp.float32)
         return [], zero, zero, zero
     acc = accumulation_dtype(leaves)
-    apart = _sums_apart(leaves)
-    sums = [
-        _leaf_sums(abs_sq(x, acc), abs_sq(y, acc), mask.astype(acc), apart=a)
-        for x, (y, mask), a in zip(leaves, mapped, apart, strict=True)
-    ]
-    n = len(leaves)
+    units, apart = _measured_units(leaves, aligned, flags, axis_name)
+    unit_flags = [flags[unit[0]] for unit in units]
+
+    # Per unit: sum |x|^2, sum |y|^2 and the count, in one read.
+    sums: list[tuple[jax.Array, ...]] = []
+    unit_arrays: list[list[jax.Array]] = []  # the arrays the rescue reads again, per unit
+    link = None
+    for unit, a in zip(units, apart, strict=True):
+        if len(unit) == 1:
+            x, (y, mask) = leaves[unit[0]], mapped[unit[0]]
+            unit_arrays.append([x, *(arrays[unit[0]] for arrays in aligned)])
+        else:
+            bucket = _bucket(unit, leaves, aligned, after=link)
+            x, (y, mask) = bucket[0], elementwise(*bucket)
+            unit_arrays.append(bucket)
+        sums.append(
+            _leaf_sums(
+                abs_sq(x, acc), abs_sq(y, acc), mask.astype(acc), apart=a, rows=len(unit) > 1
+            )
+        )
+        if len(unit) > 1:
+            link = sums[-1][0]
+    n = len(units)
     reduced = reduce_over_devices(
-        [s[k] for k in range(3) for s in sums], flags * 3, axis_name, jax.lax.psum
+        [s[k] for k in range(3) for s in sums], unit_flags * 3, axis_name, jax.lax.psum
     )
     plain, mapped_sq, count = (jnp.sum(reduced[k * n : (k + 1) * n]) for k in range(3))
 
@@ -371,19 +438,20 @@ def map_and_measure(
     def rescued(operands):
         plain_factor, mapped_factor = rescue_factor(plain), rescue_factor(mapped_sq)
         again = []
-        for i, (x, s) in enumerate(zip(operands, sums, strict=True)):
+        for unit, (x, *rest), s, a in zip(units, operands, sums, apart, strict=True):
             # Each reduction scales by a value of its own: XLA:CPU would write out the
             # broadcast of a scalar that several of them share.
-            y, _ = elementwise(i, x)
+            y, _ = elementwise(x, *rest)
             again.append(
                 _leaf_sums(
                     abs_sq(x, acc, own_scale(s[0], plain_factor, acc)),
                     abs_sq(y, acc, own_scale(s[1], mapped_factor, acc)),
-                    apart=apart[i],
+                    apart=a,
+                    rows=len(unit) > 1,
                 )
             )
         totals = reduce_over_devices(
-            [s[k] for k in range(2) for s in again], flags * 2, axis_name, jax.lax.psum
+            [s[k] for k in range(2) for s in again], unit_flags * 2, axis_name, jax.lax.psum
         )
         return (
             safe_sqrt(jnp.sum(totals[:n])) / plain_factor,
@@ -393,8 +461,35 @@ def map_and_measure(
     safe = (
         jnp.isfinite(plain) & ~is_tiny(plain) & jnp.isfinite(mapped_sq) & ~is_tiny(mapped_sq)
     )
-    norm, mapped_norm = jax.lax.cond(safe, common, rescued, list(leaves))
+    norm, mapped_norm = jax.lax.cond(safe, common, rescued, unit_arrays)
     return [y for y, _ in mapped], norm, mapped_norm, count
+
+
+_ROW = 1024  # a bucket's row: its sums are summed by rows, then the rows
+
+
+def _bucket(
+    unit: list[int],
+    leaves: list[jax.Array],
+    aligned: tuple[list[jax.Array], ...],
+    after: jax.Array | None,
+) -> list[jax.Array]:
+    """Several leaves flattened and concatenated, zero-padded to rows of ``_ROW``, and
+    their aligned arrays likewise (the map takes a zero to a zero and marks none).
+    ``after``, a value the read depends on: the previous bucket's sum, so that the
+    buckets are read one after another (read side by side, the TPU compiler kept every
+    leaf's copy live at once: 47 MiB of temp memory at 500 leaves of 1,000)."""
+    columns = [[arrays[i] for i in unit] for arrays in (leaves, *aligned)]
+    if after is not None:
+        _, columns = jax.lax.optimization_barrier((after, columns))
+    size = sum(leaves[i].size for i in unit)
+    pad = -size % _ROW
+    return [
+        jnp.concatenate(
+            [c.reshape(-1) for c in column] + ([jnp.zeros((pad,), column[0].dtype)] if pad else [])
+        ).reshape(-1, _ROW)
+        for column in columns
+    ]
 
 
 def measure(tree: Any, axis_name: AxisName = None, sharded: Sharded = None) -> jax.Array:

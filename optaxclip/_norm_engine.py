@@ -101,6 +101,11 @@ _UPSCALE = {32: 2.0**64, 64: 2.0**540}
 _UP_BOUND = {bits: math.sqrt(total) for bits, total in _TINY_TOTAL.items()}
 
 
+def bucket_elements(total: int, buckets: int = _BUCKETS) -> int:
+    """How many elements a bucket holds, for a tree (or part of one) of ``total``."""
+    return max(_BUCKET_MIN, total // buckets)
+
+
 def is_tiny(sums: jax.Array) -> jax.Array:
     """Where a sum of squares is finite but small enough to have lost flushed squares."""
     return jnp.isfinite(sums) & (sums < _TINY_TOTAL[jnp.finfo(sums.dtype).bits])
@@ -182,7 +187,7 @@ def _compiled_device_count(leaves: Sequence[jax.Array]) -> int:
     return jax.device_count()
 
 
-def _concatenable(leaves: Sequence[jax.Array], axis_name: AxisName) -> list[bool]:
+def concatenable(leaves: Sequence[jax.Array], axis_name: AxisName) -> list[bool]:
     """Which leaves may be copied into a shared bucket without any data movement.
 
     Inside ``shard_map``/``pmap`` (``axis_name`` given) and on a single device every
@@ -205,7 +210,7 @@ def _layout(
     Empty arrays are in neither list.
     """
     # The rescue copies big leaves too, in bigger buckets: fewer kernels.
-    bucket_size = max(_BUCKET_MIN, sum(sizes) // (_BUCKETS // 2 if copy_big else _BUCKETS))
+    bucket_size = bucket_elements(sum(sizes), _BUCKETS // 2 if copy_big else _BUCKETS)
     counts: dict[tuple[str, int], int] = {}
     for x, size in zip(xs, sizes, strict=True):
         key = (jnp.dtype(x.dtype).name, size)
@@ -436,8 +441,8 @@ def leaf_and_global_norms(
     if not n:
         return jnp.zeros((0,), acc), jnp.zeros((), acc)
     flags = list(flags) or [True] * n
-    concatenable = _concatenable(leaves, axis_name)
-    first = _sums_over_devices(leaves, acc, flags, axis_name, concatenable)
+    may_copy = concatenable(leaves, axis_name)
+    first = _sums_over_devices(leaves, acc, flags, axis_name, may_copy)
     total = jnp.sum(first.plain)
     pending = sorted(first.solo)  # the leaves reduced on their own
 
@@ -472,7 +477,7 @@ def leaf_and_global_norms(
                 witnesses={k: first.solo[i] for k, i in enumerate(pending)},
             )
             sub = [operands[i] for i in pending]
-            sub_flags, sub_ok = [flags[i] for i in pending], [concatenable[i] for i in pending]
+            sub_flags, sub_ok = [flags[i] for i in pending], [may_copy[i] for i in pending]
             again = _sums_over_devices(sub, acc, sub_flags, axis_name, sub_ok, **options).plain
             if len(pending) == n:
                 rescued_sums = again

@@ -116,12 +116,17 @@ def _new_rms(clipped: jax.Array, r: jax.Array, hyper: Callable[[Any], tuple]) ->
     return _ema_rms(r.astype(work), clipped, beta, rest).astype(r.dtype)
 
 
-_ClipLeaf = Callable[[int, jax.Array], tuple[jax.Array, jax.Array]]
+_ClipLeaf = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]  # (x, rms)
 _Measured = tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]
 
 
 def _measure_first(
-    leaves: list[jax.Array], clip_leaf: _ClipLeaf, *, axis_name: AxisName, flags: list[bool]
+    leaves: list[jax.Array],
+    rms: list[jax.Array],
+    clip_leaf: _ClipLeaf,
+    *,
+    axis_name: AxisName,
+    flags: list[bool],
 ) -> _Measured:
     """``(updates out, norm, clipped norm, clipped count)``, the updates out being the
     clipped ones where the step is finite and the updates as they came where it is not:
@@ -130,7 +135,7 @@ def _measure_first(
     once the step is known to be finite.
     """
     clipped, norm, clipped_norm, n_clipped = map_and_measure(
-        leaves, clip_leaf, axis_name=axis_name, flags=flags
+        leaves, clip_leaf, axis_name=axis_name, flags=flags, aligned=(rms,)
     )
     finite = jnp.isfinite(norm)
     out = [jnp.where(finite, c, x) for c, x in zip(clipped, leaves, strict=True)]
@@ -138,7 +143,12 @@ def _measure_first(
 
 
 def _norm_first(
-    leaves: list[jax.Array], clip_leaf: _ClipLeaf, *, axis_name: AxisName, flags: list[bool]
+    leaves: list[jax.Array],
+    rms: list[jax.Array],
+    clip_leaf: _ClipLeaf,
+    *,
+    axis_name: AxisName,
+    flags: list[bool],
 ) -> _Measured:
     """What :func:`_measure_first` returns, in the layout the TPU compiler runs best: the
     global norm first, in a read of the updates alone (the norm engine's); then one read
@@ -156,12 +166,12 @@ def _norm_first(
     _, norm = leaf_and_global_norms(leaves, axis_name=axis_name, flags=flags)
     finite = jnp.isfinite(norm)
 
-    def clip_if_finite(i: int, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        clipped, over = clip_leaf(i, x)
+    def clip_if_finite(x: jax.Array, r: jax.Array) -> tuple[jax.Array, jax.Array]:
+        clipped, over = clip_leaf(x, r)
         return jnp.where(finite, clipped, x), over & finite
 
     out, _, clipped_norm, n_clipped = map_and_measure(
-        leaves, clip_if_finite, axis_name=axis_name, flags=flags
+        leaves, clip_if_finite, axis_name=axis_name, flags=flags, aligned=(rms,)
     )
     return out, norm, clipped_norm, n_clipped
 
@@ -348,9 +358,9 @@ def spike_aware_clip(
         t, hyper = _hyperparameters(threshold, beta, count)
         may_clip = (state.recorded >= warmup_steps) & (t > 0)
 
-        def clip_leaf(i: int, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def clip_leaf(x: jax.Array, r: jax.Array) -> tuple[jax.Array, jax.Array]:
             # Measured as returned (a bf16 leaf's clipped norm is that of bf16 values).
-            clipped, over = _clip_coordinates(x, rms_leaves[i], may_clip, hyper)
+            clipped, over = _clip_coordinates(x, r, may_clip, hyper)
             return clipped.astype(x.dtype), over
 
         # Whether the step is finite is known only once the leaves are summed; a NaN/inf
@@ -358,7 +368,7 @@ def spike_aware_clip(
         # warm-up count as they were.
         layout = _norm_first if target_platform(leaves) == "tpu" else _measure_first
         out, norm, clipped_norm, n_clipped = layout(
-            leaves, clip_leaf, axis_name=axis_name, flags=flags
+            leaves, rms_leaves, clip_leaf, axis_name=axis_name, flags=flags
         )
         finite = jnp.isfinite(norm)
         # The EMA takes the working-precision clipped values (the operations of

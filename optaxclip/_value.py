@@ -101,7 +101,7 @@ def clip_by_value(
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         flags = sharded_flags(updates, sharded)
         new_leaves, norm, clipped_norm, n_clipped = map_and_measure(
-            leaves, lambda i, x: _clip_elements(x, limit), axis_name=axis_name, flags=flags
+            leaves, lambda x: _clip_elements(x, limit), axis_name=axis_name, flags=flags
         )
         new_stats = _stats.record(
             state.stats,

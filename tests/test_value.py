@@ -142,10 +142,13 @@ def test_zero_gradient_and_no_leaves():
     assert out == {} and float(state.stats.norm) == 0.0 and not bool(state.stats.clipped)
 
 
-def test_each_leaf_is_read_by_one_reduction():
-    """Norm, clipped norm and whether anything was clipped from one reduction per leaf
-    (three apart are three reads on XLA:CPU and on the TPU compiler)."""
-    g = {"a": jnp.ones((64,)), "b": jnp.ones((8, 8))}
+def test_each_unit_is_read_by_one_reduction():
+    """Norm, clipped norm and whether anything was clipped from one reduction per big
+    leaf and one per bucket of small leaves (three apart are three reads on XLA:CPU and
+    on the TPU compiler; a reduction per small leaf, thousands of kernels)."""
+    from optaxclip._norm_engine import SMALL_LEAF
+
+    g = {"a": jnp.ones((64,)), "b": jnp.ones((8, 8)), "big": jnp.ones((SMALL_LEAF,))}
     tx = optaxclip.clip_by_value(0.5)
     # The equations outside the rare branch (the lax.cond's branches are sub-jaxprs).
     eqns = jax.make_jaxpr(tx.update)(g, tx.init(g)).jaxpr.eqns
@@ -157,11 +160,44 @@ def test_each_leaf_is_read_by_one_reduction():
         for sub in e.params["call_jaxpr"].jaxpr.eqns
         if sub.primitive.name == "reduce"
     ]
-    assert [len(sub.outvars) for sub in inner] == [3, 3]  # one per leaf, three outputs
+    assert [len(sub.outvars) for sub in inner] == [3, 3]  # the big leaf, the bucket
     common = top[: top.index("cond")]
+    assert common.count("concatenate") == 1  # a and b, copied into one bucket
     assert not {"reduce_or", "reduce_and", "reduce_max"} & set(common)
-    assert common.count("reduce_sum") == 3  # the three totals of the per-leaf sums
+    # The bucket's three sums of its row sums, and the three totals of the units' sums.
+    assert common.count("reduce_sum") == 6
     assert top.count("cond") == 1
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+@pytest.mark.parametrize("scale, limit", [(1.0, 0.5), (1e25, 3e24), (1e-25, 4e-26)])
+def test_small_leaves_in_buckets_clip_and_measure_as_in_float64(
+    monkeypatch, platform, scale, limit
+):
+    """Many small leaves of two dtypes (and a big one) measured in buckets: the same
+    clip and statistics as float64, also where the sums overflow or underflow and the
+    rare branch reads the buckets again."""
+    from optaxclip import _mechanics
+    from optaxclip._norm_engine import SMALL_LEAF
+
+    monkeypatch.setattr(_mechanics, "target_platform", lambda leaves: platform)
+    rng = np.random.default_rng(5)
+    sizes = [1, 3, 17, 100, 1000, SMALL_LEAF - 1] * 6
+    g = {
+        f"w{i:02d}": jnp.asarray(rng.normal(size=(n,)) * scale, jnp.float32)
+        for i, n in enumerate(sizes)
+    }
+    g["big"] = jnp.asarray(rng.normal(size=(SMALL_LEAF, 2)) * scale, jnp.float32)
+    units, _ = _mechanics._measured_units(
+        jax.tree_util.tree_leaves(g), (), [True] * len(g), None
+    )
+    assert sum(len(u) > 1 for u in units) >= 2  # two buckets or more, and the big leaf
+    tx = optaxclip.clip_by_value(limit)
+    _assert_clipped_as_in_float64(g, *jax.jit(tx.update)(g, tx.init(g)), limit)
+    mixed = {**g, "h0": g["w00"].astype(jnp.bfloat16), "h1": g["w01"].astype(jnp.bfloat16)}
+    out, state = jax.jit(tx.update)(mixed, tx.init(mixed))
+    assert out["h0"].dtype == jnp.bfloat16
+    assert float(state.stats.norm) == pytest.approx(norm64(mixed), rel=1e-5)
 
 
 def test_gradient_matches_the_formula():
