@@ -324,7 +324,9 @@ def _measured_units(
     ``SMALL_LEAF`` elements or more are summed apart. The platform is read from what is
     being compiled (DESIGN §9).
     """
-    may_copy = concatenable(leaves, axis_name)
+    # A leaf's aligned arrays are copied with it: each must be free to copy too.
+    allowed = [concatenable(arrays, axis_name) for arrays in (leaves, *aligned)]
+    may_copy = [all(ok) for ok in zip(*allowed, strict=True)]
     small: dict[tuple, list[int]] = {}
     units: list[list[int]] = []
     for i, x in enumerate(leaves):
@@ -348,14 +350,17 @@ def _measured_units(
     return units, [on_tpu and sum(leaves[i].size for i in unit) >= SMALL_LEAF for unit in units]
 
 
-def _leaf_sums(*parts: jax.Array, apart: bool, rows: bool = False) -> tuple[jax.Array, ...]:
+def _leaf_sums(
+    *parts: jax.Array, apart: bool, rows: int | None = None
+) -> tuple[jax.Array, ...]:
     """The sums of same-shaped arrays: separate sums, or one reduction with an output
-    per array (:func:`_measured_units` says which). With ``rows`` (a bucket,
-    :func:`_bucket`) each row is summed first, then the rows: one float32 sum along
-    16,000 equal squares drifted by 6e-5."""
-    axes = (1,) if rows else None
+    per array (:func:`_measured_units` says which). For a bucket (:func:`_bucket`)
+    ``rows`` is how many of its rows to sum (its last may be a link): each row is
+    summed first, then the rows (one float32 sum along 16,000 equal squares drifted by
+    6e-5)."""
+    axes = None if rows is None else (1,)
     sums = tuple(jnp.sum(p, axis=axes) for p in parts) if apart else _sum_together(axes, *parts)
-    return tuple(jnp.sum(s) for s in sums) if rows else sums
+    return sums if rows is None else tuple(jnp.sum(s[:rows]) for s in sums)
 
 
 def map_and_measure(
@@ -367,7 +372,8 @@ def map_and_measure(
     aligned: tuple[list[jax.Array], ...] = (),
 ) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]:
     """An elementwise map of each leaf, with the global norms before and after it and
-    how many elements it marked, each leaf read once.
+    how many elements it marked: each big leaf read once, small ones copied into
+    buckets that are read once.
 
     ``elementwise(x, *a)`` gives ``(mapped x, mask)`` (a clip and where it clipped),
     ``a`` being the arrays of ``aligned`` that go with ``x`` (a per-coordinate state,
@@ -375,7 +381,7 @@ def map_and_measure(
     applied to several leaves flattened, concatenated and zero-padded (with their
     aligned arrays likewise). Each leaf's
     ``sum |x|^2``, ``sum |mapped|^2`` and mask count are summed in the read that maps
-    it (:func:`_leaf_sums`; small leaves are measured in buckets, see
+    it (:func:`_leaf_sums`; small leaves in the read that maps their bucket, see
     :func:`_measured_units`), and every unit's three travel in one collective:
     measuring the two trees with the norm engine and counting apart is three
     reductions per leaf, which neither XLA:CPU nor the TPU compiler fuses into one read
@@ -388,8 +394,9 @@ def map_and_measure(
 
     Args:
       leaves: the arrays.
-      elementwise: the map, called again inside the rescue branch (as operands of
-        the conditional the mapped leaves would have to exist as buffers before it).
+      elementwise: the map, called on each leaf, on each bucket, and again inside the
+        rescue branch (as operands of the conditional the mapped leaves would have to
+        exist as buffers before it).
       axis_name: mapped axis over which sharded leaves' sums are ``psum``-ed.
       flags: one bool per leaf, True when that leaf is sharded along ``axis_name``.
       aligned: lists of arrays, one array per leaf shaped like it, passed to
@@ -410,22 +417,27 @@ def map_and_measure(
     # Per unit: sum |x|^2, sum |y|^2 and the count, in one read.
     sums: list[tuple[jax.Array, ...]] = []
     unit_arrays: list[list[jax.Array]] = []  # the arrays the rescue reads again, per unit
-    link = None
-    for unit, a in zip(units, apart, strict=True):
+    unit_rows: list[int | None] = []  # a bucket's rows that hold leaves; None: a leaf
+    # The previous bucket's sum, by sharding flag: a replicated bucket linked to a
+    # sharded one would be device-varying to shard_map's check (and its norms with it).
+    links: dict[bool, jax.Array] = {}
+    for unit, a, flag in zip(units, apart, unit_flags, strict=True):
         if len(unit) == 1:
             x, (y, mask) = leaves[unit[0]], mapped[unit[0]]
             unit_arrays.append([x, *(arrays[unit[0]] for arrays in aligned)])
+            unit_rows.append(None)
         else:
-            bucket = _bucket(unit, leaves, aligned, after=link)
+            bucket, rows = _bucket(unit, leaves, aligned, after=links.get(flag))
             x, (y, mask) = bucket[0], elementwise(*bucket)
             unit_arrays.append(bucket)
+            unit_rows.append(rows)
         sums.append(
             _leaf_sums(
-                abs_sq(x, acc), abs_sq(y, acc), mask.astype(acc), apart=a, rows=len(unit) > 1
+                abs_sq(x, acc), abs_sq(y, acc), mask.astype(acc), apart=a, rows=unit_rows[-1]
             )
         )
         if len(unit) > 1:
-            link = sums[-1][0]
+            links[flag] = jax.lax.stop_gradient(sums[-1][0])
     n = len(units)
     reduced = reduce_over_devices(
         [s[k] for k in range(3) for s in sums], unit_flags * 3, axis_name, jax.lax.psum
@@ -438,7 +450,7 @@ def map_and_measure(
     def rescued(operands):
         plain_factor, mapped_factor = rescue_factor(plain), rescue_factor(mapped_sq)
         again = []
-        for unit, (x, *rest), s, a in zip(units, operands, sums, apart, strict=True):
+        for (x, *rest), rows, s, a in zip(operands, unit_rows, sums, apart, strict=True):
             # Each reduction scales by a value of its own: XLA:CPU would write out the
             # broadcast of a scalar that several of them share.
             y, _ = elementwise(x, *rest)
@@ -447,7 +459,7 @@ def map_and_measure(
                     abs_sq(x, acc, own_scale(s[0], plain_factor, acc)),
                     abs_sq(y, acc, own_scale(s[1], mapped_factor, acc)),
                     apart=a,
-                    rows=len(unit) > 1,
+                    rows=rows,
                 )
             )
         totals = reduce_over_devices(
@@ -473,23 +485,30 @@ def _bucket(
     leaves: list[jax.Array],
     aligned: tuple[list[jax.Array], ...],
     after: jax.Array | None,
-) -> list[jax.Array]:
-    """Several leaves flattened and concatenated, zero-padded to rows of ``_ROW``, and
-    their aligned arrays likewise (the map takes a zero to a zero and marks none).
-    ``after``, a value the read depends on: the previous bucket's sum, so that the
-    buckets are read one after another (read side by side, the TPU compiler kept every
-    leaf's copy live at once: 47 MiB of temp memory at 500 leaves of 1,000)."""
-    columns = [[arrays[i] for i in unit] for arrays in (leaves, *aligned)]
-    if after is not None:
-        _, columns = jax.lax.optimization_barrier((after, columns))
+) -> tuple[list[jax.Array], int]:
+    """Several leaves flattened and concatenated in zero-padded rows of ``_ROW``, their
+    aligned arrays likewise (the map takes a zero to a zero and marks none), and how
+    many rows hold them.
+
+    ``after``, when given, is the previous bucket's sum, written into one more row whose
+    sums are dropped: the buckets are then read one after another (read side by side,
+    the TPU compiler kept every leaf's copy live at once: 47 MiB of temp memory at 500
+    leaves of 1,000, none in order). The norm engine links its buckets the same way.
+    """
     size = sum(leaves[i].size for i in unit)
     pad = -size % _ROW
-    return [
-        jnp.concatenate(
-            [c.reshape(-1) for c in column] + ([jnp.zeros((pad,), column[0].dtype)] if pad else [])
-        ).reshape(-1, _ROW)
-        for column in columns
-    ]
+    rows = (size + pad) // _ROW
+    out = []
+    for k, arrays in enumerate((leaves, *aligned)):
+        dtype = arrays[unit[0]].dtype
+        parts = [arrays[i].reshape(-1) for i in unit]
+        if pad:
+            parts.append(jnp.zeros((pad,), dtype))
+        if after is not None:
+            link_row = jnp.broadcast_to(after.astype(dtype), (_ROW,)) if k == 0 else None
+            parts.append(link_row if link_row is not None else jnp.zeros((_ROW,), dtype))
+        out.append(jnp.concatenate(parts).reshape(-1, _ROW))
+    return out, rows
 
 
 def measure(tree: Any, axis_name: AxisName = None, sharded: Sharded = None) -> jax.Array:

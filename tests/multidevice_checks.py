@@ -234,6 +234,9 @@ def check_mesh_jit() -> dict[str, list[str]]:
 # Check 2: shard_map over 8 devices, some leaves split along the axis, some replicated.
 
 SM_SHAPES = {
+    # Sorted first, so that a bucket of sharded leaves precedes the replicated ones: a
+    # link between buckets of the two kinds made every statistic device-varying.
+    "a_rows": (16, 4),
     "w_rows": (16, 4),  # split along its unit axis (rows: FSDP / row-parallel)
     "w_cols": (4, 16),  # split along its output axis (column-parallel)
     "stack": (8, 4, 4),  # scanned layers, the layer axis split
@@ -241,6 +244,7 @@ SM_SHAPES = {
     "scale": (),  # replicated scalar
 }
 SM_SPECS = {
+    "a_rows": P("x", None),
     "w_rows": P("x", None),
     "w_cols": P(None, "x"),
     "stack": P("x", None, None),
@@ -248,7 +252,7 @@ SM_SPECS = {
     "scale": P(),
 }
 SM_SHARDED = {k: s != P() for k, s in SM_SPECS.items()}
-SM_SPLIT = {"w_rows": 0, "w_cols": 1, "stack": 0, "bias": None, "scale": None}
+SM_SPLIT = {"a_rows": 0, "w_rows": 0, "w_cols": 1, "stack": 0, "bias": None, "scale": None}
 SM_STACKED = {k: int(k == "stack") for k in SM_SHAPES}
 
 
