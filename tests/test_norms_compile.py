@@ -259,16 +259,16 @@ def test_an_elementwise_clip_measures_small_leaves_in_buckets(clip):
     # A reduction per small leaf was a kernel per leaf: at 2,000 leaves of 1,000 with
     # sgd, XLA:CPU took 48 s to compile chain(clip_by_value, sgd) (4.5 s in buckets;
     # optax.clip 3 s) and the TPU compiler kept 492 MiB of temp memory (189 MiB).
-    n = 300
-    g = {f"w{i:03d}": jnp.ones((1 + (i * 37) % 1000,)) for i in range(n)}
+    n = 150
+    g = {f"w{i:03d}": jnp.ones((1 + (i * 37) % 400,)) for i in range(n)}
     tx = {
         "clip_by_value": lambda: optaxclip.clip_by_value(1.0),
         "spike_aware_clip": lambda: optaxclip.spike_aware_clip(),
     }[clip]()
     text = jax.jit(tx.update).lower(g, tx.init(g)).as_text()
-    # About ten buckets, each with a reduction in the common path and one in the rescue
-    # (and the sums of their row sums), 75 in all; one per leaf would be 2 * n.
-    assert text.count("stablehlo.reduce") < n // 3, text.count("stablehlo.reduce")
+    # Two buckets, each with a reduction in the common path and one in the rescue (and
+    # the sums of their row sums), and a few of vectors; one per leaf would be 2 * n.
+    assert text.count("stablehlo.reduce") < n // 5, text.count("stablehlo.reduce")
 
 
 # ---------------------------------------------------------------------------------------
