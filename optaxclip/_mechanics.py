@@ -379,9 +379,9 @@ def map_and_measure(
     ``a`` being the arrays of ``aligned`` that go with ``x`` (a per-coordinate state,
     shaped like it). It must be elementwise and take zeros to ``(0, False)``: it is also
     applied to several leaves flattened, concatenated and zero-padded (with their
-    aligned arrays likewise). Each leaf's
-    ``sum |x|^2``, ``sum |mapped|^2`` and mask count are summed in the read that maps
-    it (:func:`_leaf_sums`; small leaves in the read that maps their bucket, see
+    aligned arrays likewise). Each leaf's ``sum |x|^2``, ``sum |mapped|^2`` and mask
+    count are summed in the read that maps it (:func:`_leaf_sums`; small leaves in the
+    read that maps their bucket, see
     :func:`_measured_units`), and every unit's three travel in one collective:
     measuring the two trees with the norm engine and counting apart is three
     reductions per leaf, which neither XLA:CPU nor the TPU compiler fuses into one read
@@ -436,7 +436,7 @@ def map_and_measure(
                 abs_sq(x, acc), abs_sq(y, acc), mask.astype(acc), apart=a, rows=unit_rows[-1]
             )
         )
-        if len(unit) > 1:
+        if unit_rows[-1] is not None:
             links[flag] = jax.lax.stop_gradient(sums[-1][0])
     n = len(units)
     reduced = reduce_over_devices(
@@ -504,9 +504,9 @@ def _bucket(
         parts = [arrays[i].reshape(-1) for i in unit]
         if pad:
             parts.append(jnp.zeros((pad,), dtype))
-        if after is not None:
-            link_row = jnp.broadcast_to(after.astype(dtype), (_ROW,)) if k == 0 else None
-            parts.append(link_row if link_row is not None else jnp.zeros((_ROW,), dtype))
+        if after is not None:  # in the leaves' bucket; zeros in the aligned arrays'
+            link = after.astype(dtype) if k == 0 else jnp.zeros((), dtype)
+            parts.append(jnp.broadcast_to(link, (_ROW,)))
         out.append(jnp.concatenate(parts).reshape(-1, _ROW))
     return out, rows
 
