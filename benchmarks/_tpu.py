@@ -590,6 +590,7 @@ def compile_step(
     *,
     common: bool = False,
     hlo: bool = False,
+    text: bool = False,
 ) -> dict[str, Any]:
     """Lowers and compiles the donated step ``(params, state, grads) -> (params, state)``.
 
@@ -599,6 +600,7 @@ def compile_step(
       target: the mesh and layouts compiled for.
       common: trace with the rare branches stubbed out (see :func:`common_path`).
       hlo: also read the collectives from the compiled module's text.
+      text: also return that text (``text``), for tests that read it.
 
     Returns:
       With ``common``, when no rare branch was found, only ``bytes_accessed`` (None) and
@@ -625,7 +627,7 @@ def compile_step(
     # The step as training loops run it: parameters and optimizer state donated, and
     # returned laid out as they came in (so that the donated buffers can be reused).
     step = jax.jit(H.step_fn(tx), donate_argnums=(0, 1), out_shardings=(params_sh, state_sh))
-    return lower_and_compile(step, (params, state, grads), common=common, hlo=hlo)
+    return lower_and_compile(step, (params, state, grads), common=common, hlo=hlo, text=text)
 
 
 def _cpu_seconds() -> float:
@@ -639,11 +641,11 @@ def _cpu_seconds() -> float:
 
 
 def lower_and_compile(
-    jitted: Any, args: tuple, *, common: bool = False, hlo: bool = False
+    jitted: Any, args: tuple, *, common: bool = False, hlo: bool = False, text: bool = False
 ) -> dict[str, Any]:
     """Lowers ``jitted`` for ``args`` (ShapeDtypeStructs), compiles it and reads the
-    compiler's figures; see :func:`compile_step` for ``common``, ``hlo`` and what it
-    returns."""
+    compiler's figures; see :func:`compile_step` for ``common``, ``hlo``, ``text`` and
+    what it returns."""
     seen: dict[str, list[str]] = {}
     context = common_path(seen) if common else contextlib.nullcontext()
     with context:
@@ -674,10 +676,12 @@ def lower_and_compile(
         "flops": float(cost.get("flops", -1.0)),
         "branches": {k: sorted(set(v)) for k, v in seen.items()},
     }
-    text = compiled.as_text()
-    out["hbm_bytes"] = hbm_bytes(text)
+    module = compiled.as_text()
+    out["hbm_bytes"] = hbm_bytes(module)
     if hlo:
-        out["collectives"] = summarize_collectives(collectives(text))
+        out["collectives"] = summarize_collectives(collectives(module))
+    if text:
+        out["text"] = module
     del lowered, compiled
     return out
 

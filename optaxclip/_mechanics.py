@@ -515,7 +515,8 @@ def measure(tree: Any, axis_name: AxisName = None, sharded: Sharded = None) -> j
     """Global norm of the updates after checking that every leaf is floating point."""
     check_float_leaves(tree)
     leaves = jax.tree_util.tree_leaves(tree)
-    _, norm = leaf_and_global_norms(leaves, axis_name=axis_name, flags=sharded_flags(tree, sharded))
+    flags = sharded_flags(tree, sharded)
+    _, norm = leaf_and_global_norms(leaves, axis_name=axis_name, flags=flags, leaf_norms=False)
     return norm
 
 

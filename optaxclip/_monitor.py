@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optaxclip import _stats
-from optaxclip._mechanics import measure_leaves
+from optaxclip._mechanics import measure, measure_leaves
 from optaxclip._norms import AxisName, Sharded
 from optaxclip._stats import ClipStats, as_float32
 from optaxclip._validation import check_static_bool
@@ -128,7 +128,10 @@ def monitor(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        _, _, norms, norm = measure_leaves(updates, axis_name, sharded)
+        if per_leaf:
+            _, _, norms, norm = measure_leaves(updates, axis_name, sharded)
+        else:  # the global norm alone: over a mesh, one scalar all-reduced
+            norm = measure(updates, axis_name, sharded)
         new_stats = _stats.record(
             state.stats, norm=norm, clipped_norm=norm, threshold=jnp.inf, clipped=False
         )

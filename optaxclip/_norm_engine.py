@@ -280,6 +280,12 @@ class _Sums(NamedTuple):
     plain: jax.Array
     scaled: jax.Array | None
     solo: dict[int, jax.Array]
+    bucket_totals: tuple[jax.Array, ...] = ()
+
+    def scalar_parts(self) -> list[jax.Array]:
+        """The sums whose total is the tree's: each solo sum and each bucket's total
+        (as :func:`_square_sums` gives them: not ``psum``-ed)."""
+        return [self.solo[i] for i in sorted(self.solo)] + list(self.bucket_totals)
 
 
 def _square_sums(
@@ -319,6 +325,7 @@ def _square_sums(
         scaled_parts.append(jnp.zeros((2, len(group)), acc))
         owners.extend(group)
     link = None
+    bucket_totals: list[jax.Array] = []
     for width, rows in buckets:
         dtype = xs[rows[0]].dtype
         block = []
@@ -344,6 +351,7 @@ def _square_sums(
         else:
             sums = jnp.sum(abs_sq(y, acc, own_scale(flat[0], scale, acc)), axis=1)
         link = jax.lax.stop_gradient(sums[0])
+        bucket_totals.append(jnp.sum(sums[: len(rows)]))  # not the link row
         plain_parts.append(sums)
         owners.extend(rows + [-1] * (y.shape[0] - len(rows)))
 
@@ -362,8 +370,27 @@ def _square_sums(
         return values[..., np.array(index, np.int32)]
 
     if scale is not None or not buckets:  # rescaled sums in plain; nothing bucketed
-        return _Sums(arrange(plain_parts, 0), None, solo)
-    return _Sums(arrange(plain_parts, 0), arrange(scaled_parts, 0), solo)
+        return _Sums(arrange(plain_parts, 0), None, solo, tuple(bucket_totals))
+    return _Sums(arrange(plain_parts, 0), arrange(scaled_parts, 0), solo, tuple(bucket_totals))
+
+
+def _added(values: list[jax.Array], acc: jnp.dtype) -> jax.Array:
+    """The sum of scalars as a balanced tree of additions (0 for none).
+
+    Under ``jit`` over several devices GSPMD ends the sum of squares of each sharded
+    leaf in an all-reduce of its own. XLA turns a sum of all-reduced values into one
+    all-reduce of their sum (as for Optax's clip, which adds its leaves' sums), while
+    the sum of a vector of them keeps one operand per leaf, and the TPU compiler
+    combines at most 256 operands into one collective: 8 all-reduces at 2,000 leaves.
+    Pairwise rather than one by one, so that float32 rounding grows with the logarithm
+    of the count.
+    """
+    if not values:
+        return jnp.zeros((), acc)
+    while len(values) > 1:
+        pairs = range(0, len(values) - 1, 2)
+        values = [values[k] + values[k + 1] for k in pairs] + values[len(values) // 2 * 2 :]
+    return values[0]
 
 
 def _sums_over_devices(
@@ -417,8 +444,12 @@ def _sums_over_devices(
 
 
 def leaf_and_global_norms(
-    leaves: Sequence[jax.Array], *, axis_name: AxisName = None, flags: Sequence[bool] = ()
-) -> tuple[jax.Array, jax.Array]:
+    leaves: Sequence[jax.Array],
+    *,
+    axis_name: AxisName = None,
+    flags: Sequence[bool] = (),
+    leaf_norms: bool = True,
+) -> tuple[jax.Array | None, jax.Array]:
     """Per-leaf L2 norms (a vector) and the global L2 norm, computed in one pass.
 
     The float32 (float64) sums of squares come first; only when their total is not
@@ -432,9 +463,13 @@ def leaf_and_global_norms(
       leaves: the arrays (no None).
       axis_name: mapped axis over which sharded leaves' partial sums are ``psum``-ed.
       flags: one bool per leaf, True when that leaf is sharded along ``axis_name``.
+      leaf_norms: False when the caller reads only the global norm. Under ``jit`` over
+        several devices the common path then all-reduces one scalar, as Optax's clip
+        does, instead of one per sharded leaf.
 
     Returns:
-      ``(leaf_norms, norm)`` in the accumulation dtype.
+      ``(leaf_norms, norm)`` in the accumulation dtype; ``leaf_norms`` is None when not
+      asked for.
     """
     acc = accumulation_dtype(leaves)
     n = len(leaves)
@@ -443,8 +478,17 @@ def leaf_and_global_norms(
     flags = list(flags) or [True] * n
     may_copy = concatenable(leaves, axis_name)
     first = _sums_over_devices(leaves, acc, flags, axis_name, may_copy)
-    total = jnp.sum(first.plain)
     pending = sorted(first.solo)  # the leaves reduced on their own
+    # Under jit over several devices (leaves GSPMD may shard), when nobody reads the
+    # per-leaf sums, the total is added from them (see _added) so that the common path
+    # all-reduces one scalar, and the rescue takes the total as every reduction's
+    # witness (NaN only where the norm is NaN anyway): per-leaf witnesses would keep
+    # each leaf's all-reduce alive.
+    one_collective = axis_name is None and not all(may_copy) and not leaf_norms
+    if one_collective:
+        total = _added(first.scalar_parts(), acc)
+    else:
+        total = jnp.sum(first.plain)
 
     # Both branches give (a, g): where a leaf's plain sum is not finite (or the total is
     # tiny), its norm is sqrt(a) / factor; g is the norm. The norm reaches the caller
@@ -459,6 +503,8 @@ def leaf_and_global_norms(
     factor = rescue_factor(total)
 
     def common(operands):
+        if not leaf_norms:
+            return None, safe_sqrt(total)
         return (first.scaled[0] if bucketed else first.plain), safe_sqrt(total)
 
     def rescued(operands):
@@ -474,11 +520,18 @@ def leaf_and_global_norms(
                 # Buckets of big leaves save XLA:CPU kernels; the TPU compiler takes
                 # longer over their concatenations than over a reduction per leaf.
                 copy_big=target_platform(leaves) == "cpu",
-                witnesses={k: first.solo[i] for k, i in enumerate(pending)},
+                witnesses={
+                    k: total if one_collective else first.solo[i]
+                    for k, i in enumerate(pending)
+                },
             )
             sub = [operands[i] for i in pending]
             sub_flags, sub_ok = [flags[i] for i in pending], [may_copy[i] for i in pending]
-            again = _sums_over_devices(sub, acc, sub_flags, axis_name, sub_ok, **options).plain
+            again_sums = _sums_over_devices(sub, acc, sub_flags, axis_name, sub_ok, **options)
+            if one_collective:  # rescued_sums holds the bucketed leaves' rescaled sums
+                parts = [*again_sums.scalar_parts(), jnp.sum(rescued_sums)]
+                return None, safe_sqrt(_added(parts, acc)) / factor
+            again = again_sums.plain
             if len(pending) == n:
                 rescued_sums = again
             else:
@@ -488,10 +541,13 @@ def leaf_and_global_norms(
         # The rescaled total is accurate: where the plain one overflowed, the squares
         # that scaling down flushes to zero are negligible next to it; where it was
         # tiny, scaling up overflows nothing.
-        return rescued_sums, safe_sqrt(jnp.sum(rescued_sums)) / factor
+        norm = safe_sqrt(jnp.sum(rescued_sums)) / factor
+        return (rescued_sums if leaf_norms else None), norm
 
     rescued_sums, norm = jax.lax.cond(jnp.isfinite(total) & ~tiny, common, rescued, list(leaves))
+    if not leaf_norms:
+        return None, norm
     # Which leaves read their norm from the rescaled sums.
     use_rescued = jnp.where(tiny, True, ~jnp.isfinite(first.plain))
-    leaf_norms = jnp.where(use_rescued, safe_sqrt(rescued_sums) / factor, safe_sqrt(first.plain))
-    return leaf_norms, norm
+    per_leaf = jnp.where(use_rescued, safe_sqrt(rescued_sums) / factor, safe_sqrt(first.plain))
+    return per_leaf, norm

@@ -121,7 +121,7 @@ def global_norm(tree: Any, *, axis_name: AxisName = None, sharded: Sharded = Non
     check_float_leaves(tree, "tree")
     leaves = jax.tree_util.tree_leaves(tree)
     _, norm = leaf_and_global_norms(
-        leaves, axis_name=axis_name, flags=sharded_flags(tree, sharded)
+        leaves, axis_name=axis_name, flags=sharded_flags(tree, sharded), leaf_norms=False
     )
     return norm
 

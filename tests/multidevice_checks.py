@@ -491,7 +491,46 @@ def check_pmap() -> dict[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------
-# Check 4: the compiled program of a sharded clip_by_global_norm step.
+# Check 4: the rescue of a global norm over sharded leaves, against float64. Under jit
+# over several devices the global transforms add the sharded leaves' sums one by one
+# (one all-reduce, as Optax) and their rescue runs apart from the per-leaf norms'.
+
+RESCUE_SCALES = {"overflow": 1e25, "underflow": 1e-25, "one_huge_leaf": None}
+
+
+def check_mesh_rescue() -> dict[str, list[str]]:
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    shardings = {k: NamedSharding(mesh, s) for k, s in MESH_SPECS.items()}
+    base = {k: v[0] for k, v in make_sequence(MESH_SHAPES, seed=11).items()}
+    results = {}
+    for case, scale in RESCUE_SCALES.items():
+        if scale is None:  # one leaf's squares overflow, the others are ordinary
+            grads = dict(base, mlp_in=base["mlp_in"] * np.float32(1e22))
+        else:
+            grads = {k: v * np.float32(scale) for k, v in base.items()}
+        norm64 = np.sqrt(sum(np.sum(np.square(v.astype(np.float64))) for v in grads.values()))
+        tx = optaxclip.clip_by_global_norm(1.0)
+        sharded = jax.device_put(grads, shardings)
+
+        def step(g, tx=tx):
+            updates, state = tx.update(g, tx.init(g))
+            return optaxclip.global_norm(g), updates, state.stats.norm
+
+        norm, updates, recorded = jax.jit(step)(sharded)
+        problems = []
+        for what, value in (("global_norm", norm), ("recorded norm", recorded)):
+            err = abs(float(value) - norm64) / norm64
+            if not err <= REL_TOL:
+                problems.append(f"{case}: {what} {float(value)!r} vs {norm64!r} (float64)")
+        shrink = max(norm64, 1.0)  # max_norm 1
+        expected = {k: (v.astype(np.float64) / shrink).astype(np.float32) for k, v in grads.items()}
+        problems += tree_mismatches(updates, expected, f"{case}: updates")
+        results[f"mesh_rescue/{case}"] = problems
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# Check 5: the compiled program of a sharded clip_by_global_norm step.
 
 _COLLECTIVE = re.compile(
     r"=\s*(.+?)\s+(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
@@ -537,6 +576,7 @@ def main() -> None:
         check_shard_map,
         check_shard_map_two_axes,
         check_pmap,
+        check_mesh_rescue,
         check_hlo,
     ]
     if len(jax.devices()) != 8:
