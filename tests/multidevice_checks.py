@@ -492,7 +492,7 @@ def check_pmap() -> dict[str, list[str]]:
 
 # ---------------------------------------------------------------------------------------
 # Check 4: the rescue of a global norm over sharded leaves, against float64. Under jit
-# over several devices the global transforms add the sharded leaves' sums one by one
+# over several devices the global transforms add the sharded leaves' sums as scalars
 # (one all-reduce, as Optax) and their rescue runs apart from the per-leaf norms'.
 
 RESCUE_SCALES = {"overflow": 1e25, "underflow": 1e-25, "one_huge_leaf": None}
@@ -502,6 +502,13 @@ def check_mesh_rescue() -> dict[str, list[str]]:
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
     shardings = {k: NamedSharding(mesh, s) for k, s in MESH_SPECS.items()}
     base = {k: v[0] for k, v in make_sequence(MESH_SHAPES, seed=11).items()}
+    tx = optaxclip.clip_by_global_norm(1.0)
+
+    @jax.jit  # compiled once, for the three cases
+    def step(g):
+        updates, state = tx.update(g, tx.init(g))
+        return optaxclip.global_norm(g), updates, state.stats.norm
+
     results = {}
     for case, scale in RESCUE_SCALES.items():
         if scale is None:  # one leaf's squares overflow, the others are ordinary
@@ -509,14 +516,7 @@ def check_mesh_rescue() -> dict[str, list[str]]:
         else:
             grads = {k: v * np.float32(scale) for k, v in base.items()}
         norm64 = np.sqrt(sum(np.sum(np.square(v.astype(np.float64))) for v in grads.values()))
-        tx = optaxclip.clip_by_global_norm(1.0)
-        sharded = jax.device_put(grads, shardings)
-
-        def step(g, tx=tx):
-            updates, state = tx.update(g, tx.init(g))
-            return optaxclip.global_norm(g), updates, state.stats.norm
-
-        norm, updates, recorded = jax.jit(step)(sharded)
+        norm, updates, recorded = step(jax.device_put(grads, shardings))
         problems = []
         for what, value in (("global_norm", norm), ("recorded norm", recorded)):
             err = abs(float(value) - norm64) / norm64

@@ -75,9 +75,9 @@ def test_nan_on_one_shard_skips_on_every_device_under_shard_map(report):
 
 @pytest.mark.parametrize("case", ["overflow", "underflow", "one_huge_leaf"])
 def test_global_norm_of_sharded_leaves_is_rescued_as_in_float64(report, case):
-    # Under jit over a mesh the global transforms measure through their own rescue
-    # (the total added leaf by leaf, one all-reduce): squares beyond float32 and below
-    # its smallest normal number, and one leaf's overflow among ordinary ones.
+    # Under jit over a mesh the global transforms measure through their own rescue (the
+    # total added from the leaves' sums, one all-reduce): squares beyond float32 and
+    # below its smallest normal number, and one leaf's overflow among ordinary ones.
     assert_check_ok(report, f"mesh_rescue/{case}")
 
 
