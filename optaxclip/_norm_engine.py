@@ -474,7 +474,7 @@ def leaf_and_global_norms(
     acc = accumulation_dtype(leaves)
     n = len(leaves)
     if not n:
-        return jnp.zeros((0,), acc), jnp.zeros((), acc)
+        return (jnp.zeros((0,), acc) if leaf_norms else None), jnp.zeros((), acc)
     flags = list(flags) or [True] * n
     may_copy = concatenable(leaves, axis_name)
     first = _sums_over_devices(leaves, acc, flags, axis_name, may_copy)
@@ -503,9 +503,8 @@ def leaf_and_global_norms(
     factor = rescue_factor(total)
 
     def common(operands):
-        if not leaf_norms:
-            return None, safe_sqrt(total)
-        return (first.scaled[0] if bucketed else first.plain), safe_sqrt(total)
+        sums = (first.scaled[0] if bucketed else first.plain) if leaf_norms else None
+        return sums, safe_sqrt(total)
 
     def rescued(operands):
         # Nothing bucketed: zeros stand for the leaves that are neither reduced on their
