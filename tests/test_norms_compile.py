@@ -11,6 +11,7 @@ all-reduces only scalars or short vectors.
 
 from __future__ import annotations
 
+import collections
 import re
 import textwrap
 
@@ -22,6 +23,7 @@ from _devices import run_json_script
 from _reference import norm64, norms64, np64
 
 import optaxclip
+from optaxclip import _norm_engine
 from optaxclip._mechanics import SHARED_SCALE_LEAVES
 from optaxclip._norm_engine import SMALL_LEAF, leaf_and_global_norms
 
@@ -144,6 +146,89 @@ def test_gradient_through_buckets_and_rescue_is_x_over_norm():
             np.testing.assert_allclose(g, np64(x) / norm, rtol=1e-5, atol=1e-30)
     zero = grad([jnp.zeros_like(x) for x in leaves])
     assert not any(np.any(g) for g in zero)
+
+
+@pytest.fixture
+def tpu_layout(monkeypatch):
+    """The norm engine's layout for a TPU target (DESIGN §9), traced on this CPU."""
+    monkeypatch.setattr(_norm_engine, "target_platform", lambda leaves: "tpu")
+
+
+def _global_only(leaves):
+    return leaf_and_global_norms(leaves, leaf_norms=False)[1]
+
+
+def _elements_concatenated(jaxpr) -> int:
+    """How many elements the concatenations of ``jaxpr`` write (in the functions it calls
+    too), outside its conditionals."""
+    total = 0
+    for e in jaxpr.eqns:
+        if e.primitive.name == "cond":
+            continue
+        if e.primitive.name == "concatenate":
+            total += e.outvars[0].aval.size
+        for value in e.params.values():
+            inner = getattr(value, "jaxpr", value)  # a ClosedJaxpr's Jaxpr, or a Jaxpr
+            if hasattr(inner, "eqns"):
+                total += _elements_concatenated(inner)
+    return total
+
+
+@pytest.mark.parametrize("n_leaves", [10, 300])
+def test_tpu_global_norm_sums_each_leaf_and_rescues_in_one_concatenation(tpu_layout, n_leaves):
+    """For a TPU the global norm reduces every leaf on its own (no bucket copies) and its
+    rescue sums the small leaves as one concatenation per dtype: the same norms as float64,
+    also where a small or big leaf overflows, the whole tree is tiny, or a NaN/inf is in."""
+    big_leaf = np.random.default_rng(0).standard_normal((8, SMALL_LEAF // 4))
+    leaves = [*_tree(n_leaves, seed=n_leaves), jnp.asarray(big_leaf, jnp.float32)]
+    small, big = _small_f32_leaf(leaves), len(leaves) - 1
+    cases = {
+        "plain": leaves,
+        "overflow in a small leaf": _set(leaves, small, [3e19, 4e19]),
+        "overflow in a big leaf": _set(leaves, big, [3e19, -4e19]),
+        "tiny": [jnp.asarray(np64(x) * 1e-25, x.dtype) for x in leaves],
+        "nan": _set(leaves, small, [np.nan]),
+        "inf": _set(leaves, big, [np.inf]),
+    }
+    jaxpr = jax.make_jaxpr(_global_only)(leaves).jaxpr
+    # Outside the conditional no leaf is copied: only the per-leaf sums are stacked (one
+    # element each, then the stacks joined), where the CPU layout's buckets copy the small
+    # leaves. Inside its rare branch the small leaves of each dtype are one concatenation.
+    assert _elements_concatenated(jaxpr) <= 2 * len(leaves) + 1
+    with pytest.MonkeyPatch.context() as cpu:
+        cpu.setattr(_norm_engine, "target_platform", lambda leaves: "cpu")
+        # A new function: JAX caches the trace of the one traced above for the TPU.
+        buckets = jax.make_jaxpr(lambda t: _global_only(t))(leaves).jaxpr
+    assert _elements_concatenated(buckets) > sum(x.size for x in leaves if x.size < SMALL_LEAF)
+    (cond,) = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+    rare = max(cond.params["branches"], key=lambda b: len(b.jaxpr.eqns)).jaxpr
+    small_dtypes = collections.Counter(x.dtype for x in leaves if 0 < x.size < SMALL_LEAF)
+    shared = sum(count > 1 for count in small_dtypes.values())  # a lone leaf is not copied
+    assert [e.primitive.name for e in rare.eqns].count("concatenate") == shared > 0
+    norm = jax.jit(_global_only)
+    for name, tree in cases.items():
+        want = norm64(tree)
+        got = float(norm(tree))
+        if name == "nan":
+            assert np.isnan(got)
+        else:
+            assert got == pytest.approx(want, rel=1e-5), name
+            assert want == 0 or got > 0, name
+
+
+def test_tpu_global_norm_gradient_and_vmap(tpu_layout):
+    leaves = [x for x in _tree(40, seed=4) if x.dtype == jnp.float32 and x.size]
+    grad = jax.jit(jax.grad(_global_only))
+    for tree in (leaves, _set(leaves, _small_f32_leaf(leaves), [3e19, 4e19])):
+        norm = norm64(tree)
+        for g, x in zip(grad(tree), tree, strict=True):
+            np.testing.assert_allclose(g, np64(x) / norm, rtol=1e-5, atol=1e-30)
+    assert not any(np.any(g) for g in grad([jnp.zeros_like(x) for x in leaves]))
+    # Per example (the conditional becomes a select under vmap): rows scaled apart.
+    rows = [jnp.stack([x, x * 1e25, x * 1e-25]) for x in leaves]
+    got = jax.jit(jax.vmap(_global_only))(rows)
+    want = [norm64([r[k] for r in rows]) for k in range(3)]
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5)
 
 
 def test_thousands_of_small_leaves_compile_to_few_kernels():

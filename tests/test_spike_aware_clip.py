@@ -28,7 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import optaxclip
-from optaxclip import _mechanics, _spike_aware
+from optaxclip import _mechanics, _norm_engine, _spike_aware
 
 
 @pytest.fixture(scope="module", autouse=True, params=["cpu-layout", "tpu-layout"])
@@ -36,7 +36,7 @@ def layout(request):
     """The transform's layout for the target platform (DESIGN §9), both on this CPU."""
     with pytest.MonkeyPatch.context() as patch:
         if request.param == "tpu-layout":
-            for module in (_spike_aware, _mechanics):
+            for module in (_spike_aware, _mechanics, _norm_engine):
                 patch.setattr(module, "target_platform", lambda leaves: "tpu")
         yield request.param
 
