@@ -492,11 +492,14 @@ def leaf_and_global_norms(
     """Per-leaf L2 norms (a vector) and the global L2 norm, computed in one pass.
 
     The float32 (float64) sums of squares come first; only when their total is not
-    finite does a second pass run over the leaves reduced on their own (behind a
-    ``lax.cond``), multiplying them by a fixed power of two before squaring (the
-    bucketed small leaves got that rescaled sum in the first pass), so that a leaf
-    whose sum overflowed gets its right, finite norm while a NaN/inf input still gives
-    NaN/inf.
+    finite or is tiny (squares may have flushed to zero, :func:`is_tiny`) does a second
+    pass run (behind a ``lax.cond``), multiplying the values by a power of two before
+    squaring, so that a leaf whose sum overflowed or underflowed gets its right, finite
+    norm while a NaN/inf input still gives NaN/inf. The second pass reads the leaves
+    reduced on their own again; bucketed small leaves got their rescaled sums in the
+    first pass. Compiled for a TPU, a global norm asked for alone has no buckets: every
+    leaf is reduced on its own and the second pass reads them all, the small ones as one
+    concatenation (:func:`_rescaled_total`).
 
     Args:
       leaves: the arrays (no None).
