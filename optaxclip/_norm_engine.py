@@ -9,9 +9,11 @@ Why it is more than ``sum(x**2)`` per leaf: on XLA:CPU, compile time grows with 
 number of kernels, and a reduction per leaf is a kernel (three below 4096 elements), so
 small leaves are copied into a few shared buckets whose row sums are the per-leaf sums
 (see :func:`_layout`). The rare overflow/underflow rescue sits behind one ``lax.cond``.
-The TPU compiler takes longer over the buckets' copies than over a reduction per leaf,
-so there a global norm asked for alone is summed leaf by leaf, as Optax's clip does, and
-only its rescue copies the small leaves, into one concatenation (:func:`_rescaled_total`).
+The TPU compiler takes as long or longer over the buckets' copies than over a reduction
+per leaf, and keeps them in temp memory, so there every leaf is summed on its own, as
+Optax's clips do, and only the rescue copies the small leaves: one concatenation for a
+global norm (:func:`_rescaled_total`), one bucket per dtype and row width for per-leaf
+norms.
 
 What guards it: ``tests/test_norms_compile.py`` (kernel counts, compile-time ratios)
 and the ``clip`` section of ``python -m benchmarks`` (compile time and temp memory at
@@ -206,14 +208,21 @@ def concatenable(leaves: Sequence[jax.Array], axis_name: AxisName) -> list[bool]
 
 
 def _layout(
-    xs: Sequence[jax.Array], sizes: list[int], concatenable: Sequence[bool], copy_big: bool
+    xs: Sequence[jax.Array],
+    sizes: list[int],
+    concatenable: Sequence[bool],
+    copy_big: bool,
+    whole_groups: bool = False,
 ) -> tuple[list[int], list[tuple[int, list[int]]]]:
     """(arrays reduced on their own, buckets as (row width, rows)).
 
-    Empty arrays are in neither list.
+    ``whole_groups``: one bucket per row width and dtype, however large (the TPU
+    rescue, see :func:`leaf_and_global_norms`). Empty arrays are in neither list.
     """
     # The rescue copies big leaves too, in bigger buckets: fewer kernels.
     bucket_size = bucket_elements(sum(sizes), _BUCKETS // 2 if copy_big else _BUCKETS)
+    if whole_groups:
+        bucket_size = max(sum(sizes), 1)
     counts: dict[tuple[str, int], int] = {}
     for x, size in zip(xs, sizes, strict=True):
         key = (jnp.dtype(x.dtype).name, size)
@@ -300,6 +309,7 @@ def _square_sums(
     copy_big: bool = False,
     witnesses: dict[int, jax.Array] | None = None,
     per_leaf: bool = True,
+    whole_groups: bool = False,
 ) -> _Sums:
     """The sums of squares of each array (``scale * x`` when ``scale`` is given).
 
@@ -310,7 +320,7 @@ def _square_sums(
     sums are not gathered into a vector (``plain`` is None).
     """
     sizes = [math.prod(np.shape(x)) for x in xs]
-    direct, buckets = _layout(xs, sizes, concatenable, copy_big)
+    direct, buckets = _layout(xs, sizes, concatenable, copy_big, whole_groups)
     rescale = _RESCALE[jnp.finfo(acc).bits]
     upscale = _UPSCALE[jnp.finfo(acc).bits]
     n = len(xs)
@@ -497,9 +507,10 @@ def leaf_and_global_norms(
     squaring, so that a leaf whose sum overflowed or underflowed gets its right, finite
     norm while a NaN/inf input still gives NaN/inf. The second pass reads the leaves
     reduced on their own again; bucketed small leaves got their rescaled sums in the
-    first pass. Compiled for a TPU, a global norm asked for alone has no buckets: every
-    leaf is reduced on its own and the second pass reads them all, the small ones as one
-    concatenation (:func:`_rescaled_total`).
+    first pass. Compiled for a TPU there are no buckets: every leaf is reduced on its
+    own and the second pass reads them all, the small ones copied once (one
+    concatenation per dtype for a global norm asked for alone, :func:`_rescaled_total`;
+    one bucket per dtype and row width for per-leaf norms).
 
     Args:
       leaves: the arrays (no None).
@@ -519,15 +530,19 @@ def leaf_and_global_norms(
         return (jnp.zeros((0,), acc) if leaf_norms else None), jnp.zeros((), acc)
     flags = list(flags) or [True] * n
     may_copy = concatenable(leaves, axis_name)
-    # The TPU layout of a global norm: every leaf reduced on its own, as Optax's clip,
-    # and a rescue that sums the small leaves as one concatenation (_rescaled_total).
-    # With 2,000 leaves of 1,000 and sgd (one chip) the TPU compiler took 72-73 s over the
-    # buckets (whose concatenations it fuses into their reductions), 71 s over a rescue
-    # reducing each leaf again, 61-63 s this way (Optax: 45-49 s in the same hour); the
-    # common path reads the leaves in place (25.3 MiB of HBM traffic, the buckets 25.7,
-    # Optax 22.9). XLA:CPU compiles a reduction per leaf far slower than the buckets (see
-    # _layout): it keeps them, and so do per-leaf norms.
-    flat_rescue = not leaf_norms and axis_name is None and target_platform(leaves) == "tpu"
+    # The TPU layout: every leaf reduced on its own, as Optax's clips, and a rescue that
+    # copies the small leaves once: a global norm asked for alone sums them as one
+    # concatenation per dtype (_rescaled_total), per-leaf norms as one bucket per dtype
+    # and row width (whole_groups). With 2,000 leaves of 1,000 and sgd (one chip) the TPU
+    # compiler took 72-73 s over the buckets (whose concatenations it fuses into their
+    # reductions) for clip_by_global_norm, 71 s over a rescue reducing each leaf again,
+    # 61-63 s this way (Optax: 45-49 s in the same hour); the common path reads the
+    # leaves in place (25.3 MiB of HBM traffic, the buckets 25.7, Optax 22.9). For
+    # clip_by_block_norm: 102-109 s against the buckets' 106-120 s in turns (Optax's
+    # clip_by_block_rms 45-60 s), 18.5 MiB of temp memory against 78.7 (Optax 61.6); a
+    # rescue reducing each leaf again took 143-158 s and kept 149 MiB. XLA:CPU compiles
+    # a reduction per leaf far slower than the buckets (see _layout): it keeps them.
+    tpu_layout = axis_name is None and target_platform(leaves) == "tpu"
     # Under jit over several devices (leaves GSPMD may shard), when nobody reads the
     # per-leaf sums, the total is added from them (see _added) so that the common path
     # all-reduces one scalar, and the rescue takes the total as every reduction's
@@ -539,7 +554,7 @@ def leaf_and_global_norms(
         acc,
         flags,
         axis_name,
-        [False] * n if flat_rescue else may_copy,
+        [False] * n if tpu_layout else may_copy,
         per_leaf=not one_collective,
     )
     pending = sorted(first.solo)  # the leaves reduced on their own
@@ -565,7 +580,7 @@ def leaf_and_global_norms(
         return sums, safe_sqrt(total)
 
     def rescued(operands):
-        if flat_rescue:
+        if tpu_layout and not leaf_norms:
             return None, safe_sqrt(_rescaled_total(operands, acc, may_copy, factor, total)) / factor
         # Nothing bucketed: zeros stand for the leaves that are neither reduced on their
         # own nor bucketed (the empty ones, whose plain sum is 0 and finite).
@@ -579,6 +594,7 @@ def leaf_and_global_norms(
                 # Buckets of big leaves save XLA:CPU kernels; the TPU compiler takes
                 # longer over their concatenations than over a reduction per leaf.
                 copy_big=target_platform(leaves) == "cpu",
+                whole_groups=tpu_layout,
                 per_leaf=not one_collective,
                 witnesses={
                     k: total if one_collective else first.solo[i]

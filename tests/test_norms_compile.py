@@ -99,7 +99,7 @@ def test_bucketed_norms_match_float64_on_mixed_trees(n_leaves):
             np.testing.assert_allclose(got_leaves[ok], want_leaves[ok], rtol=1e-5)
         else:
             np.testing.assert_allclose(got_leaves, want_leaves, rtol=1e-5, err_msg=name)
-            assert float(got) == pytest.approx(want, rel=1e-5), name
+            assert float(got) == pytest.approx(want, rel=1e-5, abs=0), name
 
 
 @pytest.mark.parametrize(
@@ -116,7 +116,7 @@ def test_empty_leaves_beside_any_mix_of_big_and_small_leaves(sizes, overflow):
     got_leaves, got = norms(tree)
     want_leaves, want = _reference(tree)
     np.testing.assert_allclose(np.asarray(got_leaves, np.float64), want_leaves, rtol=1e-5)
-    assert float(got) == pytest.approx(want, rel=1e-5)
+    assert float(got) == pytest.approx(want, rel=1e-5, abs=0)
 
 
 def test_hundreds_of_big_leaves_keep_nan_inf_and_overflow():
@@ -134,7 +134,7 @@ def test_hundreds_of_big_leaves_keep_nan_inf_and_overflow():
         if name == "nan":
             assert np.isnan(float(got))
         else:
-            assert float(got) == pytest.approx(want, rel=1e-5), name
+            assert float(got) == pytest.approx(want, rel=1e-5, abs=0), name
 
 
 def test_gradient_through_buckets_and_rescue_is_x_over_norm():
@@ -174,15 +174,13 @@ def _elements_concatenated(jaxpr) -> int:
     return total
 
 
-@pytest.mark.parametrize("n_leaves", [10, 300])
-def test_tpu_global_norm_sums_each_leaf_and_rescues_in_one_concatenation(tpu_layout, n_leaves):
-    """For a TPU the global norm reduces every leaf on its own (no bucket copies) and its
-    rescue sums the small leaves as one concatenation per dtype: the same norms as float64,
-    also where a small or big leaf overflows, the whole tree is tiny, or a NaN/inf is in."""
+def _tpu_cases(n_leaves: int) -> tuple[list[jax.Array], dict[str, list[jax.Array]]]:
+    """A tree of mixed sizes and dtypes plus a big leaf, and its variants: overflow in a
+    small and in a big leaf, the whole tree tiny, a NaN, an inf."""
     big_leaf = np.random.default_rng(0).standard_normal((8, SMALL_LEAF // 4))
     leaves = [*_tree(n_leaves, seed=n_leaves), jnp.asarray(big_leaf, jnp.float32)]
     small, big = _small_f32_leaf(leaves), len(leaves) - 1
-    cases = {
+    return leaves, {
         "plain": leaves,
         "overflow in a small leaf": _set(leaves, small, [3e19, 4e19]),
         "overflow in a big leaf": _set(leaves, big, [3e19, -4e19]),
@@ -190,6 +188,14 @@ def test_tpu_global_norm_sums_each_leaf_and_rescues_in_one_concatenation(tpu_lay
         "nan": _set(leaves, small, [np.nan]),
         "inf": _set(leaves, big, [np.inf]),
     }
+
+
+@pytest.mark.parametrize("n_leaves", [10, 300])
+def test_tpu_global_norm_sums_each_leaf_and_rescues_in_one_concatenation(tpu_layout, n_leaves):
+    """For a TPU the global norm reduces every leaf on its own (no bucket copies) and its
+    rescue sums the small leaves as one concatenation per dtype: the same norms as float64,
+    also where a small or big leaf overflows, the whole tree is tiny, or a NaN/inf is in."""
+    leaves, cases = _tpu_cases(n_leaves)
     jaxpr = jax.make_jaxpr(_global_only)(leaves).jaxpr
     # Outside the conditional no leaf is copied: only the per-leaf sums are stacked (one
     # element each, then the stacks joined), where the CPU layout's buckets copy the small
@@ -212,7 +218,7 @@ def test_tpu_global_norm_sums_each_leaf_and_rescues_in_one_concatenation(tpu_lay
         if name == "nan":
             assert np.isnan(got)
         else:
-            assert got == pytest.approx(want, rel=1e-5), name
+            assert got == pytest.approx(want, rel=1e-5, abs=0), name
             assert want == 0 or got > 0, name
 
 
@@ -228,6 +234,51 @@ def test_tpu_global_norm_gradient_and_vmap(tpu_layout):
     rows = [jnp.stack([x, x * 1e25, x * 1e-25]) for x in leaves]
     got = jax.jit(jax.vmap(_global_only))(rows)
     want = [norm64([r[k] for r in rows]) for k in range(3)]
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_leaves", [10, 300])
+def test_tpu_leaf_norms_sum_each_leaf_and_rescue_one_copy_per_row_width(tpu_layout, n_leaves):
+    """For a TPU per-leaf norms too reduce every leaf on its own (no bucket copies on the
+    common path); the rescue copies the small leaves once, one concatenation per dtype and
+    row width (not per bucket): per-leaf and global norms equal float64's in every case."""
+    leaves, cases = _tpu_cases(n_leaves)
+    jaxpr = jax.make_jaxpr(leaf_and_global_norms)(leaves).jaxpr
+    assert _elements_concatenated(jaxpr) <= 2 * len(leaves) + 1
+    (cond,) = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+    rare = max(cond.params["branches"], key=lambda b: len(b.jaxpr.eqns)).jaxpr
+    small_kinds = {(x.dtype, x.size) for x in leaves if 0 < x.size < SMALL_LEAF}
+    copies = [e for e in rare.eqns if e.primitive.name == "concatenate"]
+    copied = sum(e.outvars[0].aval.size for e in copies)
+    # One per dtype and row width, and two that put the sums in the leaves' order.
+    assert 0 < len(copies) <= len(small_kinds) + 2
+    assert copied >= sum(x.size for x in leaves if x.size < SMALL_LEAF)
+    norms = jax.jit(leaf_and_global_norms)
+    for name, tree in cases.items():
+        got_leaves, got = norms(tree)
+        want_leaves, want = _reference(tree)
+        got_leaves = np.asarray(got_leaves, np.float64)
+        np.testing.assert_array_equal(np.isnan(got_leaves), np.isnan(want_leaves), name)
+        ok = ~np.isnan(want_leaves)
+        np.testing.assert_allclose(got_leaves[ok], want_leaves[ok], rtol=1e-5, err_msg=name)
+        assert np.all((got_leaves[ok] > 0) | (want_leaves[ok] == 0)), name
+        if name == "nan":
+            assert np.isnan(float(got))
+        else:
+            assert float(got) == pytest.approx(want, rel=1e-5, abs=0), name
+
+
+def test_tpu_leaf_norms_gradient_and_vmap(tpu_layout):
+    leaves = [x for x in _tree(40, seed=5) if x.dtype == jnp.float32 and x.size]
+    grad = jax.jit(jax.grad(lambda t: jnp.sum(leaf_and_global_norms(t)[0])))
+    for tree in (leaves, _set(leaves, _small_f32_leaf(leaves), [3e19, 4e19])):
+        want_leaves, _ = _reference(tree)
+        for g, x, n in zip(grad(tree), tree, want_leaves, strict=True):
+            np.testing.assert_allclose(g, np64(x) / n, rtol=1e-5, atol=1e-30)
+    assert not any(np.any(g) for g in grad([jnp.zeros_like(x) for x in leaves]))
+    rows = [jnp.stack([x, x * 1e25, x * 1e-25]) for x in leaves]
+    got = jax.jit(jax.vmap(lambda t: leaf_and_global_norms(t)[0]))(rows)
+    want = [norms64([r[k] for r in rows]) for k in range(3)]
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5)
 
 
