@@ -80,7 +80,7 @@ def test_global_norm_of_float64_leaves_accumulates_in_float64():
         x = jnp.array([1.0, 1e-9], jnp.float64)
         norm = optaxclip.global_norm([x, jnp.ones(1, jnp.float32)])
         assert norm.dtype == jnp.float64
-        assert float(norm) == pytest.approx(np.sqrt(2.0 + 1e-18), rel=1e-15)
+        assert float(norm) == pytest.approx(np.sqrt(2.0 + 1e-18), rel=1e-15, abs=0)
 
 
 def test_block_norms_match_float64_per_leaf():
@@ -154,24 +154,39 @@ def test_tiny_gradients_are_measured_exactly_not_flushed_to_zero(scale):
         "c": jnp.asarray((rng.standard_normal(5) + 1j * rng.standard_normal(5)) * scale,
                          jnp.complex64),
     }
-    assert float(optaxclip.global_norm(tree)) == pytest.approx(norm64(tree), rel=1e-5)
+    assert float(optaxclip.global_norm(tree)) == pytest.approx(norm64(tree), rel=1e-5, abs=0)
     for key, got in optaxclip.block_norms(tree).items():
-        assert float(got) == pytest.approx(norm64(tree[key]), rel=1e-5), key
+        assert float(got) == pytest.approx(norm64(tree[key]), rel=1e-5, abs=0), key
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="our bug, unfixed: a leaf whose squares all flush to zero reads norm 0 when the "
+    "tree's total is not tiny. The rescue runs when the total is tiny or not finite; a leaf "
+    "sum of 0 cannot tell flushed squares from a zero gradient without a second output per "
+    "leaf reduction (TPU compile time) or a rescue on every step with a zero leaf.",
+)
+@pytest.mark.parametrize("beside", [1.0, 1e30])
+def test_a_tiny_leaf_beside_normal_or_huge_leaves_reads_its_norm(beside):
+    tree = {"a": jnp.full((3,), beside, jnp.float32), "b": jnp.full((3,), 1e-30, jnp.float32)}
+    got = optaxclip.block_norms(tree)
+    assert float(got["a"]) == pytest.approx(norm64(tree["a"]), rel=1e-5)
+    assert float(got["b"]) == pytest.approx(norm64(tree["b"]), rel=1e-5, abs=0)
 
 
 def test_smallest_normal_values_give_their_norm():
     tiny = float(jnp.finfo(jnp.float32).tiny)
     x = jnp.array([tiny, 2 * tiny, 0.0], jnp.float32)
-    assert float(optaxclip.global_norm(x)) == pytest.approx(norm64(x), rel=1e-5)
+    assert float(optaxclip.global_norm(x)) == pytest.approx(norm64(x), rel=1e-5, abs=0)
     assert float(optaxclip.global_norm([jnp.array([1e-20, 1e-20])])) == pytest.approx(
-        np.sqrt(2) * 1e-20, rel=1e-6
+        np.sqrt(2) * 1e-20, rel=1e-6, abs=0
     )
 
 
 def test_tiny_float64_gradients_are_measured_exactly():
     with jax.enable_x64(True):
         x = jnp.array([3e-200, 4e-200], jnp.float64)
-        assert float(optaxclip.global_norm(x)) == pytest.approx(5e-200, rel=1e-12)
+        assert float(optaxclip.global_norm(x)) == pytest.approx(5e-200, rel=1e-12, abs=0)
 
 
 def test_gradient_of_the_norm_of_a_tiny_tree_is_its_direction():
