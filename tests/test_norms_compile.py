@@ -119,22 +119,27 @@ def test_empty_leaves_beside_any_mix_of_big_and_small_leaves(sizes, overflow):
     assert float(got) == pytest.approx(want, rel=1e-5, abs=0)
 
 
+def _assert_norms_match_float64(got_leaves, got, tree, name: str) -> None:
+    """Per-leaf and global norms equal float64's (rtol 1e-5); NaN exactly where it is,
+    the global norm NaN in the case named "nan"."""
+    want_leaves, want = _reference(tree)
+    got_leaves = np.asarray(got_leaves, np.float64)
+    np.testing.assert_array_equal(np.isnan(got_leaves), np.isnan(want_leaves), name)
+    ok = ~np.isnan(want_leaves)
+    np.testing.assert_allclose(got_leaves[ok], want_leaves[ok], rtol=1e-5, err_msg=name)
+    if name == "nan":
+        assert np.isnan(float(got))
+    else:
+        assert float(got) == pytest.approx(want, rel=1e-5, abs=0), name
+
+
 def test_hundreds_of_big_leaves_keep_nan_inf_and_overflow():
     # Over 256 leaves reduced on their own: their sums are stacked in groups.
     rng = np.random.default_rng(7)
     tree = [jnp.asarray(rng.standard_normal(SMALL_LEAF + 8 * i), jnp.float32) for i in range(300)]
     for name, values in {"plain": None, "overflow": [3e19, 4e19], "nan": [np.nan]}.items():
         case = tree if values is None else _set(tree, 271, values)
-        got_leaves, got = norms(case)
-        want_leaves, want = _reference(case)
-        got_leaves = np.asarray(got_leaves, np.float64)
-        np.testing.assert_array_equal(np.isnan(got_leaves), np.isnan(want_leaves))
-        ok = ~np.isnan(want_leaves)
-        np.testing.assert_allclose(got_leaves[ok], want_leaves[ok], rtol=1e-5, err_msg=name)
-        if name == "nan":
-            assert np.isnan(float(got))
-        else:
-            assert float(got) == pytest.approx(want, rel=1e-5, abs=0), name
+        _assert_norms_match_float64(*norms(case), case, name)
 
 
 def test_gradient_through_buckets_and_rescue_is_x_over_norm():
@@ -256,16 +261,10 @@ def test_tpu_leaf_norms_sum_each_leaf_and_rescue_one_copy_per_row_width(tpu_layo
     norms = jax.jit(leaf_and_global_norms)
     for name, tree in cases.items():
         got_leaves, got = norms(tree)
-        want_leaves, want = _reference(tree)
-        got_leaves = np.asarray(got_leaves, np.float64)
-        np.testing.assert_array_equal(np.isnan(got_leaves), np.isnan(want_leaves), name)
+        _assert_norms_match_float64(got_leaves, got, tree, name)
+        want_leaves = np.array(norms64(tree))
         ok = ~np.isnan(want_leaves)
-        np.testing.assert_allclose(got_leaves[ok], want_leaves[ok], rtol=1e-5, err_msg=name)
-        assert np.all((got_leaves[ok] > 0) | (want_leaves[ok] == 0)), name
-        if name == "nan":
-            assert np.isnan(float(got))
-        else:
-            assert float(got) == pytest.approx(want, rel=1e-5, abs=0), name
+        assert np.all((np.asarray(got_leaves)[ok] > 0) | (want_leaves[ok] == 0)), name
 
 
 def test_tpu_leaf_norms_gradient_and_vmap(tpu_layout):
