@@ -28,6 +28,7 @@ underflow); a "witness" is a value that only one reduction reads (:func:`own_sca
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -501,6 +502,10 @@ def leaf_and_global_norms(
 ) -> tuple[jax.Array | None, jax.Array]:
     """Per-leaf L2 norms (a vector) and the global L2 norm, computed in one pass.
 
+    Called eagerly (no leaf is a tracer: outside ``jit``, ``grad`` and ``vmap``) the
+    engine runs as one compiled program per tree structure (:func:`_compiled_norms`);
+    traced, it is traced into the caller's program.
+
     The float32 (float64) sums of squares come first; only when their total is not
     finite or is tiny (squares may have flushed to zero, :func:`is_tiny`) does a second
     pass run (behind a ``lax.cond``), multiplying the values by a power of two before
@@ -524,6 +529,35 @@ def leaf_and_global_norms(
       ``(leaf_norms, norm)`` in the accumulation dtype; ``leaf_norms`` is None when not
       asked for.
     """
+    flags = tuple(flags) or (True,) * len(leaves)
+    if axis_name is None and leaves and not any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return _compiled_norms(list(leaves), flags, leaf_norms, target_platform(leaves))
+    return _traced_norms(leaves, axis_name=axis_name, flags=flags, leaf_norms=leaf_norms)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _compiled_norms(
+    leaves: list[jax.Array], flags: tuple[bool, ...], leaf_norms: bool, platform: str
+) -> tuple[jax.Array | None, jax.Array]:
+    """:func:`leaf_and_global_norms` of concrete leaves, compiled once per tree structure.
+
+    Run op by op, the engine dispatches (and compiles, for every new shape) each of its
+    operations on its own: ``optaxclip.global_norm`` of 2,000 leaves took 7 s on its
+    first eager call and 3 s on every later one on XLA:CPU (Optax's: 1 s). ``platform``
+    keys the cache on the platform the layout was chosen for (:func:`target_platform`).
+    """
+    del platform  # a cache key only: the trace reads the same target_platform
+    return _traced_norms(leaves, axis_name=None, flags=flags, leaf_norms=leaf_norms)
+
+
+def _traced_norms(
+    leaves: Sequence[jax.Array],
+    *,
+    axis_name: AxisName,
+    flags: Sequence[bool],
+    leaf_norms: bool,
+) -> tuple[jax.Array | None, jax.Array]:
+    """:func:`leaf_and_global_norms`, traced into the program being built."""
     acc = accumulation_dtype(leaves)
     n = len(leaves)
     if not n:

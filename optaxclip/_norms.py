@@ -89,7 +89,9 @@ def global_norm(tree: Any, *, axis_name: AxisName = None, sharded: Sharded = Non
     second pass gives the correct finite norm; NaN or inf in the input gives a NaN or
     inf norm. The rare pass sits behind a ``lax.cond`` and costs nothing in the common
     case. The result is
-    differentiable everywhere, with gradient 0 at an all-zero tree.
+    differentiable everywhere, with gradient 0 at an all-zero tree. Called outside
+    ``jit`` it runs as one program, compiled on the first call for each tree structure
+    (and each set of leaf shapes and dtypes).
 
     Args:
       tree: a pytree of floating point or complex arrays (None leaves are skipped).
@@ -128,6 +130,9 @@ def global_norm(tree: Any, *, axis_name: AxisName = None, sharded: Sharded = Non
 
 def block_norms(tree: Any, *, axis_name: AxisName = None, sharded: Sharded = None) -> Any:
     """The L2 norm of each leaf, with the same robustness as :func:`global_norm`.
+
+    Called outside ``jit`` the norms are computed by one program, compiled on the first
+    call for each tree structure (and each set of leaf shapes and dtypes).
 
     Args:
       tree: a pytree of floating point or complex arrays.

@@ -207,3 +207,36 @@ def test_gradient_of_the_norm_of_a_tiny_tree_is_its_direction():
 def test_leaves_that_are_not_float_arrays_are_rejected_naming_the_leaf(fn, leaf, match):
     with pytest.raises(TypeError, match=match):
         fn({"a": leaf})
+
+
+def _programs_compiled(fn) -> int:
+    """How many programs XLA compiled while ``fn()`` ran."""
+    compiled = []
+
+    def listen(event, duration_s, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(duration_s)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        jax.block_until_ready(fn())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    return len(compiled)
+
+
+@pytest.mark.parametrize("fn", [optaxclip.global_norm, optaxclip.block_norms])
+def test_an_eager_norm_is_one_compiled_program_per_tree_structure(fn):
+    # Leaf sizes no other test uses: op by op, the engine compiled each of its
+    # operations for each new shape here (hundreds of programs; 3 s a call at 2,000
+    # leaves once compiled). block_norms also indexes the per-leaf vector: 3 programs.
+    rng = np.random.default_rng(5)
+    sizes = [1237 + 7 * i for i in range(40)] + [5003, 70001]
+    tree = [jnp.asarray(rng.normal(size=n), jnp.float32) for n in sizes]
+    tree.append(jnp.asarray(rng.normal(size=4099), jnp.bfloat16))
+    first = _programs_compiled(lambda: fn(tree))
+    assert 1 <= first <= (1 if fn is optaxclip.global_norm else 3)
+    overflowed = [x * 1e30 if i == 3 else x for i, x in enumerate(tree)]
+    assert _programs_compiled(lambda: fn(overflowed)) == 0  # same structure: no compile
+    want = norm64(overflowed) if fn is optaxclip.global_norm else [norm64(x) for x in overflowed]
+    np.testing.assert_allclose(np.asarray(fn(overflowed), np.float64), want, rtol=1e-5)
