@@ -19,6 +19,10 @@ from multidevice_checks import PMAP_TRANSFORMS
 import optaxclip
 from optaxclip._catalog import NAMES
 
+# Its tests share one module fixture (a subprocess run): pytest-xdist's loadgroup
+# sends them to one worker, which runs it once while the other worker goes on.
+pytestmark = pytest.mark.xdist_group("multidevice")
+
 SCRIPT = pathlib.Path(__file__).with_name("multidevice_checks.py")
 TIMEOUT_S = 900  # a guard against hangs; the checks take about a minute on 2 cores
 

@@ -32,6 +32,10 @@ from multiprocess_checks import NAN_STEP, SPIKE_STEP
 
 from optaxclip._catalog import BY_NAME, NAMES
 
+# Its tests share one module fixture (a subprocess run): pytest-xdist's loadgroup
+# sends them to one worker, which runs it once while the other worker goes on.
+pytestmark = pytest.mark.xdist_group("multiprocess")
+
 SCRIPT = pathlib.Path(__file__).with_name("multiprocess_checks.py")
 TIMEOUT_S = 600  # a guard against hangs; the three runs take about 15 s on 2 cores
 NUM_PROCESSES = 2

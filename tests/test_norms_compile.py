@@ -476,6 +476,7 @@ def sharded_report():
     return run_json_script(["-c", _SHARDED_CHECK], devices=8, timeout=600, cheap_codegen=False)
 
 
+@pytest.mark.xdist_group("norms_compile_sharded")  # one worker runs sharded_report once
 @pytest.mark.parametrize("mesh_kind", ["Auto", "Explicit"])
 @pytest.mark.parametrize("program", ["global_norm", "block_norms", "clip_by_global_norm"])
 def test_sharded_norm_gathers_nothing_and_all_reduces_scalars(sharded_report, mesh_kind, program):
@@ -486,6 +487,7 @@ def test_sharded_norm_gathers_nothing_and_all_reduces_scalars(sharded_report, me
     assert entry["largest_all_reduce"] <= 50, entry
 
 
+@pytest.mark.xdist_group("norms_compile_sharded")
 @pytest.mark.parametrize("mesh_kind", ["Auto", "Explicit"])
 def test_sharded_norms_equal_float64(sharded_report, mesh_kind):
     values = sharded_report[f"{mesh_kind}/values"]

@@ -19,6 +19,10 @@ import pytest
 from benchmarks import _quality
 from benchmarks.__main__ import parse
 
+# Most tests read one module fixture (a tiny quality run): pytest-xdist's loadgroup sends
+# them to one worker, so that it runs once.
+pytestmark = pytest.mark.xdist_group("quality_benchmark")
+
 TINY = _quality.QualityPlan(
     quick=True,
     steps=40,
