@@ -236,7 +236,7 @@ def tree_shapes(n_leaves: int, n_params: int) -> dict[str, tuple[int, ...]]:
 # unitwise_norm's rescaled unit norms (a named function, later a lambda), the run-time
 # argument check's error callback, and Optax's apply_if_finite rejecting a step.
 RARE_BRANCHES = (
-    ("leaf_and_global_norms.<locals>.rescued", 1),
+    ("_traced_norms.<locals>.rescued", 1),
     ("_group_norms.<locals>.rescued", 0),
     ("map_and_measure.<locals>.rescued", 1),
     ("unitwise_norm.<locals>.rescaled", 1),
