@@ -220,10 +220,11 @@ def _layout(
     ``whole_groups``: one bucket per row width and dtype, however large (the TPU
     rescue, see :func:`leaf_and_global_norms`). Empty arrays are in neither list.
     """
-    # The rescue copies big leaves too, in bigger buckets: fewer kernels.
-    bucket_size = bucket_elements(sum(sizes), _BUCKETS // 2 if copy_big else _BUCKETS)
     if whole_groups:
         bucket_size = max(sum(sizes), 1)
+    else:
+        # The rescue copies big leaves too, in bigger buckets: fewer kernels.
+        bucket_size = bucket_elements(sum(sizes), _BUCKETS // 2 if copy_big else _BUCKETS)
     counts: dict[tuple[str, int], int] = {}
     for x, size in zip(xs, sizes, strict=True):
         key = (jnp.dtype(x.dtype).name, size)
@@ -562,7 +563,7 @@ def _traced_norms(
     n = len(leaves)
     if not n:
         return (jnp.zeros((0,), acc) if leaf_norms else None), jnp.zeros((), acc)
-    flags = list(flags) or [True] * n
+    flags = list(flags)
     may_copy = concatenable(leaves, axis_name)
     # The TPU layout: every leaf reduced on its own, as Optax's clips, and a rescue that
     # copies the small leaves once: a global norm asked for alone sums them as one
@@ -576,7 +577,8 @@ def _traced_norms(
     # clip_by_block_rms 45-60 s), 18.5 MiB of temp memory against 78.7 (Optax 61.6); a
     # rescue reducing each leaf again took 143-158 s and kept 149 MiB. XLA:CPU compiles
     # a reduction per leaf far slower than the buckets (see _layout): it keeps them.
-    tpu_layout = axis_name is None and target_platform(leaves) == "tpu"
+    platform = target_platform(leaves)
+    tpu_layout = axis_name is None and platform == "tpu"
     # Under jit over several devices (leaves GSPMD may shard), when nobody reads the
     # per-leaf sums, the total is added from them (see _added) so that the common path
     # all-reduces one scalar, and the rescue takes the total as every reduction's
@@ -627,7 +629,7 @@ def _traced_norms(
                 scale=factor,
                 # Buckets of big leaves save XLA:CPU kernels; the TPU compiler takes
                 # longer over their concatenations than over a reduction per leaf.
-                copy_big=target_platform(leaves) == "cpu",
+                copy_big=platform == "cpu",
                 whole_groups=tpu_layout,
                 per_leaf=not one_collective,
                 witnesses={
