@@ -192,6 +192,9 @@ def _adaptive_makers(opt: Callable[[], optax.GradientTransformation]) -> dict[st
     return makers
 
 
+ZERO_LEAF_PREFIX = "a zero leaf: "  # candidates stepped on gradients with one leaf of zeros
+
+
 def _donated_makers(opt: Callable[[], optax.GradientTransformation]) -> dict[str, Callable]:
     return {
         "alone": opt,
@@ -199,6 +202,14 @@ def _donated_makers(opt: Callable[[], optax.GradientTransformation]) -> dict[str
             optaxclip.clip_by_global_norm(1.0), opt()
         ),
         "optax.clip_by_global_norm": lambda: optax.chain(optax.clip_by_global_norm(1.0), opt()),
+        # A leaf of exact zeros (a parameter the loss does not use) sends per-leaf norms
+        # down their rescue on every step, which reads that leaf's run of leaves again.
+        "optaxclip.clip_by_block_norm": lambda: optax.chain(
+            optaxclip.clip_by_block_norm(1.0), opt()
+        ),
+        ZERO_LEAF_PREFIX + "optaxclip.clip_by_block_norm": lambda: optax.chain(
+            optaxclip.clip_by_block_norm(1.0), opt()
+        ),
         "optaxclip.skip_nonfinite": lambda: optaxclip.skip_nonfinite(opt()),
         "optaxclip.skip_spikes": lambda: optaxclip.skip_spikes(opt()),
         "optax.apply_if_finite": lambda: optax.apply_if_finite(opt(), 10),
@@ -221,8 +232,10 @@ def donated_benchmarks(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]
     params = H.make_tree(n_leaves, n_params, seed=0)
     grads = H.make_tree(n_leaves, n_params, seed=1)
     makers = _donated_makers(lambda: optax.adamw(1e-3))
+    middle = sorted(grads)[len(grads) // 2]
+    with_zero_leaf = dict(grads, **{middle: jnp.zeros_like(grads[middle])})
     steps = {
-        n: H.Donated(m(), params, grads)
+        n: H.Donated(m(), params, with_zero_leaf if n.startswith(ZERO_LEAF_PREFIX) else grads)
         for n, m in tqdm(makers.items(), desc="donated: compile", unit="candidate")
     }
     runs = {n: s.run for n, s in steps.items()}

@@ -93,6 +93,7 @@ _BUCKETS = 32
 _BUCKET_MIN = 1 << 14  # elements
 _SHARED_LENGTH = 8  # this many small leaves of one size get rows of exactly that size
 _STACK = 64  # the sums of the leaves reduced on their own are stacked this many at a time
+_RESCUE_RUNS = 8  # per-leaf rescue: runs of leaves of about equal size, each behind a cond
 # Multiplying by a power of two is exact, after it no finite float32 (float64) value
 # overflows when squared and summed, and a sum that overflowed unscaled stays far
 # above the smallest normal number.
@@ -105,6 +106,11 @@ _RESCALE = {32: 2.0**-96, 64: 2.0**-768}
 _TINY_TOTAL = {32: 2.0**-40, 64: 2.0**-400}
 _UPSCALE = {32: 2.0**64, 64: 2.0**540}
 _UP_BOUND = {bits: math.sqrt(total) for bits, total in _TINY_TOTAL.items()}
+# A leaf's own sum, for its own norm, needs rescuing only far lower: the squares it lost
+# are each below the smallest normal number (2^-126; 2^-1022), so a leaf of up to 2^30
+# (2^40) elements whose sum is at least _TINY_LEAF lost less than float32's (float64's)
+# rounding of it. So leaves of ordinary small gradients (1e-7) stay on the common path.
+_TINY_LEAF = {32: 2.0**-70, 64: 2.0**-920}
 
 
 def bucket_elements(total: int, buckets: int = _BUCKETS) -> int:
@@ -117,19 +123,39 @@ def is_tiny(sums: jax.Array) -> jax.Array:
     return jnp.isfinite(sums) & (sums < _TINY_TOTAL[jnp.finfo(sums.dtype).bits])
 
 
-def rescue_factor(sums: jax.Array) -> jax.Array:
+def rescue_factor(sums: jax.Array, tiny: dict[int, float] = _TINY_TOTAL) -> jax.Array:
     """The power of two to multiply values by before squaring them again, per sum.
 
     ``_RESCALE`` where a sum of squares is not finite (it overflowed; a NaN or inf input
-    stays NaN or inf rescaled), ``_UPSCALE`` where it is tiny (:func:`is_tiny`), 1
-    elsewhere. A rescued norm is ``sqrt(sum |factor x|^2) / factor``. The factor is a
-    value computed at run time on purpose: XLA would fold a constant's square, which is
-    0 in float32.
+    stays NaN or inf rescaled), ``_UPSCALE`` where it is below ``tiny`` (by the dtype's
+    bits: ``_TINY_TOTAL`` as :func:`is_tiny` for totals, ``_TINY_LEAF`` for a leaf's
+    own norm), 1 elsewhere. A rescued norm is ``sqrt(sum |factor x|^2) / factor``. The
+    factor is a value computed at run time on purpose: XLA would fold a constant's
+    square, which is 0 in float32.
     """
     bits = jnp.finfo(sums.dtype).bits
     down = jnp.asarray(_RESCALE[bits], sums.dtype)
     up = jnp.asarray(_UPSCALE[bits], sums.dtype)
-    return jnp.where(~jnp.isfinite(sums), down, jnp.where(is_tiny(sums), up, 1)).astype(sums.dtype)
+    below = jnp.asarray(tiny[bits], sums.dtype)
+    # NaN and inf fail both comparisons: scaled down. (The shortest form: the TPU rescue
+    # computes one per leaf.)
+    return jnp.where(sums < below, up, jnp.where(jnp.isfinite(sums), 1, down)).astype(sums.dtype)
+
+
+def _runs(sizes: Sequence[int], count: int) -> list[list[int]]:
+    """Positions ``0..len(sizes)-1`` cut, in order, into at most ``count`` runs of about
+    equal total size (a big enough one alone in its run)."""
+    runs: list[list[int]] = []
+    run: list[int] = []
+    run_size, left, runs_left = 0, sum(sizes), count
+    for k, size in enumerate(sizes):
+        run.append(k)
+        run_size += size
+        if runs_left > 1 and run_size * runs_left >= left:
+            runs.append(run)
+            left, runs_left = left - run_size, runs_left - 1
+            run, run_size = [], 0
+    return runs + [run] if run else runs
 
 
 def _padded_width(n: int) -> int:
@@ -276,6 +302,24 @@ def own_scale(witness: jax.Array, scale: Any, acc: jnp.dtype) -> jax.Array:
     return jax.lax.select(bad, jnp.asarray(scale / 2, acc), jnp.asarray(scale, acc))
 
 
+def _leaf_scale(scale: Any, i: int, witness: jax.Array, from_witness: bool) -> Any:
+    """The factor of array ``i`` reduced on its own: ``scale`` when it is one for all;
+    from a vector of one per array, :func:`rescue_factor` of the array's own sum (its
+    ``witness``) when ``from_witness`` (that sum is the whole array's: no ``psum`` to
+    come, so it is the vector's entry, computed again), else the vector's entry.
+
+    Read from the witness, not out of the vector, because the TPU compiler kept 0.2 MiB
+    more temp memory for the read at 100 leaves of 200,000 (sgd); gathered into a
+    vector, for rows of a bucket, because per-row scalars took it 77 s instead of 55 s
+    to compile at 2,000 leaves of 1,000 and kept 89 MiB instead of 19.
+    """
+    if jnp.ndim(scale) != 1:
+        return scale
+    if from_witness:
+        return rescue_factor(witness, _TINY_LEAF)
+    return scale[i]
+
+
 class _Sums(NamedTuple):
     """Per-array sums of squares, in the order of the arrays.
 
@@ -307,9 +351,10 @@ def _square_sums(
     acc: jnp.dtype,
     concatenable: Sequence[bool],
     *,
-    scale: float | None = None,
+    scale: Any = None,
     copy_big: bool = False,
     witnesses: dict[int, jax.Array] | None = None,
+    factor_from_witness: bool = False,
     per_leaf: bool = True,
     whole_groups: bool = False,
 ) -> _Sums:
@@ -318,6 +363,8 @@ def _square_sums(
     Without ``scale`` (the common pass) the buckets also give their rescaled sums. With
     it (the rescue of the arrays reduced on their own), ``witnesses`` holds their plain
     sums, which tie each reduction to a scale of its own (see :func:`own_scale`).
+    ``scale`` is one factor for every array, or a vector of one per array (see
+    :func:`_leaf_scale` for ``factor_from_witness``).
     ``per_leaf=False``: the caller reads only :meth:`_Sums.scalar_parts`, so the plain
     sums are not gathered into a vector (``plain`` is None).
     """
@@ -330,8 +377,12 @@ def _square_sums(
     scaled_parts: list[jax.Array] = []
     owners: list[int] = []  # the array of each entry of concatenate(parts); -1: none
     solo: dict[int, jax.Array] = {}
+    per_array = scale is not None and jnp.ndim(scale) == 1
     for i in direct:
-        c = None if scale is None else own_scale(witnesses[i], scale, acc)
+        c = None
+        if scale is not None:
+            factor = _leaf_scale(scale, i, witnesses[i], factor_from_witness)
+            c = own_scale(witnesses[i], factor, acc)
         solo[i] = jnp.sum(abs_sq(xs[i], acc, c))
     for k in range(0, len(direct), _STACK):
         # A concatenation of thousands of scalars compiles superlinearly slowly, so
@@ -367,6 +418,11 @@ def _square_sums(
                 abs_sq(y, acc), abs_sq(y, acc, down), abs_sq(y, acc, up, bound=bound)
             )
             scaled_parts.append(jnp.stack([sums_down, sums_up]))
+        elif per_array:
+            # A factor per row, gathered at once; the link row (dropped) takes the first's.
+            owner = rows + [rows[0]] * (y.shape[0] - len(rows))
+            row_scale = own_scale(flat[0], scale[np.array(owner)][:, None], acc)
+            sums = jnp.sum(abs_sq(y, acc, row_scale), axis=1)
         else:
             sums = jnp.sum(abs_sq(y, acc, own_scale(flat[0], scale, acc)), axis=1)
         link = jax.lax.stop_gradient(sums[0])
@@ -470,11 +526,19 @@ def _sums_over_devices(
         return reduce(sums) if axis_name is not None and all(flags) else sums
     groups = [[i for i, f in enumerate(flags) if f], [i for i, f in enumerate(flags) if not f]]
     witnesses = options.pop("witnesses", None)
+    scale = options.pop("scale", None)
     parts, solo = [], {}
     for k, g in enumerate(groups):
         local = witnesses and {j: witnesses[i] for j, i in enumerate(g) if i in witnesses}
+        per_array = scale is not None and jnp.ndim(scale) == 1
+        local_scale = scale[np.array(g)] if per_array else scale
         sums = _square_sums(
-            [xs[i] for i in g], acc, [concatenable[i] for i in g], witnesses=local, **options
+            [xs[i] for i in g],
+            acc,
+            [concatenable[i] for i in g],
+            witnesses=local,
+            scale=local_scale,
+            **options,
         )
         parts.append(reduce(sums) if k == 0 else sums)
         solo.update({g[j]: v for j, v in sums.solo.items()})
@@ -508,15 +572,21 @@ def leaf_and_global_norms(
     traced, it is traced into the caller's program.
 
     The float32 (float64) sums of squares come first; only when their total is not
-    finite or is tiny (squares may have flushed to zero, :func:`is_tiny`) does a second
-    pass run (behind a ``lax.cond``), multiplying the values by a power of two before
-    squaring, so that a leaf whose sum overflowed or underflowed gets its right, finite
-    norm while a NaN/inf input still gives NaN/inf. The second pass reads the leaves
-    reduced on their own again; bucketed small leaves got their rescaled sums in the
-    first pass. Compiled for a TPU there are no buckets: every leaf is reduced on its
-    own and the second pass reads them all, the small ones copied once (one
-    concatenation per dtype for a global norm asked for alone, :func:`_rescaled_total`;
-    one bucket per dtype and row width for per-leaf norms).
+    finite or is tiny (squares may have flushed to zero, :func:`is_tiny`), or, when
+    per-leaf norms are asked for, some non-empty leaf's sum is below ``_TINY_LEAF`` (0
+    included: a sum of 0 cannot tell flushed squares from zeros), does a second pass run
+    (behind a ``lax.cond``), multiplying the values by a power of two before squaring,
+    so that a leaf whose sum overflowed or underflowed gets its right, finite norm while
+    a NaN/inf input still gives NaN/inf. For per-leaf norms the power of two is each
+    leaf's own (:func:`rescue_factor` of its plain sum), whatever the total, and the
+    leaves reduced on their own are read again in runs (``_RESCUE_RUNS``), each behind a
+    ``lax.cond`` of its own that skips a run whose leaves all keep their plain sums. The
+    second pass reads the leaves reduced on their own again; bucketed small leaves got
+    their rescaled sums in the first pass. Compiled for a TPU there are no buckets:
+    every leaf is reduced on its own and the second pass reads them all, the small ones
+    copied once (one concatenation per dtype for a global norm asked for alone,
+    :func:`_rescaled_total`; one bucket per dtype and row width, in each run, for
+    per-leaf norms).
 
     Args:
       leaves: the arrays (no None).
@@ -564,6 +634,7 @@ def _traced_norms(
     if not n:
         return (jnp.zeros((0,), acc) if leaf_norms else None), jnp.zeros((), acc)
     flags = list(flags)
+    sizes = [math.prod(np.shape(x)) for x in leaves]
     may_copy = concatenable(leaves, axis_name)
     # The TPU layout: every leaf reduced on its own, as Optax's clips, and a rescue that
     # copies the small leaves once: a global norm asked for alone sums them as one
@@ -599,17 +670,32 @@ def _traced_norms(
     else:
         total = jnp.sum(first.plain)
 
-    # Both branches give (a, g): where a leaf's plain sum is not finite (or the total is
-    # tiny), its norm is sqrt(a) / factor; g is the norm. The norm reaches the caller
-    # only through the cond: XLA then cannot copy the sum over all leaves into every
-    # kernel that reads it (on thousands of leaves that made compile time grow with the
-    # square of their number).
+    # Both branches give (a, g): where a leaf is rescued (below), its norm is
+    # sqrt(a) / its factor; g is the norm. The norm reaches the caller only through the
+    # cond: XLA then cannot copy the sum over all leaves into every kernel that reads it
+    # (on thousands of leaves that made compile time grow with the square of their
+    # number).
     bucketed = first.scaled is not None
     # A tree whose plain total is tiny may have lost squares below the smallest normal
     # number; one whose total is inf overflowed. Both are rescued by one branch, which
     # scales by _UPSCALE or _RESCALE (a value it reads at run time: one set of kernels).
     tiny = is_tiny(total)
     factor = rescue_factor(total)
+    if leaf_norms:
+        # Per-leaf norms are rescued leaf by leaf: a leaf whose plain sum is below
+        # _TINY_LEAF (its squares may all have flushed to zero: 0 cannot tell them from
+        # a zero gradient) is summed again times _UPSCALE, one whose sum overflowed times
+        # _RESCALE, the others times 1, whatever the total. So a leaf of zeros (or of
+        # values below ~1e-11 in float32) sends the step down the rescue too; empty
+        # leaves do not.
+        nonempty = np.array([size > 0 for size in sizes])
+        up = (first.plain < _TINY_LEAF[jnp.finfo(acc).bits]) & nonempty
+        down = ~jnp.isfinite(first.plain)
+        factors = jnp.where(nonempty, rescue_factor(first.plain, _TINY_LEAF), 1).astype(acc)
+        common_path = jnp.isfinite(total) & ~tiny & ~jnp.any(up)
+    else:  # only the total is read: the whole tree is scaled alike
+        up, down, factors = tiny, ~tiny, factor
+        common_path = jnp.isfinite(total) & ~tiny
 
     def common(operands):
         sums = (first.scaled[0] if bucketed else first.plain) if leaf_norms else None
@@ -621,29 +707,52 @@ def _traced_norms(
         # Nothing bucketed: zeros stand for the leaves that are neither reduced on their
         # own nor bucketed (the empty ones, whose plain sum is 0 and finite).
         if bucketed:
-            rescued_sums = jnp.where(tiny, first.scaled[1], first.scaled[0])
+            plain = first.scaled[0] if first.plain is None else first.plain
+            rescued_sums = jnp.where(up, first.scaled[1], jnp.where(down, first.scaled[0], plain))
         else:
             rescued_sums = jnp.zeros((n,), acc)
         if pending:
-            options = dict(
-                scale=factor,
-                # Buckets of big leaves save XLA:CPU kernels; the TPU compiler takes
-                # longer over their concatenations than over a reduction per leaf.
-                copy_big=platform == "cpu",
-                whole_groups=tpu_layout,
-                per_leaf=not one_collective,
-                witnesses={
-                    k: total if one_collective else first.solo[i]
-                    for k, i in enumerate(pending)
-                },
-            )
-            sub = [operands[i] for i in pending]
-            sub_flags, sub_ok = [flags[i] for i in pending], [may_copy[i] for i in pending]
-            again_sums = _sums_over_devices(sub, acc, sub_flags, axis_name, sub_ok, **options)
-            if one_collective:  # rescued_sums holds the bucketed leaves' rescaled sums
-                parts = [*again_sums.scalar_parts(), jnp.sum(rescued_sums)]
-                return None, safe_sqrt(_added(parts, acc)) / factor
-            again = again_sums.plain
+
+            def rescan(run: list[int], xs: list[jax.Array]) -> _Sums:
+                """The rescaled sums of the leaves ``run`` (of ``pending``), values ``xs``."""
+                options = dict(
+                    scale=factors[np.array(run)] if leaf_norms else factor,
+                    factor_from_witness=axis_name is None,
+                    # Buckets of big leaves save XLA:CPU kernels; the TPU compiler takes
+                    # longer over their concatenations than over a reduction per leaf.
+                    copy_big=platform == "cpu",
+                    whole_groups=tpu_layout,
+                    per_leaf=not one_collective,
+                    witnesses={
+                        k: total if one_collective else first.solo[i] for k, i in enumerate(run)
+                    },
+                )
+                run_flags, run_ok = [flags[i] for i in run], [may_copy[i] for i in run]
+                return _sums_over_devices(xs, acc, run_flags, axis_name, run_ok, **options)
+
+            if not leaf_norms:
+                again_sums = rescan(pending, [operands[i] for i in pending])
+                if one_collective:  # rescued_sums holds the bucketed leaves' rescaled sums
+                    parts = [*again_sums.scalar_parts(), jnp.sum(rescued_sums)]
+                    return None, safe_sqrt(_added(parts, acc)) / factor
+                again = again_sums.plain
+            else:
+                # Per-leaf factors: a run of leaves whose factors are all 1 keeps its
+                # plain sums, so that a leaf of zeros (which takes this branch on every
+                # step) costs a second read of its run, not of every big leaf.
+                parts = []
+                for run in _runs([sizes[i] for i in pending], _RESCUE_RUNS):
+                    run = [pending[k] for k in run]
+                    cols = np.array(run)
+                    parts.append(
+                        jax.lax.cond(
+                            jnp.any(factors[cols] != 1),
+                            lambda xs, run=run: rescan(run, xs).plain,
+                            lambda xs, cols=cols: first.plain[cols],
+                            [operands[i] for i in run],
+                        )
+                    )
+                again = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
             if len(pending) == n:
                 rescued_sums = again
             else:
@@ -652,14 +761,19 @@ def _traced_norms(
                 rescued_sums = jnp.concatenate([rescued_sums, again])[index]
         # The rescaled total is accurate: where the plain one overflowed, the squares
         # that scaling down flushes to zero are negligible next to it; where it was
-        # tiny, scaling up overflows nothing.
-        norm = safe_sqrt(jnp.sum(rescued_sums)) / factor
+        # tiny, scaling up overflows nothing. Leaves summed with a factor of their own
+        # are brought to the tree's by a power of two, applied twice (its square may
+        # not be representable) and exact: (a * r) * r with r = factor / their factor.
+        if leaf_norms:
+            ratio = factor / factors
+            norm = safe_sqrt(jnp.sum(rescued_sums * ratio * ratio)) / factor
+        else:
+            norm = safe_sqrt(jnp.sum(rescued_sums)) / factor
         return (rescued_sums if leaf_norms else None), norm
 
-    rescued_sums, norm = jax.lax.cond(jnp.isfinite(total) & ~tiny, common, rescued, list(leaves))
+    rescued_sums, norm = jax.lax.cond(common_path, common, rescued, list(leaves))
     if not leaf_norms:
         return None, norm
     # Which leaves read their norm from the rescaled sums.
-    use_rescued = jnp.where(tiny, True, ~jnp.isfinite(first.plain))
-    per_leaf = jnp.where(use_rescued, safe_sqrt(rescued_sums) / factor, safe_sqrt(first.plain))
+    per_leaf = jnp.where(up | down, safe_sqrt(rescued_sums) / factors, safe_sqrt(first.plain))
     return per_leaf, norm

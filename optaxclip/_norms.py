@@ -3,7 +3,8 @@
 Every norm of a whole leaf in optaxclip goes through
 :func:`optaxclip._norm_engine.leaf_and_global_norms`. The common case
 costs one read of each leaf: the float32 (float64 when a leaf is float64) sum of
-squares. Only when that sum is not finite, or tiny, does a ``lax.cond`` branch run,
+squares. Only when that sum is not finite, or tiny (for per-leaf norms: when some
+leaf's is), does a ``lax.cond`` branch run,
 which sums the squares of each leaf times a fixed power of two, so that values beyond
 ~1.8e19 (whose squares overflow float32) and below ~1e-19 (whose squares flush to zero)
 still give the right, finite norm, while a NaN or inf in the input still gives a NaN or
@@ -131,6 +132,12 @@ def global_norm(tree: Any, *, axis_name: AxisName = None, sharded: Sharded = Non
 def block_norms(tree: Any, *, axis_name: AxisName = None, sharded: Sharded = None) -> Any:
     """The L2 norm of each leaf, with the same robustness as :func:`global_norm`.
 
+    Each leaf is exact on its own terms: a leaf whose values are all below ~1e-19 (its
+    float32 squares flush to zero) gets its norm beside leaves of any size, also when
+    another leaf's squares overflow. A leaf whose sum of squares is below 2^-70 (~1e-21),
+    zeros included (a sum of 0 cannot tell them from flushed squares), sends the step
+    down the rescaled pass, which reads the leaves of 4,096 elements or more again.
+
     Called outside ``jit`` the norms are computed by one program, compiled on the first
     call for each tree structure (and each set of leaf shapes and dtypes).
 
@@ -149,6 +156,9 @@ def block_norms(tree: Any, *, axis_name: AxisName = None, sharded: Sharded = Non
       >>> norms = optaxclip.block_norms({"w": jnp.ones((2, 2)), "b": jnp.array([3.0, 4.0])})
       >>> print({k: float(v) for k, v in norms.items()})
       {'b': 5.0, 'w': 2.0}
+      >>> tiny = optaxclip.block_norms({"a": jnp.ones(4), "b": jnp.array([3e-30, 4e-30])})
+      >>> print(tiny["b"])
+      5e-30
     """
     check_float_leaves(tree, "tree")
     leaves, treedef = jax.tree_util.tree_flatten(tree)

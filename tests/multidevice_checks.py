@@ -390,7 +390,32 @@ def check_shard_map() -> dict[str, list[str]]:
         elif np.all(skips == skips[0]):
             problems.append(f"without axis_name all devices agreed anyway: {skips}")
     results["shard_map/nan_on_one_shard_skips_on_every_device"] = problems
+    results["shard_map/block_norms_rescue_leaf_by_leaf"] = _block_norms_rescue(mesh)
     return results
+
+
+def _block_norms_rescue(mesh: Mesh) -> list[str]:
+    """block_norms under shard_map (axis_name, sharded and replicated leaves) against
+    float64, where a sharded and a replicated leaf have squares that all flush to zero in
+    float32 and another sharded leaf overflows: each leaf is rescued on its own."""
+    rng = np.random.default_rng(5)
+    tree = {k: rng.standard_normal(s).astype(np.float32) for k, s in SM_SHAPES.items()}
+    tree["w_rows"] *= np.float32(1e-25)
+    tree["bias"] *= np.float32(1e-25)
+    tree["w_cols"][0, :2] = [3e19, -4e19]
+    fn = jax.shard_map(
+        lambda g: optaxclip.block_norms(g, axis_name="x", sharded=SM_SHARDED),
+        mesh=mesh,
+        in_specs=(SM_SPECS,),
+        out_specs=P(),
+    )
+    got = jax.jit(fn)(tree)
+    problems = []
+    for key, value in tree.items():
+        want = float(np.sqrt(np.sum(np.square(value.astype(np.float64)))))
+        if not abs(float(got[key]) - want) <= REL_TOL * want:
+            problems.append(f"block_norms[{key!r}] {float(got[key])!r} vs {want!r} (float64)")
+    return problems
 
 
 def check_shard_map_two_axes() -> dict[str, list[str]]:

@@ -64,6 +64,17 @@ def test_global_norm_equals_float64_over_sixty_decades(tree):
     assert got == pytest.approx(want, rel=1e-5, abs=0)
 
 
+@given(trees(), st.booleans())
+def test_block_norms_equal_float64_leaf_by_leaf_over_sixty_decades(tree, with_zero_leaf):
+    # Each leaf at its own scale: a leaf of values ~1e-25 beside one of ~1e20 (its squares
+    # flush to zero while the tree's total overflows) or beside a zero leaf.
+    if with_zero_leaf:
+        tree = {**tree, "zero": jnp.zeros((3,), jnp.float32)}
+    got = optaxclip.block_norms(tree)
+    for key, leaf in tree.items():
+        assert float(got[key]) == pytest.approx(norm64(leaf), rel=1e-5, abs=0), key
+
+
 @given(trees(), st.floats(1e-20, 1e20))
 def test_clip_by_global_norm_keeps_the_direction_and_caps_the_norm(tree, max_norm):
     tx = optaxclip.clip_by_global_norm(max_norm)

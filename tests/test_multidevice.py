@@ -58,6 +58,12 @@ def test_shard_map_without_axis_name_each_shard_uses_its_own_norm(report):
     assert_check_ok(report, "shard_map/without_axis_name_each_shard_uses_its_own_norm")
 
 
+def test_shard_map_block_norms_rescue_each_leaf_as_in_float64(report):
+    # A sharded and a replicated leaf whose squares all flush to zero in float32, beside
+    # a sharded leaf whose squares overflow: every leaf's norm is float64's.
+    assert_check_ok(report, "shard_map/block_norms_rescue_leaf_by_leaf")
+
+
 def test_shard_map_tuple_axis_name_over_a_2x4_mesh(report):
     assert_check_ok(report, "shard_map/tuple_axis_name_over_a_2x4_mesh")
 

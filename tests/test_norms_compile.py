@@ -63,6 +63,26 @@ def _set(leaves: list[jax.Array], index: int, values: list[float]) -> list[jax.A
     return out
 
 
+def _scaled(leaves: list[jax.Array], scales: dict[int, float]) -> list[jax.Array]:
+    """A copy of ``leaves`` whose leaf ``i`` is multiplied by ``scales[i]`` (in float64)."""
+    out = list(leaves)
+    for i, scale in scales.items():
+        out[i] = jnp.asarray(np64(out[i]) * scale, out[i].dtype)
+    return out
+
+
+def _tiny_leaf_cases(leaves: list[jax.Array], small: int, big: int) -> dict[str, list]:
+    """One leaf whose squares all flush to zero in float32 (values ~1e-25) beside normal
+    leaves, beside an overflowing one, beside a zero leaf: the tree's total is normal or
+    inf, so only the leaf's own sum says it needs rescuing."""
+    return {
+        "a tiny small leaf": _scaled(leaves, {small: 1e-25}),
+        "a tiny big leaf": _scaled(leaves, {big: 1e-25}),
+        "a tiny leaf beside an overflow": _set(_scaled(leaves, {small: 1e-25}), big, [3e19]),
+        "a tiny leaf beside a zero leaf": _scaled(leaves, {small: 1e-25, big: 0.0}),
+    }
+
+
 def _small_f32_leaf(leaves: list[jax.Array]) -> int:
     return next(
         i
@@ -86,6 +106,9 @@ def test_bucketed_norms_match_float64_on_mixed_trees(n_leaves):
     big = [i for i, x in enumerate(leaves) if x.size >= SMALL_LEAF and x.dtype == jnp.float32]
     if big:
         cases["overflow in a big leaf"] = _set(leaves, big[0], [3e19, 4e19])
+    if n_leaves > 1:  # with a big float32 leaf (reduced on its own) at the end
+        with_big = [*leaves, jnp.asarray(np.linspace(-2, 3, 2 * SMALL_LEAF), jnp.float32)]
+        cases.update(_tiny_leaf_cases(with_big, _small_f32_leaf(leaves), len(leaves)))
     for name, tree in cases.items():
         got_leaves, got = norms(tree)
         got_leaves = np.asarray(got_leaves, np.float64)
@@ -180,6 +203,20 @@ def _elements_concatenated(jaxpr) -> int:
     return total
 
 
+def _concatenations(jaxpr) -> list:
+    """Every concatenation of ``jaxpr``, in the functions and conditionals it calls too."""
+    found = []
+    for e in jaxpr.eqns:
+        if e.primitive.name == "concatenate":
+            found.append(e)
+        for value in e.params.values():
+            for inner in value if isinstance(value, tuple) else (value,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    found += _concatenations(inner)
+    return found
+
+
 def _tpu_cases(n_leaves: int) -> tuple[list[jax.Array], dict[str, list[jax.Array]]]:
     """A tree of mixed sizes and dtypes plus a big leaf, and its variants: overflow in a
     small and in a big leaf, the whole tree tiny, a NaN, an inf."""
@@ -193,6 +230,7 @@ def _tpu_cases(n_leaves: int) -> tuple[list[jax.Array], dict[str, list[jax.Array
         "tiny": [jnp.asarray(np64(x) * 1e-25, x.dtype) for x in leaves],
         "nan": _set(leaves, small, [np.nan]),
         "inf": _set(leaves, big, [np.inf]),
+        **_tiny_leaf_cases(leaves, small, big),
     }
 
 
@@ -246,18 +284,21 @@ def test_tpu_global_norm_gradient_and_vmap(tpu_layout):
 @pytest.mark.parametrize("n_leaves", [10, 300])
 def test_tpu_leaf_norms_sum_each_leaf_and_rescue_one_copy_per_row_width(tpu_layout, n_leaves):
     """For a TPU per-leaf norms too reduce every leaf on its own (no bucket copies on the
-    common path); the rescue copies the small leaves once, one concatenation per dtype and
-    row width (not per bucket): per-leaf and global norms equal float64's in every case."""
+    common path); the rescue copies the small leaves once, in each of its runs of leaves
+    one concatenation per dtype and row width (not per bucket): per-leaf and global norms
+    equal float64's in every case."""
     leaves, cases = _tpu_cases(n_leaves)
     jaxpr = jax.make_jaxpr(leaf_and_global_norms)(leaves).jaxpr
     assert _elements_concatenated(jaxpr) <= 2 * len(leaves) + 1
     (cond,) = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
     rare = max(cond.params["branches"], key=lambda b: len(b.jaxpr.eqns)).jaxpr
     small_kinds = {(x.dtype, x.size) for x in leaves if 0 < x.size < SMALL_LEAF}
-    copies = [e for e in rare.eqns if e.primitive.name == "concatenate"]
+    copies = _concatenations(rare)
     copied = sum(e.outvars[0].aval.size for e in copies)
-    # One per dtype and row width, and two that put the sums in the leaves' order.
-    assert 0 < len(copies) <= len(small_kinds) + 2
+    # In each run, one per dtype and row width and one that puts the sums in the leaves'
+    # order; one that joins the runs' sums, two that order the whole.
+    runs = _norm_engine._RESCUE_RUNS
+    assert 0 < len(copies) <= runs * (len(small_kinds) + 1) + 3
     assert copied >= sum(x.size for x in leaves if x.size < SMALL_LEAF)
     norms = jax.jit(leaf_and_global_norms)
     for name, tree in cases.items():
@@ -267,10 +308,13 @@ def test_tpu_leaf_norms_sum_each_leaf_and_rescue_one_copy_per_row_width(tpu_layo
         assert np.all((np.asarray(got_leaves)[ok] > 0) | (want_leaves[ok] == 0)), name
 
 
-def test_tpu_leaf_norms_gradient_and_vmap(tpu_layout):
-    leaves = [x for x in _tree(40, seed=5) if x.dtype == jnp.float32 and x.size]
+def _check_leaf_norms_gradient_and_vmap(seed: int) -> None:
+    """d||x_i|| / dx_i = x_i / ||x_i|| on a plain tree, one with an overflowing leaf and
+    one with a tiny leaf (each rescued alone); 0 at zero; per-example rows under vmap."""
+    leaves = [x for x in _tree(40, seed=seed) if x.dtype == jnp.float32 and x.size]
     grad = jax.jit(jax.grad(lambda t: jnp.sum(leaf_and_global_norms(t)[0])))
-    for tree in (leaves, _set(leaves, _small_f32_leaf(leaves), [3e19, 4e19])):
+    small = _small_f32_leaf(leaves)
+    for tree in (leaves, _set(leaves, small, [3e19, 4e19]), _scaled(leaves, {small: 1e-25})):
         want_leaves, _ = _reference(tree)
         for g, x, n in zip(grad(tree), tree, want_leaves, strict=True):
             np.testing.assert_allclose(g, np64(x) / n, rtol=1e-5, atol=1e-30)
@@ -279,6 +323,14 @@ def test_tpu_leaf_norms_gradient_and_vmap(tpu_layout):
     got = jax.jit(jax.vmap(lambda t: leaf_and_global_norms(t)[0]))(rows)
     want = [norms64([r[k] for r in rows]) for k in range(3)]
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5)
+
+
+def test_leaf_norms_gradient_and_vmap():
+    _check_leaf_norms_gradient_and_vmap(seed=6)
+
+
+def test_tpu_leaf_norms_gradient_and_vmap(tpu_layout):
+    _check_leaf_norms_gradient_and_vmap(seed=5)
 
 
 def test_thousands_of_small_leaves_compile_to_few_kernels():
@@ -428,6 +480,9 @@ _SHARDED_CHECK = textwrap.dedent(
     shapes["temperature"], specs["temperature"] = (), P()
     tree = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     tree["l3/w_in"][0, :2] = [3e19, 4e19]  # the rescue pass must stay sharded too
+    tree["l5/bias"] *= 1e-25  # sharded leaves whose squares all flush to zero,
+    tree["l7/w_out"] *= 1e-25  # rescued one by one beside the overflow,
+    tree["l2/scale"] *= 1e-25  # and a replicated one
     leaves64 = {k: v.astype(np.float64) for k, v in tree.items()}
     want = float(np.sqrt(sum(np.sum(v**2) for v in leaves64.values())))
     want_blocks = {k: float(np.sqrt(np.sum(v**2))) for k, v in leaves64.items()}
