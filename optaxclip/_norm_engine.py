@@ -331,8 +331,9 @@ class _Sums(NamedTuple):
     Every rescaled sum is read as if c were _RESCALE (_UPSCALE). :func:`own_scale` halves c only
     in a reduction whose witness is NaN: a leaf reduced on its own whose sum is NaN
     anyway, or a bucket whose first leaf holds a NaN (the total is then NaN, and
-    another leaf of that bucket whose plain sum overflowed would read a norm half its
-    size in that NaN step).
+    another leaf of that bucket whose plain sum overflowed, or is below ``_TINY_LEAF``,
+    reads a norm half its size in that NaN step: a known limit, documented in the
+    decisions guide; a witness per row would cost the common pass a strided read).
     """
 
     plain: jax.Array | None

@@ -136,7 +136,9 @@ def block_norms(tree: Any, *, axis_name: AxisName = None, sharded: Sharded = Non
     float32 squares flush to zero) gets its norm beside leaves of any size, also when
     another leaf's squares overflow. A leaf whose sum of squares is below 2^-70 (~1e-21),
     zeros included (a sum of 0 cannot tell them from flushed squares), sends the step
-    down the rescaled pass, which reads the leaves of 4,096 elements or more again.
+    down the rescaled pass, which reads the leaves of 4,096 elements or more again. (In
+    a step where a leaf holds a NaN, such a leaf can read half its norm: see the
+    decisions guide.)
 
     Called outside ``jit`` the norms are computed by one program, compiled on the first
     call for each tree structure (and each set of leaf shapes and dtypes).
