@@ -528,10 +528,10 @@ def _sums_over_devices(
     groups = [[i for i, f in enumerate(flags) if f], [i for i, f in enumerate(flags) if not f]]
     witnesses = options.pop("witnesses", None)
     scale = options.pop("scale", None)
+    per_array = scale is not None and jnp.ndim(scale) == 1  # one factor per array
     parts, solo = [], {}
     for k, g in enumerate(groups):
         local = witnesses and {j: witnesses[i] for j, i in enumerate(g) if i in witnesses}
-        per_array = scale is not None and jnp.ndim(scale) == 1
         local_scale = scale[np.array(g)] if per_array else scale
         sums = _square_sums(
             [xs[i] for i in g],
