@@ -302,19 +302,17 @@ def own_scale(witness: jax.Array, scale: Any, acc: jnp.dtype) -> jax.Array:
     return jax.lax.select(bad, jnp.asarray(scale / 2, acc), jnp.asarray(scale, acc))
 
 
-def _leaf_scale(scale: Any, i: int, witness: jax.Array, from_witness: bool) -> Any:
-    """The factor of array ``i`` reduced on its own: ``scale`` when it is one for all;
-    from a vector of one per array, :func:`rescue_factor` of the array's own sum (its
-    ``witness``) when ``from_witness`` (that sum is the whole array's: no ``psum`` to
-    come, so it is the vector's entry, computed again), else the vector's entry.
+def _leaf_scale(scale: jax.Array, i: int, witness: jax.Array, from_witness: bool) -> Any:
+    """The factor of array ``i`` reduced on its own, from ``scale``, a vector of one per
+    array: :func:`rescue_factor` of the array's own sum (its ``witness``) when
+    ``from_witness`` (that sum is the whole array's: no ``psum`` to come, so it is the
+    vector's entry, computed again), else the vector's entry.
 
     Read from the witness, not out of the vector, because the TPU compiler kept 0.2 MiB
     more temp memory for the read at 100 leaves of 200,000 (sgd); gathered into a
     vector, for rows of a bucket, because per-row scalars took it 77 s instead of 55 s
     to compile at 2,000 leaves of 1,000 and kept 89 MiB instead of 19.
     """
-    if jnp.ndim(scale) != 1:
-        return scale
     if from_witness:
         return rescue_factor(witness, _TINY_LEAF)
     return scale[i]
@@ -382,7 +380,9 @@ def _square_sums(
     for i in direct:
         c = None
         if scale is not None:
-            factor = _leaf_scale(scale, i, witnesses[i], factor_from_witness)
+            factor = scale
+            if per_array:
+                factor = _leaf_scale(scale, i, witnesses[i], factor_from_witness)
             c = own_scale(witnesses[i], factor, acc)
         solo[i] = jnp.sum(abs_sq(xs[i], acc, c))
     for k in range(0, len(direct), _STACK):
@@ -694,8 +694,7 @@ def _traced_norms(
         down = ~jnp.isfinite(first.plain)
         factors = jnp.where(nonempty, rescue_factor(first.plain, _TINY_LEAF), 1).astype(acc)
         common_path = jnp.isfinite(total) & ~tiny & ~jnp.any(up)
-    else:  # only the total is read: the whole tree is scaled alike
-        up, down, factors = tiny, ~tiny, factor
+    else:  # only the total is read: the whole tree is scaled alike, by factor
         common_path = jnp.isfinite(total) & ~tiny
 
     def common(operands):
@@ -707,9 +706,12 @@ def _traced_norms(
             return None, safe_sqrt(_rescaled_total(operands, acc, may_copy, factor, total)) / factor
         # Nothing bucketed: zeros stand for the leaves that are neither reduced on their
         # own nor bucketed (the empty ones, whose plain sum is 0 and finite).
-        if bucketed:
-            plain = first.scaled[0] if first.plain is None else first.plain
-            rescued_sums = jnp.where(up, first.scaled[1], jnp.where(down, first.scaled[0], plain))
+        if bucketed and leaf_norms:
+            rescued_sums = jnp.where(
+                up, first.scaled[1], jnp.where(down, first.scaled[0], first.plain)
+            )
+        elif bucketed:
+            rescued_sums = jnp.where(tiny, first.scaled[1], first.scaled[0])
         else:
             rescued_sums = jnp.zeros((n,), acc)
         if pending:
