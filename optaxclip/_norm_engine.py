@@ -123,6 +123,14 @@ def is_tiny(sums: jax.Array) -> jax.Array:
     return jnp.isfinite(sums) & (sums < _TINY_TOTAL[jnp.finfo(sums.dtype).bits])
 
 
+def rescaling(acc: Any) -> tuple[float, float, float]:
+    """``(down, up, bound)`` for the accumulation dtype: the powers of two a sum that
+    overflowed (``_RESCALE``) or is tiny (``_UPSCALE``) is summed again with, and the
+    clamp that keeps an up-scaled square finite where it is not read (``_UP_BOUND``)."""
+    bits = jnp.finfo(acc).bits
+    return _RESCALE[bits], _UPSCALE[bits], _UP_BOUND[bits]
+
+
 def rescue_factor(sums: jax.Array, tiny: dict[int, float] = _TINY_TOTAL) -> jax.Array:
     """The power of two to multiply values by before squaring them again, per sum.
 

@@ -11,7 +11,12 @@ import numpy as np
 import optax
 
 from optaxclip import _stats
-from optaxclip._mechanics import NONFINITE_POLICIES, apply_nonfinite_policy, map_and_measure
+from optaxclip._mechanics import (
+    NONFINITE_POLICIES,
+    apply_nonfinite_policy,
+    map_and_measure,
+    map_and_measure_mapped,
+)
 from optaxclip._norm_engine import leaf_and_global_norms, safe_sqrt, target_platform
 from optaxclip._norms import AxisName, Sharded, sharded_flags
 from optaxclip._stats import ClipStats
@@ -170,8 +175,8 @@ def _norm_first(
         clipped, over = clip_leaf(x, r)
         return jnp.where(finite, clipped, x), over & finite
 
-    out, _, clipped_norm, n_clipped = map_and_measure(
-        leaves, clip_if_finite, axis_name=axis_name, flags=flags, aligned=(rms,)
+    out, clipped_norm, n_clipped = map_and_measure_mapped(
+        leaves, clip_if_finite, after=norm, axis_name=axis_name, flags=flags, aligned=(rms,)
     )
     return out, norm, clipped_norm, n_clipped
 

@@ -391,7 +391,31 @@ def check_shard_map() -> dict[str, list[str]]:
             problems.append(f"without axis_name all devices agreed anyway: {skips}")
     results["shard_map/nan_on_one_shard_skips_on_every_device"] = problems
     results["shard_map/block_norms_rescue_leaf_by_leaf"] = _block_norms_rescue(mesh)
+    results["shard_map/spike_aware_clip_tpu_layout"] = _spike_tpu_layout(
+        mesh, mapped, plain, args, on_one["spike_aware_clip"]
+    )
     return results
+
+
+def _spike_tpu_layout(mesh: Mesh, mapped: dict, plain: dict, args: tuple, want: Any) -> list[str]:
+    """spike_aware_clip in the layout the TPU compiler gets (the norm first, then the
+    clipped values summed at three scales, with no rescue branch) under shard_map, with
+    sharded and replicated leaves and a NaN step, against the single-device run."""
+    from unittest import mock
+
+    from optaxclip import _mechanics, _norm_engine, _spike_aware
+
+    def tpu(leaves: Any) -> str:
+        return "tpu"
+
+    name = "spike_aware_clip"
+    with (
+        mock.patch.object(_spike_aware, "target_platform", tpu),
+        mock.patch.object(_mechanics, "target_platform", tpu),
+        mock.patch.object(_norm_engine, "target_platform", tpu),
+    ):
+        got = _run_mapped(mesh, {name: mapped[name]()}, {name: plain[name]()}, *args)
+    return tree_mismatches(got[name], want, name)
 
 
 def _block_norms_rescue(mesh: Mesh) -> list[str]:

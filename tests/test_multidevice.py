@@ -64,6 +64,12 @@ def test_shard_map_block_norms_rescue_each_leaf_as_in_float64(report):
     assert_check_ok(report, "shard_map/block_norms_rescue_leaf_by_leaf")
 
 
+def test_shard_map_spike_aware_clip_in_its_tpu_layout_matches_one_device(report):
+    # The TPU layout sums the clipped values at three scales and psums them with the
+    # sharding flags, where the CPU layout (run above) has a rescue branch.
+    assert_check_ok(report, "shard_map/spike_aware_clip_tpu_layout")
+
+
 def test_shard_map_tuple_axis_name_over_a_2x4_mesh(report):
     assert_check_ok(report, "shard_map/tuple_axis_name_over_a_2x4_mesh")
 

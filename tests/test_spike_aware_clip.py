@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 import optaxclip
 from optaxclip import _mechanics, _norm_engine, _spike_aware
+from optaxclip._norm_engine import SMALL_LEAF
 
 
 @pytest.fixture(scope="module", autouse=True, params=["cpu-layout", "tpu-layout"])
@@ -41,13 +42,28 @@ def layout(request):
         yield request.param
 
 
-def test_each_layout_is_the_one_its_platform_gets(layout):
+def test_each_layout_is_the_one_its_platform_gets(layout, monkeypatch):
+    called = []
+
+    def spy(name):
+        real = getattr(_spike_aware, name)
+
+        def measure(*args, **kwargs):
+            called.append(name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(_spike_aware, name, measure)
+
+    spy("map_and_measure")
+    spy("map_and_measure_mapped")
     g = {"w": jnp.ones((5000,))}
     tx = optaxclip.spike_aware_clip()
     text = jax.jit(tx.update).lower(g, tx.init(g)).as_text()
-    # The TPU layout measures the norm first with the norm engine, whose rescue is a
-    # conditional of its own; the CPU layout has map_and_measure's alone.
-    assert text.count("stablehlo.case") == (2 if layout == "tpu-layout" else 1)
+    # The TPU layout measures the norm first with the norm engine, whose rescue is its
+    # one conditional, then the clipped values at three scales (no rescue branch); the
+    # CPU layout measures both in one read, with map_and_measure's rescue.
+    assert text.count("stablehlo.case") == 1
+    assert called == (["map_and_measure_mapped"] if layout == "tpu-layout" else ["map_and_measure"])
 
 
 def spam64(grads, *, threshold, beta, grad_accu_steps, pass_zero_v=False):
@@ -498,6 +514,122 @@ def run_unjitted(tx, grads):
 
     final, outs = jax.lax.scan(body, tx.init(jax.tree.map(lambda x: x[0], grads)), grads)
     return outs, None, final
+
+
+
+# ---------------------------------------------------------------------------------------
+# The TPU layout's measurement of the clipped values: three scales in one read, no rescue.
+
+
+def _clip_to(x, limit):
+    """Each element clipped to its own limit: a map whose values may fall far below
+    the leaf's (the limits span 60 decades), as SPAM's bound does where v is tiny."""
+    over = jnp.abs(x) > limit
+    return jnp.where(over, jnp.sign(x) * limit.astype(x.dtype), x), over
+
+
+def _clip_to64(x, limit):
+    x, limit = np64(x), np64(limit)
+    return np.where(np.abs(x) > limit, np.sign(x) * limit, x), np.abs(x) > limit
+
+
+def _tree_and_limits(scale, seed):
+    """Small leaves (bucketed, two dtypes), a big leaf and their per-element limits."""
+    rng = np.random.default_rng(seed)
+    shapes = [(3,), (17,), (100,), (1000,), (SMALL_LEAF - 1,), (SMALL_LEAF, 2)] * 4
+    tree, limits = {}, {}
+    for i, shape in enumerate(shapes):
+        x = rng.standard_normal(shape) * np.asarray(scale(i), np.float64)
+        dtype = jnp.bfloat16 if i in (7, 8) else jnp.float32
+        tree[f"w{i:02d}"] = jnp.asarray(x, dtype)
+        exponents = rng.uniform(-30, 30, shape)
+        # Normal numbers (XLA:CPU flushes subnormal ones to zero).
+        limit = np.clip(np.abs(x) * 10.0**exponents, 1e-36, 1e36)
+        limits[f"w{i:02d}"] = jnp.asarray(limit, dtype)
+    return tree, limits
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["normal", "huge", "tiny", "huge beside tiny", "limits far below", "nan", "inf"],
+)
+def test_the_clipped_values_are_measured_as_in_float64_over_the_whole_range(case):
+    """map_and_measure_mapped: the norm of the mapped tree and the count, with no rescue
+    branch, equal float64's where the sums overflow (1e25), flush to zero (1e-25), both
+    in one tree, and where the clipped values lie 30 decades below the leaves (big
+    leaves summed apart in the TPU layout, together in the CPU one)."""
+    scales = {
+        "normal": lambda i: 1.0,
+        "huge": lambda i: 1e25,
+        "tiny": lambda i: 1e-25,
+        "huge beside tiny": lambda i: 1e25 if i == 4 else 1e-25,
+        "limits far below": lambda i: 1e8,
+        "nan": lambda i: 1.0,
+        "inf": lambda i: 1.0,
+    }
+    tree, limits = _tree_and_limits(scales[case], seed=len(case))
+    if case == "limits far below":
+        limits = jax.tree.map(lambda x: jnp.abs(x) * 1e-30, tree)
+    if case in ("nan", "inf"):
+        tree["w05"] = tree["w05"].at[7].set(float(case))
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    limit_leaves = jax.tree_util.tree_leaves(limits)
+    units, _ = _mechanics._measured_units(leaves, (limit_leaves,), [True] * len(leaves), None)
+    assert sum(len(u) > 1 for u in units) >= 2  # buckets, and the big leaves alone
+
+    @jax.jit
+    def measure(leaves, limit_leaves):
+        return _mechanics.map_and_measure_mapped(
+            leaves,
+            _clip_to,
+            after=optaxclip.global_norm(leaves),
+            axis_name=None,
+            flags=[True] * len(leaves),
+            aligned=(limit_leaves,),
+        )
+
+    out, norm, count = measure(leaves, limit_leaves)
+    want = [_clip_to64(x, r) for x, r in zip(leaves, limit_leaves, strict=True)]
+    for got, (y, _) in zip(out, want, strict=True):
+        np.testing.assert_array_equal(np64(got), np64(jnp.asarray(y, got.dtype)))
+    assert float(count) == sum(int(mask.sum()) for _, mask in want)
+    if case == "nan":
+        assert np.isnan(float(norm))
+        return
+    want_norm = norm64([np64(y) for y in out])
+    assert float(norm) == pytest.approx(want_norm, rel=1e-5, abs=0)
+    if case not in ("inf", "normal"):
+        assert want_norm < 1e-19 or want_norm > 1e19 or case == "limits far below"
+
+
+def test_the_clipped_values_measure_the_same_whatever_the_norm_they_follow():
+    # The scales are tied to `after`, halved where it is NaN, and divided out again.
+    g = [jnp.asarray([3e25, -4e25, 1.0]), jnp.asarray([5e-30, 0.0])]
+    limits = [jnp.full((3,), 1e30), jnp.full((2,), 1.0)]
+    for after in (1.0, float("nan"), float("inf"), 0.0):
+        _, norm, _ = _mechanics.map_and_measure_mapped(
+            g, _clip_to, after=jnp.float32(after), axis_name=None, flags=[True, True],
+            aligned=(limits,),
+        )
+        assert float(norm) == pytest.approx(5e25, rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e25, 1e-25])
+def test_the_gradient_of_the_clipped_norm_is_that_of_float64(scale):
+    x = np.array([1.0, 0.2, -3.0, 0.0, 0.4]) * scale
+    limit = np.full_like(x, 0.5 * scale)
+
+    def clipped_norm(x):
+        _, norm, _ = _mechanics.map_and_measure_mapped(
+            [x], _clip_to, after=optaxclip.global_norm(x), axis_name=None, flags=[True],
+            aligned=([jnp.asarray(limit, jnp.float32)],),
+        )
+        return norm * (1 / scale)
+
+    y, inside = np.clip(x, -limit, limit), np.abs(x) < limit
+    want = y * inside / np.linalg.norm(y) / scale
+    got = jax.jit(jax.grad(clipped_norm))(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np64(got) * scale**2, want * scale**2, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------
