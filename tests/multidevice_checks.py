@@ -400,7 +400,9 @@ def check_shard_map() -> dict[str, list[str]]:
 def _spike_tpu_layout(mesh: Mesh, mapped: dict, plain: dict, args: tuple, want: Any) -> list[str]:
     """spike_aware_clip in the layout the TPU compiler gets (the norm first, then the
     clipped values summed at three scales, with no rescue branch) under shard_map, with
-    sharded and replicated leaves and a NaN step, against the single-device run."""
+    sharded and replicated leaves, against the single-device run: on the sequence of
+    the other checks and on it scaled by 1e25 and by 1e-25 (whose sums of squares
+    overflow and flush to zero in float32)."""
     from unittest import mock
 
     from optaxclip import _mechanics, _norm_engine, _spike_aware
@@ -409,13 +411,22 @@ def _spike_tpu_layout(mesh: Mesh, mapped: dict, plain: dict, args: tuple, want: 
         return "tpu"
 
     name = "spike_aware_clip"
-    with (
-        mock.patch.object(_spike_aware, "target_platform", tpu),
-        mock.patch.object(_mechanics, "target_platform", tpu),
-        mock.patch.object(_norm_engine, "target_platform", tpu),
-    ):
-        got = _run_mapped(mesh, {name: mapped[name]()}, {name: plain[name]()}, *args)
-    return tree_mismatches(got[name], want, name)
+    params, grads, nan_grads, specs = args
+    problems = []
+    for scale in (1.0, 1e25, 1e-25):
+        seq = {k: (v * np.float32(scale)).astype(np.float32) for k, v in grads.items()}
+        if scale != 1.0:
+            want = jax.jit(lambda p, g: run_steps(plain[name](), p, g))(params, seq)
+        with (
+            mock.patch.object(_spike_aware, "target_platform", tpu),
+            mock.patch.object(_mechanics, "target_platform", tpu),
+            mock.patch.object(_norm_engine, "target_platform", tpu),
+        ):
+            got = _run_mapped(
+                mesh, {name: mapped[name]()}, {name: plain[name]()}, params, seq, nan_grads, specs
+            )
+        problems += tree_mismatches(got[name], want, f"{name} x{scale:g}")
+    return problems
 
 
 def _block_norms_rescue(mesh: Mesh) -> list[str]:

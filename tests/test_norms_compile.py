@@ -437,8 +437,10 @@ def test_an_elementwise_clip_measures_in_one_read_with_one_flat_rescue(clip):
     text = jax.jit(tx.update).lower(g, tx.init(g)).as_text()
     # (On XLA:CPU; spike_aware_clip's TPU layout is pinned in its own tests.)
     assert text.count("stablehlo.case") == 1
-    # One reduction per leaf in the common path, one in the rescue, a few of vectors.
-    assert text.count("stablehlo.reduce") <= 2 * len(g) + 6, text.count("stablehlo.reduce")
+    # Per leaf two reductions in the common path (along rows, then over the rows: one
+    # reduction along 5,000 elements adds them one after another on XLA:CPU) and two in
+    # the rescue; a few of vectors.
+    assert text.count("stablehlo.reduce") <= 4 * len(g) + 6, text.count("stablehlo.reduce")
 
 
 @pytest.mark.parametrize("clip", ["clip_by_value", "spike_aware_clip"])

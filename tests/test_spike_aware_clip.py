@@ -440,6 +440,19 @@ def test_statistics_are_the_norms_before_and_after_from_1e_minus_30_to_1e30():
             assert got == pytest.approx(norm64(outs["g"][k]), rel=1e-5, abs=0)
 
 
+def test_statistics_of_a_leaf_of_a_million_elements_are_float64s():
+    # Summed one element after another (XLA:CPU's multi-output reduction), the norms
+    # of a leaf of 2M were 6.3e-4 off; both layouts sum by rows or apart.
+    g = np.random.default_rng(12).standard_normal((2, 1_000_003)).astype(np.float32)
+    tx = optaxclip.spike_aware_clip(4.0, beta=0.5, warmup_steps=1)
+    outs, states, _ = run(tx, {"g": jnp.asarray(g)})
+    assert np.any(np64(outs["g"][1]) != g[1])  # the second step clipped
+    for k in range(2):
+        assert float(states.stats.norm[k]) == pytest.approx(norm64(g[k]), rel=1e-6, abs=0)
+        want = norm64(outs["g"][k])
+        assert float(states.stats.clipped_norm[k]) == pytest.approx(want, rel=1e-6, abs=0)
+
+
 def test_the_clipped_norm_of_a_bf16_leaf_is_that_of_the_values_returned():
     grads = spiky_grads(12, (64,), seed=5, first_spike=5)
     tx = optaxclip.spike_aware_clip(4.0, beta=0.9, warmup_steps=2)
@@ -572,6 +585,7 @@ def test_the_clipped_values_are_measured_as_in_float64_over_the_whole_range(case
         limits = jax.tree.map(lambda x: jnp.abs(x) * 1e-30, tree)
     if case in ("nan", "inf"):
         tree["w05"] = tree["w05"].at[7].set(float(case))
+        limits["w05"] = limits["w05"].at[7].set(float("inf"))  # passed: kept in the map
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     limit_leaves = jax.tree_util.tree_leaves(limits)
     units, _ = _mechanics._measured_units(leaves, (limit_leaves,), [True] * len(leaves), None)
@@ -593,12 +607,12 @@ def test_the_clipped_values_are_measured_as_in_float64_over_the_whole_range(case
     for got, (y, _) in zip(out, want, strict=True):
         np.testing.assert_array_equal(np64(got), np64(jnp.asarray(y, got.dtype)))
     assert float(count) == sum(int(mask.sum()) for _, mask in want)
-    if case == "nan":
-        assert np.isnan(float(norm))
+    if case in ("nan", "inf"):
+        assert np.isnan(float(norm)) if case == "nan" else float(norm) == float("inf")
         return
     want_norm = norm64([np64(y) for y in out])
     assert float(norm) == pytest.approx(want_norm, rel=1e-5, abs=0)
-    if case not in ("inf", "normal"):
+    if case != "normal":
         assert want_norm < 1e-19 or want_norm > 1e19 or case == "limits far below"
 
 
@@ -606,12 +620,56 @@ def test_the_clipped_values_measure_the_same_whatever_the_norm_they_follow():
     # The scales are tied to `after`, halved where it is NaN, and divided out again.
     g = [jnp.asarray([3e25, -4e25, 1.0]), jnp.asarray([5e-30, 0.0])]
     limits = [jnp.full((3,), 1e30), jnp.full((2,), 1.0)]
-    for after in (1.0, float("nan"), float("inf"), 0.0):
+    def measure(g, limits, after):
         _, norm, _ = _mechanics.map_and_measure_mapped(
-            g, _clip_to, after=jnp.float32(after), axis_name=None, flags=[True, True],
-            aligned=(limits,),
+            g, _clip_to, after=after, axis_name=None, flags=[True, True], aligned=(limits,)
         )
-        assert float(norm) == pytest.approx(5e25, rel=1e-6)
+        return norm
+
+    for after in (1.0, float("nan"), float("inf"), 0.0):
+        after = jnp.float32(after)
+        assert float(measure(g, limits, after)) == pytest.approx(5e25, rel=1e-6)
+        assert float(jax.jit(measure)(g, limits, after)) == pytest.approx(5e25, rel=1e-6)
+
+
+_EDGES = {
+    # A tiny total of values just under the clamp of the up-scaled sum (2^-20).
+    "under the clamp": ([5e-7, -3e-7, 4e-7], np.float32),
+    # Around the smallest normal float32, whose squares flush unless scaled far up.
+    "smallest normal": ([2e-38, -5e-38, 1e-37], np.float32),
+    # Around the largest float32 (the norm itself is finite), squares scaled far down.
+    "largest": ([1e38, -1.5e38, 2e38], np.float32),
+    "float64 huge": ([1e300, -3e300, 2e300], np.float64),
+    "float64 tiny": ([1e-300, -3e-300, 2e-300], np.float64),
+    "complex huge": ([3e25 + 4e25j, -1e25j, 2e25], np.complex64),
+    "complex tiny": ([3e-25 - 4e-25j, 1e-25j, 2e-25], np.complex64),
+}
+
+
+@pytest.mark.parametrize("edge", list(_EDGES))
+def test_the_clipped_values_are_measured_at_the_edges_of_each_dtype(edge):
+    """The three scales at the ends of float32's and float64's ranges, and for complex
+    values (|z|^2 from both parts), against float64 (or a scaled float64 sum): each
+    edge fails if its scale (or the clamp) is off by a few binades."""
+    values, dtype = _EDGES[edge]
+    with jax.enable_x64(dtype == np.float64):
+        x = jnp.asarray(np.asarray(values, dtype))
+        zeros = jnp.zeros((SMALL_LEAF * 2,), x.real.dtype)  # a big leaf, summed on its own
+        leaves = [x, zeros]
+        limits = [jnp.full(x.shape, jnp.inf, x.real.dtype), jnp.full(zeros.shape, 1.0, zeros.dtype)]
+
+        @jax.jit
+        def measure(leaves, limits):
+            return _mechanics.map_and_measure_mapped(
+                leaves, _clip_to, after=optaxclip.global_norm(leaves), axis_name=None,
+                flags=[True, True], aligned=(limits,),
+            )
+
+        _, norm, count = measure(leaves, limits)
+    big = np.max(np.abs(np.asarray(values, np.complex128)))
+    want = big * np.sqrt(np.sum(np.abs(np.asarray(values, np.complex128) / big) ** 2))
+    assert float(norm) == pytest.approx(want, rel=1e-6, abs=0)
+    assert float(count) == 0
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e25, 1e-25])

@@ -143,9 +143,10 @@ def test_zero_gradient_and_no_leaves():
 
 
 def test_each_unit_is_read_by_one_reduction():
-    """Norm, clipped norm and whether anything was clipped from one reduction per big
-    leaf and one per bucket of small leaves (three apart are three reads on XLA:CPU and
-    on the TPU compiler; a reduction per small leaf, thousands of kernels)."""
+    """Norm, clipped norm and whether anything was clipped from one read per big leaf
+    (a reduction along rows, then one over the row sums) and one per bucket of small
+    leaves (three reductions apart are three reads on XLA:CPU and on the TPU compiler;
+    a reduction per small leaf, thousands of kernels)."""
     from optaxclip._norm_engine import SMALL_LEAF
 
     g = {"a": jnp.ones((64,)), "b": jnp.ones((8, 8)), "big": jnp.ones((SMALL_LEAF,))}
@@ -160,7 +161,9 @@ def test_each_unit_is_read_by_one_reduction():
         for sub in e.params["call_jaxpr"].jaxpr.eqns
         if sub.primitive.name == "reduce"
     ]
-    assert [len(sub.outvars) for sub in inner] == [3, 3]  # the big leaf, the bucket
+    # The big leaf along rows and over its rows (one reduction along it would add its
+    # elements one after another on XLA:CPU), the bucket.
+    assert [len(sub.outvars) for sub in inner] == [3, 3, 3]
     common = top[: top.index("cond")]
     assert common.count("concatenate") == 1  # a and b, copied into one bucket
     assert not {"reduce_or", "reduce_and", "reduce_max"} & set(common)
@@ -198,6 +201,18 @@ def test_small_leaves_in_buckets_clip_and_measure_as_in_float64(
     out, state = jax.jit(tx.update)(mixed, tx.init(mixed))
     assert out["h0"].dtype == jnp.bfloat16
     assert float(state.stats.norm) == pytest.approx(norm64(mixed), rel=1e-5, abs=0)
+
+
+def test_the_statistics_of_a_leaf_of_a_million_elements_are_float64s():
+    # XLA:CPU adds a reduction with several outputs one element after another: summed
+    # so, the norm of 2M normal values was 6.3e-4 off. Summed by rows (and a short
+    # last row), it is float64's to float32's rounding.
+    x = np.random.default_rng(11).standard_normal(1_000_003).astype(np.float32)
+    tx = optaxclip.clip_by_value(1.0)
+    _, state = jax.jit(tx.update)({"w": jnp.asarray(x)}, tx.init({"w": x}))
+    assert float(state.stats.norm) == pytest.approx(norm64(x), rel=1e-6, abs=0)
+    want = norm64(np.clip(x.astype(np.float64), -1.0, 1.0))
+    assert float(state.stats.clipped_norm) == pytest.approx(want, rel=1e-6, abs=0)
 
 
 def test_gradient_matches_the_formula():
