@@ -1,15 +1,15 @@
 """The mechanics every transform is built from.
 
 Measure a tree (:func:`measure`; before and after an elementwise clip in one read,
-:func:`map_and_measure`), turn a norm and a threshold into a scale
-(:func:`scale_for`, :func:`scale_parts`), scale a leaf or all of a tree's leaves
-(:func:`scale_leaf`, :func:`scale_all`), clip a tree to a threshold and record the
-step (:func:`clip_with_threshold`), apply the
-``nonfinite`` policy (:data:`NONFINITE_POLICIES`, :func:`check_finite_at_runtime`), and
-keep running statistics finite (:func:`finite_ema`, :func:`masked_mean_std`) and
-histories of fixed size (:func:`ring_write`). A transform module composes these;
-none of them belongs to one transform. Argument checks live in ``_validation.py``, the
-norms themselves in ``_norms.py``.
+:func:`map_and_measure`, or only after it, :func:`map_and_measure_mapped`), turn a norm
+and a threshold into a scale (:func:`scale_for`, :func:`scale_parts`), scale a leaf or
+all of a tree's leaves (:func:`scale_leaf`, :func:`scale_all`), clip a tree to a
+threshold and record the step (:func:`clip_with_threshold`), apply the ``nonfinite``
+policy (:data:`NONFINITE_POLICIES`, :func:`check_finite_at_runtime`), and keep running
+statistics finite (:func:`finite_ema`, :func:`masked_mean_std`) and histories of fixed
+size (:func:`ring_write`). A transform module composes these; none of them belongs to
+one transform. Argument checks live in ``_validation.py``, the norms themselves in
+``_norms.py``.
 """
 
 from __future__ import annotations
