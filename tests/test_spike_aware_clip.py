@@ -529,7 +529,6 @@ def run_unjitted(tx, grads):
     return outs, None, final
 
 
-
 # ---------------------------------------------------------------------------------------
 # The TPU layout's measurement of the clipped values: three scales in one read, no rescue.
 
