@@ -35,6 +35,7 @@ from optaxclip._norm_engine import (
     rescue_factor,
     safe_sqrt,
     target_platform,
+    three_squares,
 )
 from optaxclip._norms import AxisName, Sharded, reduce_over_devices, sharded_flags, vector_norm
 from optaxclip._stats import ClipStats
@@ -493,9 +494,9 @@ def map_and_measure_mapped(
     leaves one by one, small ones in buckets) and the same ``elementwise`` and
     ``aligned``. Instead of a rescue branch, the mapped values are summed at three
     scales in that read, as Blue's algorithm for the Euclidean norm does: plain, scaled
-    down (for a total that overflows) and, clamped, scaled up (for a tiny one), with
-    the norm engine's powers of two (:func:`rescaling`); the plain total says which
-    holds the norm. The norm is then exact from the smallest normal value to the
+    down (for a total that overflows) and, clamped, scaled up (for a tiny one), as the
+    norm engine's buckets are (:func:`three_squares`); the plain total says which holds
+    the norm. The norm is then exact from the smallest normal value to the
     largest finite one, as the norm engine's. AGC's unit norms sum the same way
     (``unit_norms`` in ``_norms.py``) with constants and a derivative of their own;
     here the clamp keeps the derivative through the sums not read finite, as in the
@@ -530,19 +531,13 @@ def map_and_measure_mapped(
         zero = jnp.zeros((), jnp.float32)
         return [], zero, zero
     acc = accumulation_dtype(leaves)
-    down_factor, up_factor, bound = rescaling(acc)
+    down_factor, up_factor = rescaling(acc)
     down, up = own_scale(after, down_factor, acc), own_scale(after, up_factor, acc)
 
     def three_scales(x, y, mask, apart, rows):  # sum |y|^2 plain, down, up; the count
         del x
-        return _leaf_sums(
-            abs_sq(y, acc),
-            abs_sq(y, acc, down),
-            abs_sq(y, acc, up, bound),
-            mask.astype(acc),
-            apart=apart,
-            rows=rows,
-        )
+        squares = three_squares(y, acc, down, up)
+        return _leaf_sums(*squares, mask.astype(acc), apart=apart, rows=rows)
 
     units = _summed_units(leaves, mapped, elementwise, three_scales, flags, axis_name, aligned)
     plain, scaled_down, scaled_up, count = _totals(units.sums, units.flags, axis_name)

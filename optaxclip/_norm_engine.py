@@ -123,12 +123,23 @@ def is_tiny(sums: jax.Array) -> jax.Array:
     return jnp.isfinite(sums) & (sums < _TINY_TOTAL[jnp.finfo(sums.dtype).bits])
 
 
-def rescaling(acc: Any) -> tuple[float, float, float]:
-    """``(down, up, bound)`` for the accumulation dtype: the powers of two a sum that
-    overflowed (``_RESCALE``) or is tiny (``_UPSCALE``) is summed again with, and the
-    clamp that keeps an up-scaled square finite where it is not read (``_UP_BOUND``)."""
+def rescaling(acc: Any) -> tuple[float, float]:
+    """``(down, up)`` for the accumulation dtype: the powers of two a sum that
+    overflowed (``_RESCALE``) or is tiny (``_UPSCALE``) is summed again with."""
     bits = jnp.finfo(acc).bits
-    return _RESCALE[bits], _UPSCALE[bits], _UP_BOUND[bits]
+    return _RESCALE[bits], _UPSCALE[bits]
+
+
+def three_squares(
+    y: jax.Array, acc: jnp.dtype, down: jax.Array, up: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``|y|^2``, ``|down y|^2`` and ``|up y|^2`` elementwise, to be summed in one read
+    (a sum at three scales: plain, for a total that overflows, for a tiny one), ``down``
+    and ``up`` being :func:`rescaling`'s tied to a run-time value (:func:`own_scale`).
+    The up-scaled one clamps ``y`` to ``_UP_BOUND`` first: it is read only where every
+    value lies inside it, and elsewhere its square (and derivative) stays finite."""
+    bound = _UP_BOUND[jnp.finfo(acc).bits]
+    return abs_sq(y, acc), abs_sq(y, acc, down), abs_sq(y, acc, up, bound=bound)
 
 
 def rescue_factor(sums: jax.Array, tiny: dict[int, float] = _TINY_TOTAL) -> jax.Array:
@@ -377,8 +388,7 @@ def _square_sums(
     """
     sizes = [math.prod(np.shape(x)) for x in xs]
     direct, buckets = _layout(xs, sizes, concatenable, copy_big, whole_groups)
-    rescale = _RESCALE[jnp.finfo(acc).bits]
-    upscale = _UPSCALE[jnp.finfo(acc).bits]
+    rescale, upscale = rescaling(acc)
     n = len(xs)
     plain_parts: list[jax.Array] = []
     scaled_parts: list[jax.Array] = []
@@ -421,11 +431,8 @@ def _square_sums(
         if scale is None:
             down = own_scale(flat[0], rescale, acc)  # local by construction
             up = own_scale(flat[0], upscale, acc)
-            bound = _UP_BOUND[jnp.finfo(acc).bits]
             # One reduction with three outputs: one kernel reads the bucket once.
-            sums, sums_down, sums_up = _sum_rows(
-                abs_sq(y, acc), abs_sq(y, acc, down), abs_sq(y, acc, up, bound=bound)
-            )
+            sums, sums_down, sums_up = _sum_rows(*three_squares(y, acc, down, up))
             scaled_parts.append(jnp.stack([sums_down, sums_up]))
         elif per_array:
             # A factor per row, gathered at once; the link row (dropped) takes the first's.
