@@ -16,6 +16,7 @@ nothing (pytest imports it to collect doctests).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -555,16 +556,38 @@ def check_pmap() -> dict[str, list[str]]:
 # over several devices the global transforms add the sharded leaves' sums as scalars
 # (one all-reduce, as Optax) and their rescue runs apart from the per-leaf norms'.
 
-RESCUE_SCALES = {"overflow": 1e25, "underflow": 1e-25, "one_huge_leaf": None}
+# "ordinary" takes the common path, the others the rescue.
+RESCUE_SCALES = {"ordinary": 1.0, "overflow": 1e25, "underflow": 1e-25, "one_huge_leaf": None}
 
 
 def check_mesh_rescue() -> dict[str, list[str]]:
+    """The global norm under jit over a mesh, against float64, in the layout XLA:CPU
+    gets and in the one a TPU target gets (leaves reduced on their own, their sums added
+    in order), with the leaves sharded and with every leaf placed replicated."""
+    from unittest import mock
+
+    from optaxclip import _norm_engine
+
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
-    shardings = {k: NamedSharding(mesh, s) for k, s in MESH_SPECS.items()}
+    placements = {
+        "": {k: NamedSharding(mesh, s) for k, s in MESH_SPECS.items()},
+        "replicated/": {k: NamedSharding(mesh, P()) for k in MESH_SPECS},
+    }
+    results = {}
+    for layout in ("", "tpu_layout/"):
+        platform = mock.patch.object(_norm_engine, "target_platform", lambda leaves: "tpu")
+        with platform if layout else contextlib.nullcontext():
+            for placement, shardings in placements.items():
+                for case, problems in _mesh_rescue_cases(shardings).items():
+                    results[f"mesh_rescue/{layout}{placement}{case}"] = problems
+    return results
+
+
+def _mesh_rescue_cases(shardings: dict[str, NamedSharding]) -> dict[str, list[str]]:
     base = {k: v[0] for k, v in make_sequence(MESH_SHAPES, seed=11).items()}
     tx = optaxclip.clip_by_global_norm(1.0)
 
-    @jax.jit  # compiled once, for the three cases
+    @jax.jit  # compiled once, for the three cases (a new function for each layout)
     def step(g):
         updates, state = tx.update(g, tx.init(g))
         return optaxclip.global_norm(g), updates, state.stats.norm
@@ -585,7 +608,7 @@ def check_mesh_rescue() -> dict[str, list[str]]:
         shrink = max(norm64, 1.0)  # max_norm 1
         expected = {k: (v.astype(np.float64) / shrink).astype(np.float32) for k, v in grads.items()}
         problems += tree_mismatches(updates, expected, f"{case}: updates")
-        results[f"mesh_rescue/{case}"] = problems
+        results[case] = problems
     return results
 
 

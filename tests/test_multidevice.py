@@ -89,12 +89,17 @@ def test_nan_on_one_shard_skips_on_every_device_under_shard_map(report):
     assert_check_ok(report, "shard_map/nan_on_one_shard_skips_on_every_device")
 
 
-@pytest.mark.parametrize("case", ["overflow", "underflow", "one_huge_leaf"])
-def test_global_norm_of_sharded_leaves_is_rescued_as_in_float64(report, case):
+@pytest.mark.parametrize("placement", ["", "replicated/"], ids=["sharded", "replicated"])
+@pytest.mark.parametrize("layout", ["", "tpu_layout/"], ids=["cpu_layout", "tpu_layout"])
+@pytest.mark.parametrize("case", ["ordinary", "overflow", "underflow", "one_huge_leaf"])
+def test_global_norm_of_sharded_leaves_is_rescued_as_in_float64(report, layout, placement, case):
     # Under jit over a mesh the global transforms measure through their own rescue (the
     # total added from the leaves' sums, one all-reduce): squares beyond float32 and
-    # below its smallest normal number, and one leaf's overflow among ordinary ones.
-    assert_check_ok(report, f"mesh_rescue/{case}")
+    # below its smallest normal number, one leaf's overflow among ordinary ones, and
+    # ordinary values (the common path). In
+    # the layout a TPU target gets too (each leaf reduced on its own, the sums added in
+    # order), and with every leaf placed replicated on the mesh.
+    assert_check_ok(report, f"mesh_rescue/{layout}{placement}{case}")
 
 
 def test_sharded_clip_by_global_norm_step_all_reduces_scalars_only(report):

@@ -217,6 +217,25 @@ def _concatenations(jaxpr) -> list:
     return found
 
 
+def _longest_addition_chain(jaxpr) -> int:
+    """The most scalar additions of ``jaxpr`` (or of a function it calls, outside its
+    conditionals) that each add to the one before: n for n values added one by one, about
+    log2(n) for a balanced tree."""
+    longest, depth = 0, {}
+    for e in jaxpr.eqns:
+        if e.primitive.name == "cond":
+            continue
+        if e.primitive.name == "add" and e.outvars[0].aval.shape == ():
+            d = 1 + max((depth.get(v, 0) for v in e.invars if not hasattr(v, "val")), default=0)
+            depth[e.outvars[0]] = d
+            longest = max(longest, d)
+        for value in e.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                longest = max(longest, _longest_addition_chain(inner))
+    return longest
+
+
 def _tpu_cases(n_leaves: int) -> tuple[list[jax.Array], dict[str, list[jax.Array]]]:
     """A tree of mixed sizes and dtypes plus a big leaf, and its variants: overflow in a
     small and in a big leaf, the whole tree tiny, a NaN, an inf."""
@@ -246,6 +265,9 @@ def test_tpu_global_norm_sums_each_leaf_and_rescues_in_one_concatenation(tpu_lay
     # them made the TPU compiler read 641 of 2,000 leaves from HBM twice). Inside its
     # rare branch the small leaves of each dtype are one concatenation.
     assert _elements_concatenated(jaxpr) == 0
+    # Added one after another, as Optax's clip adds them: a balanced tree of additions
+    # made the TPU compiler stage monitor's 10 leaves of 2M through on-chip memory.
+    assert _longest_addition_chain(jaxpr) >= sum(x.size > 0 for x in leaves)
     with pytest.MonkeyPatch.context() as cpu:
         cpu.setattr(_norm_engine, "target_platform", lambda leaves: "cpu")
         # A new function: JAX caches the trace of the one traced above for the TPU.
