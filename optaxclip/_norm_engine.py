@@ -686,11 +686,11 @@ def _traced_norms(
     # reductions) for clip_by_global_norm, 71 s over a rescue reducing each leaf again,
     # 61-63 s this way (Optax: 45-49 s in the same hour); the common path reads the
     # leaves in place (22.9 MiB of HBM traffic since its total is added in order, as
-    # Optax's 22.9; the buckets 25.7). For
-    # clip_by_block_norm: 102-109 s against the buckets' 106-120 s in turns (Optax's
-    # clip_by_block_rms 45-60 s), 18.5 MiB of temp memory against 78.7 (Optax 61.6); a
-    # rescue reducing each leaf again took 143-158 s and kept 149 MiB. XLA:CPU compiles
-    # a reduction per leaf far slower than the buckets (see _layout): it keeps them.
+    # Optax's 22.9; the buckets 25.7). For clip_by_block_norm: 102-109 s against the
+    # buckets' 106-120 s in turns (Optax's clip_by_block_rms 45-60 s), 18.5 MiB of temp
+    # memory against 78.7 (Optax 61.6); a rescue reducing each leaf again took 143-158 s
+    # and kept 149 MiB. XLA:CPU compiles a reduction per leaf far slower than the
+    # buckets (see _layout): it keeps them.
     platform = target_platform(leaves)
     tpu_layout = axis_name is None and platform == "tpu"
     # When nobody reads the per-leaf sums, under jit over several devices (leaves GSPMD

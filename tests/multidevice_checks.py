@@ -587,7 +587,7 @@ def _mesh_rescue_cases(shardings: dict[str, NamedSharding]) -> dict[str, list[st
     base = {k: v[0] for k, v in make_sequence(MESH_SHAPES, seed=11).items()}
     tx = optaxclip.clip_by_global_norm(1.0)
 
-    @jax.jit  # compiled once, for the three cases (a new function for each layout)
+    @jax.jit  # compiled once for every case (a new function per layout and placement)
     def step(g):
         updates, state = tx.update(g, tx.init(g))
         return optaxclip.global_norm(g), updates, state.stats.norm

@@ -96,9 +96,9 @@ def test_global_norm_of_sharded_leaves_is_rescued_as_in_float64(report, layout, 
     # Under jit over a mesh the global transforms measure through their own rescue (the
     # total added from the leaves' sums, one all-reduce): squares beyond float32 and
     # below its smallest normal number, one leaf's overflow among ordinary ones, and
-    # ordinary values (the common path). In
-    # the layout a TPU target gets too (each leaf reduced on its own, the sums added in
-    # order), and with every leaf placed replicated on the mesh.
+    # ordinary values (the common path). In the layout a TPU target gets too (each leaf
+    # reduced on its own, the sums added in order), and with every leaf placed
+    # replicated on the mesh.
     assert_check_ok(report, f"mesh_rescue/{layout}{placement}{case}")
 
 
