@@ -30,6 +30,7 @@ from optaxclip._norm_engine import (
     concatenable,
     is_tiny,
     leaf_and_global_norms,
+    norm_at_its_scale,
     own_scale,
     rescaling,
     rescue_factor,
@@ -542,11 +543,7 @@ def map_and_measure_mapped(
     units = _summed_units(leaves, mapped, elementwise, three_scales, flags, axis_name, aligned)
     plain, scaled_down, scaled_up, count = _totals(units.sums, units.flags, axis_name)
     # NaN and inf fail both tests and take the down-scaled sum, which keeps them.
-    norm = jnp.where(
-        is_tiny(plain),
-        safe_sqrt(scaled_up) / up,
-        jnp.where(jnp.isfinite(plain), safe_sqrt(plain), safe_sqrt(scaled_down) / down),
-    )
+    norm = norm_at_its_scale(plain, scaled_down, scaled_up, is_tiny(plain), down, up)
     return [y for y, _ in mapped], norm, count
 
 

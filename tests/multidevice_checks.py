@@ -392,10 +392,26 @@ def check_shard_map() -> dict[str, list[str]]:
             problems.append(f"without axis_name all devices agreed anyway: {skips}")
     results["shard_map/nan_on_one_shard_skips_on_every_device"] = problems
     results["shard_map/block_norms_rescue_leaf_by_leaf"] = _block_norms_rescue(mesh)
+    with target_platform_is("gpu"):
+        results["shard_map/gpu_layout/block_norms_rescue"] = _block_norms_rescue(mesh)
+    results.update(_gpu_layout(mesh, mapped, plain, args, on_one))
     results["shard_map/spike_aware_clip_tpu_layout"] = _spike_tpu_layout(
         mesh, mapped, plain, args, on_one["spike_aware_clip"]
     )
     return results
+
+
+def target_platform_is(platform: str) -> contextlib.ExitStack:
+    """Every module that chooses a layout by the target platform reads ``platform``:
+    the layouts a TPU or GPU target gets, traced on these CPU devices (DESIGN §9)."""
+    from unittest import mock
+
+    from optaxclip import _mechanics, _norm_engine, _skip, _spike_aware
+
+    stack = contextlib.ExitStack()
+    for module in (_mechanics, _norm_engine, _skip, _spike_aware):
+        stack.enter_context(mock.patch.object(module, "target_platform", lambda leaves: platform))
+    return stack
 
 
 def _spike_tpu_layout(mesh: Mesh, mapped: dict, plain: dict, args: tuple, want: Any) -> list[str]:
@@ -404,13 +420,6 @@ def _spike_tpu_layout(mesh: Mesh, mapped: dict, plain: dict, args: tuple, want: 
     sharded and replicated leaves, against the single-device run: on the sequence of
     the other checks and on it scaled by 1e25 and by 1e-25 (whose sums of squares
     overflow and flush to zero in float32)."""
-    from unittest import mock
-
-    from optaxclip import _mechanics, _norm_engine, _spike_aware
-
-    def tpu(leaves: Any) -> str:
-        return "tpu"
-
     name = "spike_aware_clip"
     params, grads, nan_grads, specs = args
     problems = []
@@ -418,16 +427,34 @@ def _spike_tpu_layout(mesh: Mesh, mapped: dict, plain: dict, args: tuple, want: 
         seq = {k: (v * np.float32(scale)).astype(np.float32) for k, v in grads.items()}
         if scale != 1.0:
             want = jax.jit(lambda p, g: run_steps(plain[name](), p, g))(params, seq)
-        with (
-            mock.patch.object(_spike_aware, "target_platform", tpu),
-            mock.patch.object(_mechanics, "target_platform", tpu),
-            mock.patch.object(_norm_engine, "target_platform", tpu),
-        ):
+        with target_platform_is("tpu"):
             got = _run_mapped(
                 mesh, {name: mapped[name]()}, {name: plain[name]()}, params, seq, nan_grads, specs
             )
         problems += tree_mismatches(got[name], want, f"{name} x{scale:g}")
     return problems
+
+
+# The transforms checked under shard_map in the GPU layout (the norm engine's sums at
+# three scales, no rescue branch): the global norm, per-leaf norms, an adaptive one.
+GPU_LAYOUT_TRANSFORMS = ("clip_by_global_norm", "clip_by_block_rms", "zclip", "skip_nonfinite")
+
+
+def _gpu_layout(mesh: Mesh, mapped: dict, plain: dict, args: tuple, on_one: dict) -> dict:
+    """The engine's transforms in the layout a GPU target gets, under shard_map with
+    sharded and replicated leaves, against the single-device runs (in the default
+    layout) of the other checks: name -> problems."""
+    with target_platform_is("gpu"):
+        got = _run_mapped(
+            mesh,
+            {n: mapped[n]() for n in GPU_LAYOUT_TRANSFORMS},
+            {n: plain[n]() for n in GPU_LAYOUT_TRANSFORMS},
+            *args,
+        )
+    return {
+        f"shard_map/gpu_layout/{n}": tree_mismatches(got[n], on_one[n], n)
+        for n in GPU_LAYOUT_TRANSFORMS
+    }
 
 
 def _block_norms_rescue(mesh: Mesh) -> list[str]:
@@ -440,17 +467,23 @@ def _block_norms_rescue(mesh: Mesh) -> list[str]:
     tree["bias"] *= np.float32(1e-25)
     tree["w_cols"][0, :2] = [3e19, -4e19]
     fn = jax.shard_map(
-        lambda g: optaxclip.block_norms(g, axis_name="x", sharded=SM_SHARDED),
+        lambda g: (
+            optaxclip.block_norms(g, axis_name="x", sharded=SM_SHARDED),
+            optaxclip.global_norm(g, axis_name="x", sharded=SM_SHARDED),
+        ),
         mesh=mesh,
         in_specs=(SM_SPECS,),
         out_specs=P(),
     )
-    got = jax.jit(fn)(tree)
+    got, got_global = jax.jit(fn)(tree)
     problems = []
     for key, value in tree.items():
         want = float(np.sqrt(np.sum(np.square(value.astype(np.float64)))))
         if not abs(float(got[key]) - want) <= REL_TOL * want:
             problems.append(f"block_norms[{key!r}] {float(got[key])!r} vs {want!r} (float64)")
+    want = float(np.sqrt(sum(np.sum(np.square(v.astype(np.float64))) for v in tree.values())))
+    if not abs(float(got_global) - want) <= REL_TOL * want:
+        problems.append(f"global_norm {float(got_global)!r} vs {want!r} (float64)")
     return problems
 
 
@@ -562,21 +595,17 @@ RESCUE_SCALES = {"ordinary": 1.0, "overflow": 1e25, "underflow": 1e-25, "one_hug
 
 def check_mesh_rescue() -> dict[str, list[str]]:
     """The global norm under jit over a mesh, against float64, in the layout XLA:CPU
-    gets and in the one a TPU target gets (leaves reduced on their own, their sums added
-    in order), with the leaves sharded and with every leaf placed replicated."""
-    from unittest import mock
-
-    from optaxclip import _norm_engine
-
+    gets, in the one a TPU target gets (leaves reduced on their own, their sums added
+    in order) and in a GPU target's (each leaf summed at three scales), with the leaves
+    sharded and with every leaf placed replicated."""
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
     placements = {
         "": {k: NamedSharding(mesh, s) for k, s in MESH_SPECS.items()},
         "replicated/": {k: NamedSharding(mesh, P()) for k in MESH_SPECS},
     }
     results = {}
-    for layout in ("", "tpu_layout/"):
-        platform = mock.patch.object(_norm_engine, "target_platform", lambda leaves: "tpu")
-        with platform if layout else contextlib.nullcontext():
+    for layout in ("", "tpu_layout/", "gpu_layout/"):
+        with target_platform_is(layout[:3]) if layout else contextlib.nullcontext():
             for placement, shardings in placements.items():
                 for case, problems in _mesh_rescue_cases(shardings).items():
                     results[f"mesh_rescue/{layout}{placement}{case}"] = problems

@@ -14,7 +14,7 @@ import pathlib
 import jax.numpy as jnp
 import pytest
 from _devices import assert_check_ok, run_json_script, shared_across_xdist_workers
-from multidevice_checks import PMAP_TRANSFORMS
+from multidevice_checks import GPU_LAYOUT_TRANSFORMS, PMAP_TRANSFORMS
 
 import optaxclip
 from optaxclip._catalog import NAMES
@@ -58,10 +58,21 @@ def test_shard_map_without_axis_name_each_shard_uses_its_own_norm(report):
     assert_check_ok(report, "shard_map/without_axis_name_each_shard_uses_its_own_norm")
 
 
-def test_shard_map_block_norms_rescue_each_leaf_as_in_float64(report):
+@pytest.mark.parametrize(
+    "check", ["block_norms_rescue_leaf_by_leaf", "gpu_layout/block_norms_rescue"]
+)
+def test_shard_map_block_norms_rescue_each_leaf_as_in_float64(report, check):
     # A sharded and a replicated leaf whose squares all flush to zero in float32, beside
-    # a sharded leaf whose squares overflow: every leaf's norm is float64's.
-    assert_check_ok(report, "shard_map/block_norms_rescue_leaf_by_leaf")
+    # a sharded leaf whose squares overflow: every leaf's norm and the global norm are
+    # float64's. Also in the layout a GPU target gets (sums at three scales, no branch).
+    assert_check_ok(report, f"shard_map/{check}")
+
+
+@pytest.mark.parametrize("transform", GPU_LAYOUT_TRANSFORMS)
+def test_shard_map_in_the_gpu_layout_matches_one_device(report, transform):
+    # The GPU layout psums each sharded leaf's three sums (plain, scaled down, scaled
+    # up) in one collective and keeps the replicated leaves' out of it (check_vma).
+    assert_check_ok(report, f"shard_map/gpu_layout/{transform}")
 
 
 def test_shard_map_spike_aware_clip_in_its_tpu_layout_matches_one_device(report):
@@ -90,15 +101,17 @@ def test_nan_on_one_shard_skips_on_every_device_under_shard_map(report):
 
 
 @pytest.mark.parametrize("placement", ["", "replicated/"], ids=["sharded", "replicated"])
-@pytest.mark.parametrize("layout", ["", "tpu_layout/"], ids=["cpu_layout", "tpu_layout"])
+@pytest.mark.parametrize(
+    "layout", ["", "tpu_layout/", "gpu_layout/"], ids=["cpu_layout", "tpu_layout", "gpu_layout"]
+)
 @pytest.mark.parametrize("case", ["ordinary", "overflow", "underflow", "one_huge_leaf"])
 def test_global_norm_of_sharded_leaves_is_rescued_as_in_float64(report, layout, placement, case):
     # Under jit over a mesh the global transforms measure through their own rescue (the
     # total added from the leaves' sums, one all-reduce): squares beyond float32 and
     # below its smallest normal number, one leaf's overflow among ordinary ones, and
     # ordinary values (the common path). In the layout a TPU target gets too (each leaf
-    # reduced on its own, the sums added in order), and with every leaf placed
-    # replicated on the mesh.
+    # reduced on its own, the sums added in order) and a GPU target's (each leaf summed
+    # at three scales, no branch), and with every leaf placed replicated on the mesh.
     assert_check_ok(report, f"mesh_rescue/{layout}{placement}{case}")
 
 

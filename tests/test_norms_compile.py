@@ -290,7 +290,13 @@ def test_tpu_global_norm_sums_each_leaf_and_rescues_in_one_concatenation(tpu_lay
 
 
 def test_tpu_global_norm_gradient_and_vmap(tpu_layout):
-    leaves = [x for x in _tree(40, seed=4) if x.dtype == jnp.float32 and x.size]
+    _check_global_norm_gradient_and_vmap(seed=4)
+
+
+def _check_global_norm_gradient_and_vmap(seed: int) -> None:
+    """d||x|| / dx = x / ||x|| on a plain tree and one with an overflowing leaf; 0 at
+    zero; per-example rows (plain, scaled by 1e25 and by 1e-25) under vmap."""
+    leaves = [x for x in _tree(40, seed=seed) if x.dtype == jnp.float32 and x.size]
     grad = jax.jit(jax.grad(_global_only))
     for tree in (leaves, _set(leaves, _small_f32_leaf(leaves), [3e19, 4e19])):
         norm = norm64(tree)
@@ -354,6 +360,61 @@ def test_leaf_norms_gradient_and_vmap():
 
 def test_tpu_leaf_norms_gradient_and_vmap(tpu_layout):
     _check_leaf_norms_gradient_and_vmap(seed=5)
+
+
+@pytest.fixture
+def gpu_layout(monkeypatch):
+    """The norm engine's layout for a GPU target (DESIGN §9), traced on this CPU."""
+    monkeypatch.setattr(_norm_engine, "target_platform", lambda leaves: "gpu")
+
+
+def _primitives(jaxpr) -> collections.Counter:
+    """How many equations of each primitive ``jaxpr`` holds, in the functions and
+    conditionals it calls too."""
+    found = collections.Counter(e.primitive.name for e in jaxpr.eqns)
+    for e in jaxpr.eqns:
+        for value in e.params.values():
+            for inner in value if isinstance(value, tuple) else (value,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    found += _primitives(inner)
+    return found
+
+
+@pytest.mark.parametrize("n_leaves", [10, 300])
+@pytest.mark.parametrize("leaf_norms", [False, True], ids=["global", "per_leaf"])
+def test_gpu_norms_sum_each_leaf_at_three_scales_with_no_rescue_branch(
+    gpu_layout, n_leaves, leaf_norms
+):
+    """For a GPU (whose compiler runs a rescue conditional as a select, on every step)
+    every leaf is reduced on its own at three scales and nothing is conditional or
+    copied: per-leaf and global norms equal float64's where a small or a big leaf
+    overflows, the tree or one leaf is tiny, or a NaN/inf is in."""
+    leaves, cases = _tpu_cases(n_leaves)
+    cases.update(_tiny_leaf_cases(leaves, _small_f32_leaf(leaves), len(leaves) - 1))
+
+    def measure(tree):
+        return leaf_and_global_norms(tree, leaf_norms=leaf_norms)
+
+    found = _primitives(jax.make_jaxpr(measure)(leaves).jaxpr)
+    assert found["cond"] == 0 and found["select_n"] > 0
+    assert found["reduce_sum"] == 3 * len(leaves)
+    if not leaf_norms:
+        assert found["concatenate"] == 0
+    measured = jax.jit(measure)
+    for name, tree in cases.items():
+        got_leaves, got = measured(tree)
+        if leaf_norms:
+            _assert_norms_match_float64(got_leaves, got, tree, name)
+        elif name == "nan":
+            assert np.isnan(float(got))
+        else:
+            assert float(got) == pytest.approx(norm64(tree), rel=1e-5, abs=0), name
+
+
+def test_gpu_norms_gradient_and_vmap(gpu_layout):
+    _check_global_norm_gradient_and_vmap(seed=8)
+    _check_leaf_norms_gradient_and_vmap(seed=9)
 
 
 def test_thousands_of_small_leaves_compile_to_few_kernels():
