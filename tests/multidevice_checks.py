@@ -458,21 +458,29 @@ def _gpu_layout(mesh: Mesh, mapped: dict, plain: dict, args: tuple, on_one: dict
 
 
 def _block_norms_rescue(mesh: Mesh) -> list[str]:
-    """block_norms under shard_map (axis_name, sharded and replicated leaves) against
-    float64, where a sharded and a replicated leaf have squares that all flush to zero in
-    float32 and another sharded leaf overflows: each leaf is rescued on its own."""
+    """block_norms and global_norm under shard_map (axis_name, sharded and replicated
+    leaves, small and big) against float64, where sharded and replicated leaves have
+    squares that all flush to zero in float32 and two sharded leaves overflow: each
+    leaf is rescued on its own."""
     rng = np.random.default_rng(5)
-    tree = {k: rng.standard_normal(s).astype(np.float32) for k, s in SM_SHAPES.items()}
+    # Beside SM_SHAPES's small leaves (bucketed), two of 4,096 elements per device (each
+    # reduced on its own): one sharded, one replicated.
+    shapes = {**SM_SHAPES, "big_rows": (8 * 4096,), "big_rep": (4096,)}
+    specs = {**SM_SPECS, "big_rows": P("x"), "big_rep": P()}
+    sharded = {k: s != P() for k, s in specs.items()}
+    tree = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     tree["w_rows"] *= np.float32(1e-25)
     tree["bias"] *= np.float32(1e-25)
+    tree["big_rep"] *= np.float32(1e-25)
     tree["w_cols"][0, :2] = [3e19, -4e19]
+    tree["big_rows"][5 * 4096] = 5e19
     fn = jax.shard_map(
         lambda g: (
-            optaxclip.block_norms(g, axis_name="x", sharded=SM_SHARDED),
-            optaxclip.global_norm(g, axis_name="x", sharded=SM_SHARDED),
+            optaxclip.block_norms(g, axis_name="x", sharded=sharded),
+            optaxclip.global_norm(g, axis_name="x", sharded=sharded),
         ),
         mesh=mesh,
-        in_specs=(SM_SPECS,),
+        in_specs=(specs,),
         out_specs=P(),
     )
     got, got_global = jax.jit(fn)(tree)

@@ -419,14 +419,15 @@ def test_tpu_statistic_cost_table_reads_each_step_against_optaxs_clip():
     assert _tpu.statistic_cost_lines(None) == []
 
 
-def test_gpu_report_judges_compile_temp_and_collectives_without_bytes():
+def test_gpu_report_judges_compile_temp_hbm_and_collectives_without_a_cost_model():
     from benchmarks import _gpu
 
-    def cand(temp, compile_s, fsdp):
+    def cand(temp, compile_s, fsdp, hbm=None):
         return {
             "compile_s": compile_s,
             "temp_bytes": temp,
             "bytes_common": None,
+            "hbm_both_branches": hbm,
             "fsdp": {
                 "temp_bytes": 0,
                 "collectives": {
@@ -464,11 +465,11 @@ def test_gpu_report_judges_compile_temp_and_collectives_without_bytes():
                 "compile_repeats": 1,
                 "meshes": ["fsdp"],
                 "candidates": {
-                    "alone": cand(0, 1.0, []),
-                    "clip_by_global_norm": cand(8192, 1.3, ["f32[10]", "f32[]"]),
-                    "optax.clip_by_global_norm": cand(0, 2.0, ["f32[]"]),
-                    "clip_by_block_norm": cand(2 * mib, 1.0, ["f32[]"]),
-                    "optax.clip_by_block_rms": cand(0, 1.0, ["f32[]"]),
+                    "alone": cand(0, 1.0, [], 100 * mib),
+                    "clip_by_global_norm": cand(8192, 1.3, ["f32[10]", "f32[]"], 101 * mib),
+                    "optax.clip_by_global_norm": cand(0, 2.0, ["f32[]"], 100 * mib),
+                    "clip_by_block_norm": cand(2 * mib, 1.0, ["f32[]"], 110 * mib),
+                    "optax.clip_by_block_rms": cand(0, 1.0, ["f32[]"], 100 * mib),
                 },
                 "rows": [
                     {
@@ -498,11 +499,14 @@ def test_gpu_report_judges_compile_temp_and_collectives_without_bytes():
     assert met["temp"]["measured"] == "clip_by_block_norm adamw/10/20M 2.00 vs 0.00 MiB"
     assert not met["collectives"]["met"]
     assert "2 (f32[10], f32[]) vs 1 (f32[])" in met["collectives"]["measured"]
+    # The module's HBM traffic: 1.01x passes the 2% bound, 1.10x misses it.
+    assert not met["HBM"]["met"]
+    assert met["HBM"]["measured"] == "clip_by_block_norm adamw/10/20M 110.0 vs 100.0 MiB"
     results["targets"] = list(met.values())
     text = _gpu.markdown(results)
     assert (
         "| clip_by_global_norm | optax.clip_by_global_norm | 1.30 | 2.00 | 0.90x | 0.01 | 0.00 "
-        "| 2 (f32[10], f32[]) | 1 (f32[]) | - | - |" in text
+        "| 101.0 | 100.0 | 2 (f32[10], f32[]) | 1 (f32[]) | - | - |" in text
     )
 
 

@@ -368,39 +368,43 @@ def gpu_layout(monkeypatch):
     monkeypatch.setattr(_norm_engine, "target_platform", lambda leaves: "gpu")
 
 
-def _primitives(jaxpr) -> collections.Counter:
-    """How many equations of each primitive ``jaxpr`` holds, in the functions and
-    conditionals it calls too."""
-    found = collections.Counter(e.primitive.name for e in jaxpr.eqns)
+def _equations(jaxpr) -> list:
+    """Every equation of ``jaxpr``, in the functions and conditionals it calls too."""
+    found = list(jaxpr.eqns)
     for e in jaxpr.eqns:
         for value in e.params.values():
             for inner in value if isinstance(value, tuple) else (value,):
                 inner = getattr(inner, "jaxpr", inner)
                 if hasattr(inner, "eqns"):
-                    found += _primitives(inner)
+                    found += _equations(inner)
     return found
 
 
 @pytest.mark.parametrize("n_leaves", [10, 300])
 @pytest.mark.parametrize("leaf_norms", [False, True], ids=["global", "per_leaf"])
-def test_gpu_norms_sum_each_leaf_at_three_scales_with_no_rescue_branch(
-    gpu_layout, n_leaves, leaf_norms
-):
+def test_gpu_norms_sum_at_three_scales_with_no_rescue_branch(gpu_layout, n_leaves, leaf_norms):
     """For a GPU (whose compiler runs a rescue conditional as a select, on every step)
-    every leaf is reduced on its own at three scales and nothing is conditional or
-    copied: per-leaf and global norms equal float64's where a small or a big leaf
-    overflows, the tree or one leaf is tiny, or a NaN/inf is in."""
+    every sum of squares is taken at three scales in its one read and nothing is
+    conditional: each big leaf by three reductions of its own, never copied, the small
+    ones in the CPU layout's buckets. Per-leaf and global norms equal float64's where a
+    small or a big leaf overflows, the tree or one leaf is tiny, or a NaN/inf is in."""
     leaves, cases = _tpu_cases(n_leaves)
     cases.update(_tiny_leaf_cases(leaves, _small_f32_leaf(leaves), len(leaves) - 1))
 
     def measure(tree):
         return leaf_and_global_norms(tree, leaf_norms=leaf_norms)
 
-    found = _primitives(jax.make_jaxpr(measure)(leaves).jaxpr)
-    assert found["cond"] == 0 and found["select_n"] > 0
-    assert found["reduce_sum"] == 3 * len(leaves)
-    if not leaf_norms:
-        assert found["concatenate"] == 0
+    eqns = _equations(jax.make_jaxpr(measure)(leaves).jaxpr)
+    names = collections.Counter(e.primitive.name for e in eqns)
+    assert names["cond"] == 0 and names["select_n"] > 0
+    big = sum(x.size >= SMALL_LEAF for x in leaves)
+    reads = [e for e in eqns if e.primitive.name == "reduce_sum"]
+    assert sum(e.invars[0].aval.size >= SMALL_LEAF for e in reads) == 3 * big > 0
+    copies = [e for e in eqns if e.primitive.name == "concatenate"]
+    big_sizes = {x.size for x in leaves if x.size >= SMALL_LEAF}
+    assert not any(v.aval.size in big_sizes for e in copies for v in e.invars)
+    small = sum(x.size for x in leaves if 0 < x.size < SMALL_LEAF)
+    assert sum(e.outvars[0].aval.size for e in copies) >= small  # the buckets
     measured = jax.jit(measure)
     for name, tree in cases.items():
         got_leaves, got = measured(tree)
