@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from optaxclip import _stats
 from optaxclip._norm_engine import (
+    GPU_PLATFORMS,
     SMALL_LEAF,
     abs_sq,
     accumulation_dtype,
@@ -200,7 +201,21 @@ def scale_all(
 
 
 def scale_leaves(leaves: list[jax.Array], hi: jax.Array, lo: jax.Array) -> list[jax.Array]:
-    """Leaf ``i`` times ``hi[i] * lo[i]`` (per-leaf :func:`scale_parts`), dtype kept."""
+    """Leaf ``i`` times ``hi[i] * lo[i]`` (per-leaf :func:`scale_parts`), dtype kept.
+
+    Compiled for a GPU, each leaf's two factors are taken out of the vectors behind an
+    optimization barrier, so that every leaf's kernel reads scalars of its own: with the
+    slices of the shared vectors fused into them, the CUDA compiler took 61-66 s over
+    ``chain(clip_by_block_norm, sgd)`` at 2,000 leaves of 1,000 (Optax's
+    ``clip_by_block_rms``: 10.6 s), 15.9 s this way, and at 10 leaves of 2M (adamw)
+    0.63-0.64 s against 0.47-0.48 s. The TPU compiler gained nothing from it (39-40 s at
+    2,000 leaves) and kept 132 MiB of temp memory against 26.
+    """
+    if target_platform(leaves) in GPU_PLATFORMS:
+        his, los = jax.lax.optimization_barrier(
+            ([hi[i] for i in range(len(leaves))], [lo[i] for i in range(len(leaves))])
+        )
+        return [scale_leaf(x, his[i], los[i]) for i, x in enumerate(leaves)]
     return [scale_leaf(x, hi[i], lo[i]) for i, x in enumerate(leaves)]
 
 

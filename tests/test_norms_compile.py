@@ -23,7 +23,7 @@ from _devices import run_json_script
 from _reference import norm64, norms64, np64
 
 import optaxclip
-from optaxclip import _norm_engine
+from optaxclip import _mechanics, _norm_engine
 from optaxclip._mechanics import SHARED_SCALE_LEAVES
 from optaxclip._norm_engine import SMALL_LEAF, leaf_and_global_norms
 
@@ -364,8 +364,10 @@ def test_tpu_leaf_norms_gradient_and_vmap(tpu_layout):
 
 @pytest.fixture
 def gpu_layout(monkeypatch):
-    """The norm engine's layout for a GPU target (DESIGN §9), traced on this CPU."""
-    monkeypatch.setattr(_norm_engine, "target_platform", lambda leaves: "gpu")
+    """The layouts a GPU target gets (DESIGN §9), the norm engine's and the per-leaf
+    scaling's, traced on this CPU."""
+    for module in (_norm_engine, _mechanics):
+        monkeypatch.setattr(module, "target_platform", lambda leaves: "gpu")
 
 
 def _equations(jaxpr) -> list:
@@ -414,6 +416,40 @@ def test_gpu_norms_sum_at_three_scales_with_no_rescue_branch(gpu_layout, n_leave
             assert np.isnan(float(got))
         else:
             assert float(got) == pytest.approx(norm64(tree), rel=1e-5, abs=0), name
+
+
+@pytest.mark.parametrize("clip", ["clip_by_block_norm", "adagc"])
+def test_gpu_per_leaf_clips_read_their_factors_as_scalars_behind_a_barrier(gpu_layout, clip):
+    """For a GPU each leaf's factors come out of the per-leaf vectors behind one
+    optimization barrier (its kernel then reads scalars of its own: 15.9 s of CUDA
+    compile at 2,000 leaves instead of 61-66 s), and the clipped leaves are the CPU
+    layout's: each leaf scaled by min(1, bound / its norm), also where a leaf overflows
+    or is tiny."""
+    leaves, cases = _tpu_cases(10)
+    tree = [x for x in cases["overflow in a big leaf"] if x.dtype == jnp.float32]
+    tree[0] = tree[0] * 1e-25
+    tx = {
+        "clip_by_block_norm": lambda: optaxclip.clip_by_block_norm(0.5),
+        "adagc": lambda: optaxclip.adagc(warmup_steps=100),
+    }[clip]()
+
+    def step(grads):
+        return tx.update(grads, tx.init(grads), grads)[0]
+
+    barriers = [
+        e for e in _equations(jax.make_jaxpr(step)(tree).jaxpr)
+        if e.primitive.name == "optimization_barrier"
+    ]
+    factors = [v for e in barriers for v in e.invars if v.aval.shape == ()]
+    assert len(factors) >= 2 * sum(x.size > 0 for x in tree)
+    got = jax.jit(step)(tree)
+    with pytest.MonkeyPatch.context() as cpu:
+        for module in (_norm_engine, _mechanics):
+            cpu.setattr(module, "target_platform", lambda leaves: "cpu")
+        want = jax.jit(lambda g: step(g))(tree)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np64(g), np64(w), rtol=1e-6, atol=0)
+    assert any(np.any(np64(g) != np64(x)) for g, x in zip(got, tree, strict=True))
 
 
 def test_gpu_norms_gradient_and_vmap(gpu_layout):
