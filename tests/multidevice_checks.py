@@ -461,7 +461,7 @@ def _block_norms_rescue(mesh: Mesh) -> list[str]:
     """block_norms and global_norm under shard_map (axis_name, sharded and replicated
     leaves, small and big) against float64, where sharded and replicated leaves have
     squares that all flush to zero in float32 and two sharded leaves overflow: each
-    leaf is rescued on its own."""
+    leaf's norm is taken at its own scale."""
     rng = np.random.default_rng(5)
     # Beside SM_SHAPES's small leaves (bucketed), two of 4,096 elements per device (each
     # reduced on its own): one sharded, one replicated.

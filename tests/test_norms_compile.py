@@ -294,11 +294,18 @@ def test_tpu_global_norm_gradient_and_vmap(tpu_layout):
 
 
 def _check_global_norm_gradient_and_vmap(seed: int) -> None:
-    """d||x|| / dx = x / ||x|| on a plain tree and one with an overflowing leaf; 0 at
-    zero; per-example rows (plain, scaled by 1e25 and by 1e-25) under vmap."""
+    """d||x|| / dx = x / ||x|| on a plain tree, one with an overflowing small or big
+    leaf and a tiny one; 0 at zero; per-example rows (plain, scaled by 1e25 and by
+    1e-25) under vmap."""
     leaves = [x for x in _tree(40, seed=seed) if x.dtype == jnp.float32 and x.size]
+    big = next(i for i, x in enumerate(leaves) if x.size >= SMALL_LEAF)
     grad = jax.jit(jax.grad(_global_only))
-    for tree in (leaves, _set(leaves, _small_f32_leaf(leaves), [3e19, 4e19])):
+    for tree in (
+        leaves,
+        _set(leaves, _small_f32_leaf(leaves), [3e19, 4e19]),
+        _set(leaves, big, [3e19, -4e19]),
+        [jnp.asarray(np64(x) * 1e-25, x.dtype) for x in leaves],
+    ):
         norm = norm64(tree)
         for g, x in zip(grad(tree), tree, strict=True):
             np.testing.assert_allclose(g, np64(x) / norm, rtol=1e-5, atol=1e-30)
@@ -339,11 +346,18 @@ def test_tpu_leaf_norms_sum_each_leaf_and_rescue_one_copy_per_row_width(tpu_layo
 
 def _check_leaf_norms_gradient_and_vmap(seed: int) -> None:
     """d||x_i|| / dx_i = x_i / ||x_i|| on a plain tree, one with an overflowing leaf and
-    one with a tiny leaf (each rescued alone); 0 at zero; per-example rows under vmap."""
+    ones with a tiny small or big leaf (each rescued alone); 0 at zero; per-example rows
+    under vmap."""
     leaves = [x for x in _tree(40, seed=seed) if x.dtype == jnp.float32 and x.size]
     grad = jax.jit(jax.grad(lambda t: jnp.sum(leaf_and_global_norms(t)[0])))
     small = _small_f32_leaf(leaves)
-    for tree in (leaves, _set(leaves, small, [3e19, 4e19]), _scaled(leaves, {small: 1e-25})):
+    big = next(i for i, x in enumerate(leaves) if x.size >= SMALL_LEAF)
+    for tree in (
+        leaves,
+        _set(leaves, small, [3e19, 4e19]),
+        _scaled(leaves, {small: 1e-25}),
+        _scaled(leaves, {big: 1e-25}),
+    ):
         want_leaves, _ = _reference(tree)
         for g, x, n in zip(grad(tree), tree, want_leaves, strict=True):
             np.testing.assert_allclose(g, np64(x) / n, rtol=1e-5, atol=1e-30)
@@ -398,7 +412,7 @@ def test_gpu_norms_sum_at_three_scales_with_no_rescue_branch(gpu_layout, n_leave
 
     eqns = _equations(jax.make_jaxpr(measure)(leaves).jaxpr)
     names = collections.Counter(e.primitive.name for e in eqns)
-    assert names["cond"] == 0 and names["select_n"] > 0
+    assert names["cond"] == 0
     big = sum(x.size >= SMALL_LEAF for x in leaves)
     reads = [e for e in eqns if e.primitive.name == "reduce_sum"]
     assert sum(e.invars[0].aval.size >= SMALL_LEAF for e in reads) == 3 * big > 0
