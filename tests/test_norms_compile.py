@@ -205,15 +205,18 @@ def _elements_concatenated(jaxpr) -> int:
 
 def _concatenations(jaxpr) -> list:
     """Every concatenation of ``jaxpr``, in the functions and conditionals it calls too."""
-    found = []
+    return [e for e in _equations(jaxpr) if e.primitive.name == "concatenate"]
+
+
+def _equations(jaxpr) -> list:
+    """Every equation of ``jaxpr``, in the functions and conditionals it calls too."""
+    found = list(jaxpr.eqns)
     for e in jaxpr.eqns:
-        if e.primitive.name == "concatenate":
-            found.append(e)
         for value in e.params.values():
             for inner in value if isinstance(value, tuple) else (value,):
                 inner = getattr(inner, "jaxpr", inner)
                 if hasattr(inner, "eqns"):
-                    found += _concatenations(inner)
+                    found += _equations(inner)
     return found
 
 
@@ -382,18 +385,6 @@ def gpu_layout(monkeypatch):
     scaling's, traced on this CPU."""
     for module in (_norm_engine, _mechanics):
         monkeypatch.setattr(module, "target_platform", lambda leaves: "gpu")
-
-
-def _equations(jaxpr) -> list:
-    """Every equation of ``jaxpr``, in the functions and conditionals it calls too."""
-    found = list(jaxpr.eqns)
-    for e in jaxpr.eqns:
-        for value in e.params.values():
-            for inner in value if isinstance(value, tuple) else (value,):
-                inner = getattr(inner, "jaxpr", inner)
-                if hasattr(inner, "eqns"):
-                    found += _equations(inner)
-    return found
 
 
 @pytest.mark.parametrize("n_leaves", [10, 300])
