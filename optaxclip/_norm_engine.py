@@ -874,7 +874,9 @@ def _up_scaled_sum_jvp(primals, tangents):
     dy, _ = tangents  # up is a constant (behind a barrier): no tangent of its own
     bound = _UP_BOUND[jnp.finfo(y.dtype).bits]
     clamped = jnp.clip(y, -bound, bound) * up
-    return _up_scaled_sum(y, up), jnp.sum(2 * clamped * up * dy)
+    # dy * up first: multiplied the other way, the derivative of this rule (a second
+    # derivative of the norm) forms up * up, which overflows (2^128; 2^1080 in float64).
+    return _up_scaled_sum(y, up), jnp.sum(2 * clamped * (dy * up))
 
 
 def _sums_at_three_scales(
@@ -900,8 +902,8 @@ def _norms_at_three_scales(
     leaf_norms: bool,
 ) -> tuple[jax.Array | None, jax.Array]:
     """:func:`leaf_and_global_norms` in the GPU layout: every sum of squares taken at three
-    scales in the one read of its values (:func:`three_squares`: plain, scaled down for a
-    sum that overflows, scaled up for a tiny one), with no rescue branch;
+    scales in the one read of its values (plain, scaled down for a sum that overflows,
+    scaled up for a tiny one: :func:`_sums_at_three_scales`), with no rescue branch;
     :func:`norm_at_its_scale` picks each norm's sum. Leaves of ``SMALL_LEAF`` elements
     or more (and those that may not be copied, :func:`concatenable`) are reduced on their
     own, as in Optax's clips; smaller ones are copied into the CPU layout's buckets
@@ -921,8 +923,9 @@ def _norms_at_three_scales(
     a reduction per leaf took the CUDA compiler 30.6 s (Optax: 15.3-15.8 s).
 
     The per-leaf norm takes its up-scaled sum below ``_TINY_LEAF``, the total below
-    ``_TINY_TOTAL`` (:func:`is_tiny`), as the other layouts' rescues do; the clamp in
-    :func:`three_squares` binds only where the up-scaled sum is not read. Under
+    ``_TINY_TOTAL`` (:func:`is_tiny`), as the other layouts' rescues do; the clamp of
+    the up-scaled values (in the buckets' :func:`three_squares`, in the derivative of
+    :func:`_up_scaled_sum`) binds only where the up-scaled sum is not read. Under
     ``shard_map``/``pmap`` the sharded leaves' sums are ``psum``-ed (the big leaves' in
     one ``psum``, the buckets' in another: XLA combines the two), the replicated leaves'
     kept out of it (device-invariant under ``check_vma``). Empty leaves are not reduced:
@@ -941,8 +944,9 @@ def _norms_at_three_scales(
         reduced = jax.lax.psum(jnp.stack([jnp.stack(sums[i]) for i in sharded]), axis_name)
         for j, i in enumerate(sharded):
             sums[i] = list(reduced[j])
-    columns = [[sums[i][k] for i in solo] for k in range(3)]  # plain, down, up
-    parts = [list(column) for column in columns]
+    solo_sums = [[sums[i][k] for i in solo] for k in range(3)]  # plain, down, up
+    parts = [list(column) for column in solo_sums]
+    small_sums = []
     if small:
         bucketed = _sums_over_devices(
             [leaves[i] for i in small],
@@ -951,15 +955,17 @@ def _norms_at_three_scales(
             axis_name,
             [may_copy[i] for i in small],
         )
-        for k, small_sums in enumerate([bucketed.plain, *bucketed.scaled]):
-            parts[k].append(jnp.sum(small_sums))
-            columns[k] = [jnp.stack(columns[k]), small_sums] if columns[k] else [small_sums]
-    else:
-        columns = [[jnp.stack(column)] if column else [] for column in columns]
+        small_sums = [bucketed.plain, *bucketed.scaled]
+        for k in range(3):
+            parts[k].append(jnp.sum(small_sums[k]))
     plain, scaled_down, scaled_up = (_added(p, acc) for p in parts)
     norm = norm_at_its_scale(plain, scaled_down, scaled_up, is_tiny(plain), down, up)
     if not leaf_norms:
         return None, norm
+    columns = [
+        ([jnp.stack(solo_sums[k])] if solo else []) + ([small_sums[k]] if small else [])
+        for k in range(3)
+    ]
     # Entry k of each column is leaf order[k]'s; the empty leaves read a trailing 0.
     order = solo + small
     position = {i: k for k, i in enumerate(order)}

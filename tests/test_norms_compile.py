@@ -428,8 +428,7 @@ def test_gpu_per_leaf_clips_read_their_factors_as_scalars_behind_a_barrier(gpu_l
     """For a GPU each leaf's factors come out of the per-leaf vectors behind one
     optimization barrier (its kernel then reads scalars of its own: 15.9 s of CUDA
     compile at 2,000 leaves instead of 61-66 s), and the clipped leaves are the CPU
-    layout's: each leaf scaled by min(1, bound / its norm), also where a leaf overflows
-    or is tiny."""
+    layout's, also where a leaf overflows or is tiny."""
     leaves, cases = _tpu_cases(10)
     tree = [x for x in cases["overflow in a big leaf"] if x.dtype == jnp.float32]
     tree[0] = tree[0] * 1e-25
@@ -455,6 +454,23 @@ def test_gpu_per_leaf_clips_read_their_factors_as_scalars_behind_a_barrier(gpu_l
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np64(g), np64(w), rtol=1e-6, atol=0)
     assert any(np.any(np64(g) != np64(x)) for g, x in zip(got, tree, strict=True))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-25], ids=["ordinary", "tiny"])
+def test_gpu_norm_second_derivative_is_finite_and_exact(gpu_layout, scale):
+    """The Hessian-vector product of the global norm, H v = v / n - x (x . v) / n^3, on
+    a big leaf holding zeros (its values below the up-scaled sum's clamp), ordinary and
+    tiny: the derivative of _up_scaled_sum's derivative must not form up * up (2^128)."""
+    x = np.random.default_rng(3).standard_normal(5000) * scale
+    x[:100] = 0
+    v = np.random.default_rng(4).standard_normal(5000)
+    tree = [jnp.asarray(x, jnp.float32)]
+    grad = jax.grad(_global_only)
+    _, hv = jax.jit(lambda t, u: jax.jvp(grad, (t,), (u,)))(tree, [jnp.asarray(v, jnp.float32)])
+    x64, v64 = np64(tree[0]), np64(jnp.asarray(v, jnp.float32))
+    n = np.linalg.norm(x64)
+    want = v64 / n - x64 * (x64 @ v64) / n**3
+    np.testing.assert_allclose(np64(hv[0]), want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
 
 
 def test_gpu_norms_gradient_and_vmap(gpu_layout):
