@@ -326,6 +326,7 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s+\(.*\{\s*$")
 _CALLS = re.compile(
     r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)"
 )
+_FUSED = re.compile(r"\bcalls=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _COND_TARGETS = re.compile(r"(?:true_computation|false_computation)=%?([\w.\-]+)")
 _ARRAY = re.compile(r"(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
@@ -468,8 +469,10 @@ def hbm_bytes(hlo: str) -> int:
     prefetch, ``copy-start`` or ``slice-start``) counts its result once, as an HBM read
     of that size; a copy out of it (an eviction) counts its result once, as a write; a
     copy from HBM to HBM twice. Instructions that move nothing are skipped
-    (:data:`_NO_TRAFFIC`). A fusion that reads only part of an HBM operand (a fused
-    dynamic slice) is counted as reading all of it: an upper bound.
+    (:data:`_NO_TRAFFIC`). A fusion that only slices an HBM operand (every use of it
+    inside is a ``slice`` or ``dynamic-slice`` of it) reads what its slices take
+    (:func:`_sliced_reads`); any other partial read (a gather) counts the whole
+    operand: an upper bound.
 
     Args:
       hlo: ``compiled.as_text()`` of a module compiled for TPU.
@@ -508,9 +511,42 @@ def hbm_bytes(hlo: str) -> int:
                 total += ends_in_hbm * _array_bytes(dest["dtype"], dest["dims"])
                 continue
             total += _hbm_array_bytes(shape)
-            for operand in re.findall(r"%([\w.\-]+)", match["operands"]):
-                total += _hbm_array_bytes(shapes.get(operand, ""))
+            sliced: dict[int, int] = {}
+            if op == "fusion" and (callee := _FUSED.search(line)) is not None:
+                sliced = _sliced_reads(bodies.get(callee.group(1), []))
+            for i, operand in enumerate(re.findall(r"%([\w.\-]+)", match["operands"])):
+                whole = _hbm_array_bytes(shapes.get(operand, ""))
+                total += min(whole, sliced[i]) if whole and i in sliced else whole
     return total
+
+
+def _sliced_reads(body: list[str]) -> dict[int, int]:
+    """For a fused computation's lines: parameter number -> the bytes read from it,
+    for each parameter used only as the array a ``slice`` or ``dynamic-slice`` takes
+    from (the sizes of those slices, summed). A fusion that picks one scalar out of a
+    per-leaf vector reads 4 bytes, not the vector (on GPU, the per-leaf clips take 2,000
+    such scalars from vectors of 2,000, which counted whole were 30 MiB)."""
+    numbers: dict[str, int] = {}
+    uses: dict[str, list[tuple[str, str, int]]] = {}
+    for line in body:
+        match = _ANY_INSTRUCTION.match(line)
+        if not match:
+            continue
+        if match["op"] == "parameter":
+            numbers[match["name"]] = int(match["operands"])
+            continue
+        for position, operand in enumerate(re.findall(r"%([\w.\-]+)", match["operands"])):
+            uses.setdefault(operand, []).append((match["op"], match["shape"], position))
+    out = {}
+    for name, number in numbers.items():
+        found = uses.get(name, [])
+        if found and all(op in ("slice", "dynamic-slice") and at == 0 for op, _, at in found):
+            out[number] = sum(
+                _array_bytes(m["dtype"], m["dims"])
+                for _, shape, _ in found
+                for m in _LAYOUT_ARRAY.finditer(shape)
+            )
+    return out
 
 
 def _cost(compiled: Any) -> dict[str, float]:

@@ -596,6 +596,62 @@ def test_hbm_bytes_counts_what_moves_to_and_from_hbm_and_nothing_on_chip():
     )
 
 
+_SLICING_MODULE = """HloModule step
+
+%take_one (p0: f32[2000]) -> f32[1] {
+  %p0 = f32[2000]{0} parameter(0)
+  ROOT %s = f32[1]{0} slice(%p0), slice={[7:8]}
+}
+
+%take_two (p0: f32[2000], i: s32[]) -> f32[3] {
+  %p0 = f32[2000]{0} parameter(0)
+  %i = s32[] parameter(1)
+  %a = f32[1]{0} slice(%p0), slice={[0:1]}
+  %b = f32[2]{0} dynamic-slice(%p0, %i), dynamic_slice_sizes={2}
+  ROOT %c = f32[3]{0} concatenate(%a, %b), dimensions={0}
+}
+
+%slice_and_sum (p0: f32[2000], p1: f32[2000]) -> f32[1] {
+  %p0 = f32[2000]{0} parameter(0)
+  %p1 = f32[2000]{0} parameter(1)
+  %s = f32[1]{0} slice(%p0), slice={[0:1]}
+  %m = f32[2000]{0} multiply(%p0, %p1)
+  %z = f32[] constant(0)
+  %r = f32[] reduce(%m, %z), dimensions={0}, to_apply=%add
+  ROOT %o = f32[1]{0} add(%s, %s)
+}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}
+
+ENTRY %main (v: f32[2000], w: f32[2000], i: s32[]) -> (f32[1], f32[3], f32[1]) {
+  %v = f32[2000]{0} parameter(0)
+  %w = f32[2000]{0} parameter(1)
+  %i = s32[] parameter(2)
+  %one = f32[1]{0} fusion(%v), kind=kLoop, calls=%take_one
+  %two = f32[3]{0} fusion(%v, %i), kind=kLoop, calls=%take_two
+  %both = f32[1]{0} fusion(%v, %w), kind=kLoop, calls=%slice_and_sum
+  ROOT %out = (f32[1]{0}, f32[3]{0}, f32[1]{0}) tuple(%one, %two, %both)
+}
+"""
+
+
+def test_hbm_bytes_counts_a_fused_slice_as_the_slice_it_takes():
+    """A fusion that only slices an operand reads the slices, not the whole array (the
+    GPU per-leaf clips take one scalar from a vector of 2,000 per leaf); an operand also
+    read whole inside the fusion counts whole."""
+    from benchmarks import _tpu
+
+    assert _tpu.hbm_bytes(_SLICING_MODULE) == (
+        4 + 4  # take_one: reads one float of v, writes one
+        + (4 + 8) + 4 + 12  # take_two: a slice of 1 and a dynamic slice of 2; i; 3 out
+        + 8000 + 8000 + 4  # slice_and_sum: v is also multiplied whole, and w is read
+    )
+
+
 def test_the_common_path_stubs_every_rare_branch_a_tpu_step_traces(monkeypatch):
     """The TPU benchmark's common-path bytes count only the steps' common branches.
 

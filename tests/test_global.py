@@ -139,6 +139,35 @@ def test_gradient_through_clip_beyond_float32_overflow_matches_float64(scale):
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize(
+    "scale",
+    [
+        1e3,
+        pytest.param(
+            1e30,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="forward mode beyond ~1.8e19: the scale's own derivative, "
+                "c * dn / n**2, is below the smallest float32 (1e-61 here), so the JVP "
+                "loses the norm's part; reverse mode keeps it (docs/guides/decisions.md)",
+            ),
+        ),
+    ],
+)
+def test_forward_mode_derivative_of_the_clip_matches_float64(scale):
+    tx = optaxclip.clip_by_global_norm(1.0)
+    g0 = np.array([3.0, 4.0, 1.0]) * scale / 5.1
+    direction = np.array([1.0, 0.0, -2.0])
+
+    def f(g):
+        return tx.update([g], tx.init(None))[0][0]
+
+    _, jvp = jax.jvp(f, (jnp.asarray(g0, jnp.float32),), (jnp.asarray(direction, jnp.float32),))
+    n = np.linalg.norm(g0)
+    expected = direction / n - g0 * np.dot(g0, direction) / n**3
+    np.testing.assert_allclose(np.asarray(jvp, np.float64), expected, rtol=1e-5, atol=0)
+
+
 def test_zero_threshold_has_zero_gradient_at_zero_where_the_clip_is_identically_zero():
     tx = optaxclip.clip_by_global_norm(0.0)
     grad = jax.grad(lambda g: jnp.sum(tx.update([g], tx.init(None))[0][0]))(jnp.zeros(3))
