@@ -395,9 +395,10 @@ def check_shard_map() -> dict[str, list[str]]:
     with target_platform_is("gpu"):
         results["shard_map/gpu_layout/block_norms_rescue"] = _block_norms_rescue(mesh)
     results.update(_gpu_layout(mesh, mapped, plain, args, on_one))
-    results["shard_map/spike_aware_clip_tpu_layout"] = _spike_tpu_layout(
-        mesh, mapped, plain, args, on_one["spike_aware_clip"]
-    )
+    for platform in ("tpu", "gpu"):
+        results[f"shard_map/spike_aware_clip_{platform}_layout"] = _spike_norm_first(
+            platform, mesh, mapped, plain, args, on_one["spike_aware_clip"]
+        )
     return results
 
 
@@ -414,12 +415,14 @@ def target_platform_is(platform: str) -> contextlib.ExitStack:
     return stack
 
 
-def _spike_tpu_layout(mesh: Mesh, mapped: dict, plain: dict, args: tuple, want: Any) -> list[str]:
-    """spike_aware_clip in the layout the TPU compiler gets (the norm first, then the
-    clipped values summed at three scales, with no rescue branch) under shard_map, with
-    sharded and replicated leaves, against the single-device run: on the sequence of
-    the other checks and on it scaled by 1e25 and by 1e-25 (whose sums of squares
-    overflow and flush to zero in float32)."""
+def _spike_norm_first(
+    platform: str, mesh: Mesh, mapped: dict, plain: dict, args: tuple, want: Any
+) -> list[str]:
+    """spike_aware_clip in the layout a TPU or GPU ``platform`` gets (the norm first,
+    then the clipped values summed at three scales, with no rescue branch) under
+    shard_map, with sharded and replicated leaves, against the single-device run: on the
+    sequence of the other checks and on it scaled by 1e25 and by 1e-25 (whose sums of
+    squares overflow and flush to zero in float32)."""
     name = "spike_aware_clip"
     params, grads, nan_grads, specs = args
     problems = []
@@ -427,7 +430,7 @@ def _spike_tpu_layout(mesh: Mesh, mapped: dict, plain: dict, args: tuple, want: 
         seq = {k: (v * np.float32(scale)).astype(np.float32) for k, v in grads.items()}
         if scale != 1.0:
             want = jax.jit(lambda p, g: run_steps(plain[name](), p, g))(params, seq)
-        with target_platform_is("tpu"):
+        with target_platform_is(platform):
             got = _run_mapped(
                 mesh, {name: mapped[name]()}, {name: plain[name]()}, params, seq, nan_grads, specs
             )

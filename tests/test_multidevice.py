@@ -75,10 +75,14 @@ def test_shard_map_in_the_gpu_layout_matches_one_device(report, transform):
     assert_check_ok(report, f"shard_map/gpu_layout/{transform}")
 
 
-def test_shard_map_spike_aware_clip_in_its_tpu_layout_matches_one_device(report):
-    # The TPU layout sums the clipped values at three scales and psums them with the
-    # sharding flags, where the CPU layout (run above) has a rescue branch.
-    assert_check_ok(report, "shard_map/spike_aware_clip_tpu_layout")
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_shard_map_spike_aware_clip_in_its_norm_first_layout_matches_one_device(
+    report, platform
+):
+    # The TPU and GPU layouts take the norm first, sum the clipped values at three
+    # scales and psum them with the sharding flags, where the CPU layout (run above)
+    # has a rescue branch.
+    assert_check_ok(report, f"shard_map/spike_aware_clip_{platform}_layout")
 
 
 def test_shard_map_tuple_axis_name_over_a_2x4_mesh(report):

@@ -11,9 +11,11 @@ The reference is ``TianjinYellow/SPAM-Optimizer``'s ``galore_torch/SPAM.py``, wh
 
 :func:`spam64` writes that out in float64 NumPy; nothing in it comes from optaxclip.
 
-Every test runs twice: with the layout XLA:CPU gets and with the one the TPU compiler
-gets (the norm first, then one read that clips, writes and measures; sums kept apart),
-chosen here by making the transform read "tpu" as the platform it is compiled for.
+Every test runs three times: with the layout XLA:CPU gets, with the one the TPU compiler
+gets (the norm first, then one read that clips, writes and measures; sums kept apart)
+and with the GPU's (the same, over the norm engine's GPU layout, which has no rescue
+branch), chosen here by making the transform read "tpu" or "gpu" as the platform it is
+compiled for.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ from optaxclip import _mechanics, _norm_engine, _spike_aware
 from optaxclip._norm_engine import SMALL_LEAF
 
 
-@pytest.fixture(scope="module", autouse=True, params=["cpu-layout", "tpu-layout"])
+@pytest.fixture(scope="module", autouse=True, params=["cpu-layout", "tpu-layout", "gpu-layout"])
 def layout(request):
-    """The transform's layout for the target platform (DESIGN §9), both on this CPU."""
+    """The transform's layout for the target platform (DESIGN §9), each on this CPU."""
+    platform = request.param.removesuffix("-layout")
     with pytest.MonkeyPatch.context() as patch:
-        if request.param == "tpu-layout":
+        if platform != "cpu":
             for module in (_spike_aware, _mechanics, _norm_engine):
-                patch.setattr(module, "target_platform", lambda leaves: "tpu")
+                patch.setattr(module, "target_platform", lambda leaves: platform)
         yield request.param
 
 
@@ -59,11 +62,13 @@ def test_each_layout_is_the_one_its_platform_gets(layout, monkeypatch):
     g = {"w": jnp.ones((5000,))}
     tx = optaxclip.spike_aware_clip()
     text = jax.jit(tx.update).lower(g, tx.init(g)).as_text()
-    # The TPU layout measures the norm first with the norm engine, whose rescue is its
-    # one conditional, then the clipped values at three scales (no rescue branch); the
-    # CPU layout measures both in one read, with map_and_measure's rescue.
-    assert text.count("stablehlo.case") == 1
-    assert called == (["map_and_measure_mapped"] if layout == "tpu-layout" else ["map_and_measure"])
+    # The TPU and GPU layouts measure the norm first with the norm engine (whose rescue
+    # is the TPU's one conditional; the GPU's sums at three scales need none), then the
+    # clipped values at three scales (no rescue branch); the CPU layout measures both in
+    # one read, with map_and_measure's rescue.
+    assert text.count("stablehlo.case") == (0 if layout == "gpu-layout" else 1)
+    norm_first = layout in ("tpu-layout", "gpu-layout")
+    assert called == (["map_and_measure_mapped"] if norm_first else ["map_and_measure"])
 
 
 def spam64(grads, *, threshold, beta, grad_accu_steps, pass_zero_v=False):
