@@ -172,9 +172,9 @@ def _norm_first(
 
     On the CUDA compiler (H100, adamw, 2026-12-04) this layout moves 763.8 MiB of HBM
     traffic at 10 leaves of 2M where :func:`_measure_first` moves 992.6 (sgd: 458.7
-    against 687.4), and 1069.6 against 1145.2 at 100 leaves, where the other kept a
-    gradient-sized temp buffer (0.96 MiB of temp memory against 76.5; under FSDP 0.09
-    against 19.2 at 10 leaves).
+    against 687.4), and 764.5 against 1145.2 at 100 leaves (with the EMA reading the
+    returned leaf, see ``update_fn``), where the other kept a gradient-sized temp buffer
+    (0.2 MiB of temp memory against 76.5; under FSDP 0.09 against 19.2 at 10 leaves).
     """
     _, norm = leaf_and_global_norms(leaves, axis_name=axis_name, flags=flags, leaf_norms=False)
     finite = jnp.isfinite(norm)
@@ -379,17 +379,29 @@ def spike_aware_clip(
         # Whether the step is finite is known only once the leaves are summed; a NaN/inf
         # step returns the updates as they came (for the policy) and leaves rms and the
         # warm-up count as they were.
-        norm_first = target_platform(leaves) in ("tpu", *GPU_PLATFORMS)
-        layout = _norm_first if norm_first else _measure_first
+        platform = target_platform(leaves)
+        layout = _norm_first if platform in ("tpu", *GPU_PLATFORMS) else _measure_first
         out, norm, clipped_norm, n_clipped = layout(
             leaves, rms_leaves, clip_leaf, axis_name=axis_name, flags=flags
         )
         finite = jnp.isfinite(norm)
-        # The EMA takes the working-precision clipped values (the operations of
-        # clip_leaf, which XLA computes once).
+        # The EMA takes the working-precision clipped values: the operations of
+        # clip_leaf again, which XLA computes once. On GPU, a leaf kept in its working
+        # precision (float32, float64) is returned as those very values on a finite
+        # step, and the EMA reads the returned leaf instead: XLA:GPU then clips in the
+        # update's kernel at every leaf size (given the clip again, at 100 leaves of
+        # 200,000 it wrote each clipped leaf out and read it back: 1069.6 MiB of HBM
+        # traffic against 764.5, chain with adamw). The TPU compiler reads the gradient
+        # once more that way (770.6 MiB against 694.3 at 10 leaves), so it is GPU's only.
+        def ema_input(x: jax.Array, r: jax.Array, returned: jax.Array) -> jax.Array:
+            working = jnp.promote_types(_real_dtype(x.dtype), r.dtype)
+            if platform in GPU_PLATFORMS and returned.dtype == working:
+                return returned
+            return _clip_coordinates(x, r, may_clip, hyper)[0]
+
         new_rms = [
-            jnp.where(finite, _new_rms(_clip_coordinates(x, r, may_clip, hyper)[0], r, hyper), r)
-            for x, r in zip(leaves, rms_leaves, strict=True)
+            jnp.where(finite, _new_rms(ema_input(x, r, o), r, hyper), r)
+            for x, r, o in zip(leaves, rms_leaves, out, strict=True)
         ]
         n_clipped = jnp.where(finite, n_clipped, 0).astype(jnp.float32)
         clipped_norm = jnp.where(finite, clipped_norm, norm)

@@ -71,6 +71,31 @@ def test_each_layout_is_the_one_its_platform_gets(layout, monkeypatch):
     assert called == (["map_and_measure_mapped"] if norm_first else ["map_and_measure"])
 
 
+def test_on_gpu_the_ema_reads_the_returned_leaf_where_it_is_in_working_precision(
+    layout, monkeypatch
+):
+    """On GPU a float32 leaf's EMA takes the returned (clipped) leaf, so the clip is
+    traced once per leaf; XLA:GPU given the clip twice wrote each clipped leaf out and
+    read it back at 100 leaves of 200,000. A bf16 leaf, returned rounded, and every
+    leaf in the other layouts are clipped again for the EMA (XLA computes it once)."""
+    calls = []
+    real = _spike_aware._clip_coordinates
+
+    def counted(x, *args):
+        calls.append(x.dtype)
+        return real(x, *args)
+
+    monkeypatch.setattr(_spike_aware, "_clip_coordinates", counted)
+    g = {"f32": jnp.ones((5000,)), "bf16": jnp.ones((7,), jnp.bfloat16)}
+    tx = optaxclip.spike_aware_clip()
+    jax.jit(tx.update).lower(g, tx.init(g))
+    traced = {str(d): calls.count(d) for d in set(calls)}
+    # Each layout clips a leaf once for the update (the CPU layout once more in its
+    # rescue branch); the EMA adds one, but for a float32 leaf on GPU.
+    saved = 1 if layout == "gpu-layout" else 0
+    assert traced["float32"] == traced["bfloat16"] - saved, traced
+
+
 def spam64(grads, *, threshold, beta, grad_accu_steps, pass_zero_v=False):
     """The reference's clip over a sequence of gradient arrays, in float64.
 
