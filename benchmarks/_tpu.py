@@ -525,7 +525,10 @@ def _sliced_reads(body: list[str]) -> dict[int, int]:
     for each parameter used only as the array a ``slice`` or ``dynamic-slice`` takes
     from (the sizes of those slices, summed). A fusion that picks one scalar out of a
     per-leaf vector reads 4 bytes, not the vector (on GPU, the per-leaf clips take 2,000
-    such scalars from vectors of 2,000, which counted whole were 30 MiB)."""
+    such scalars from vectors of 2,000, which counted whole were 30 MiB). A slice is
+    counted at its own size: for a strided slice, a column of a row-major matrix or one
+    value of a tiled TPU layout the hardware moves more (whole sectors or tiles), so
+    such a count is a lower bound; the steps measured here slice contiguous runs."""
     numbers: dict[str, int] = {}
     uses: dict[str, list[tuple[str, str, int]]] = {}
     for line in body:

@@ -580,7 +580,7 @@ def test_an_elementwise_clip_measures_in_one_read_with_one_flat_rescue(clip):
         "spike_aware_clip": lambda: optaxclip.spike_aware_clip(),
     }[clip]()
     text = jax.jit(tx.update).lower(g, tx.init(g)).as_text()
-    # (On XLA:CPU; spike_aware_clip's TPU layout is pinned in its own tests.)
+    # (On XLA:CPU; spike_aware_clip's TPU and GPU layouts are pinned in its own tests.)
     assert text.count("stablehlo.case") == 1
     # Per leaf two reductions in the common path (along rows, then over the rows: one
     # reduction along 5,000 elements adds them one after another on XLA:CPU) and two in
