@@ -60,6 +60,12 @@ def _real_dtype(dtype: Any) -> jnp.dtype:
     return jnp.dtype(jnp.float64 if jnp.finfo(dtype).bits == 64 else jnp.float32)
 
 
+def _working_dtype(x: jax.Array, r: jax.Array) -> jnp.dtype:
+    """The precision a leaf is clipped and its EMA updated in: that of the leaf's real
+    dtype and of its ``rms``, whichever is wider (at least float32)."""
+    return jnp.promote_types(_real_dtype(x.dtype), r.dtype)
+
+
 def _init_rms(x: Any) -> jax.Array:
     dtype = jnp.result_type(x)
     real = _real_dtype(dtype) if jnp.issubdtype(dtype, jnp.inexact) else jnp.dtype(jnp.float32)
@@ -99,7 +105,7 @@ def _clip_coordinates(
     working precision. A coordinate whose ``rms`` is 0 has no scale to be judged
     against and passes (its first non-zero gradient enters ``rms``).
     """
-    work = jnp.promote_types(_real_dtype(x.dtype), r.dtype)
+    work = _working_dtype(x, r)
     xc = x.astype(jnp.promote_types(x.dtype, work))
     rc = r.astype(work)
     root_threshold, _, _ = hyper(work)
@@ -116,7 +122,7 @@ def _clip_coordinates(
 
 def _new_rms(clipped: jax.Array, r: jax.Array, hyper: Callable[[Any], tuple]) -> jax.Array:
     """The coordinates' ``rms`` after this step's (working-precision) clipped values."""
-    work = jnp.promote_types(_real_dtype(clipped.dtype), r.dtype)
+    work = _working_dtype(clipped, r)
     _, beta, rest = hyper(work)
     return _ema_rms(r.astype(work), clipped, beta, rest).astype(r.dtype)
 
@@ -394,8 +400,7 @@ def spike_aware_clip(
         # traffic against 764.5, chain with adamw). The TPU compiler reads the gradient
         # once more that way (770.6 MiB against 694.3 at 10 leaves), so it is GPU's only.
         def ema_input(x: jax.Array, r: jax.Array, returned: jax.Array) -> jax.Array:
-            working = jnp.promote_types(_real_dtype(x.dtype), r.dtype)
-            if platform in GPU_PLATFORMS and returned.dtype == working:
+            if platform in GPU_PLATFORMS and returned.dtype == _working_dtype(x, r):
                 return returned
             return _clip_coordinates(x, r, may_clip, hyper)[0]
 
