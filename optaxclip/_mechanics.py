@@ -29,17 +29,19 @@ from optaxclip._norm_engine import (
     accumulation_dtype,
     bucket_elements,
     concatenable,
+    divided,
     is_tiny,
     leaf_and_global_norms,
     norm_at_its_scale,
     own_scale,
+    reduce_over_devices,
     rescaling,
     rescue_factor,
     safe_sqrt,
     target_platform,
     three_squares,
 )
-from optaxclip._norms import AxisName, Sharded, reduce_over_devices, sharded_flags, vector_norm
+from optaxclip._norms import AxisName, Sharded, sharded_flags, vector_norm
 from optaxclip._stats import ClipStats
 from optaxclip._validation import check_float_leaves, raise_at_runtime_if
 
@@ -695,7 +697,7 @@ def masked_mean_std(values: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.
     n = jnp.maximum(jnp.sum(mask), 1).astype(values.dtype)
     big = jnp.max(jnp.where(mask, jnp.abs(values), 0), initial=0.0)
     unit = jnp.where(big > 0, big, 1)
-    x = jnp.where(mask, values / unit, 0)
+    x = jnp.where(mask, divided(values, unit), 0)  # values / unit, for a unit of 1e38 too
     mean = jnp.sum(x) / n
     var = jnp.sum(jnp.where(mask, jnp.square(x - mean), 0)) / n
     return unit * mean, unit * safe_sqrt(var)

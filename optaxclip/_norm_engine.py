@@ -15,7 +15,9 @@ Optax's clips do, and only the rescue copies the small leaves: one concatenation
 global norm (:func:`_rescaled_total`), one bucket per dtype and row width for per-leaf
 norms. XLA:GPU runs a rescue conditional as a select, on every step, so for a GPU every
 leaf is summed at three scales in its one read, with no rescue branch
-(:func:`_norms_at_three_scales`).
+(:func:`_norms_at_three_scales`). Whatever the layout, the norms are differentiated by
+a rule of their own, ``d||x|| = <x / ||x||, dx>`` (:func:`_norms_jvp`), never through
+their sums of squares, their rescue or the branches not taken.
 
 What guards it: ``tests/test_norms_compile.py`` (kernel counts, compile-time ratios)
 and the ``clip`` section of ``python -m benchmarks`` (compile time and temp memory at
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -72,6 +74,36 @@ def safe_sqrt(s: jax.Array) -> jax.Array:
     """sqrt with a zero (not NaN) gradient at 0; NaN and inf pass through."""
     zero = s == 0
     return jnp.where(zero, jnp.zeros_like(s), jnp.sqrt(jnp.where(zero, 1, s)))
+
+
+# XLA turns a division by a broadcast scalar into a multiplication by its reciprocal,
+# which flushes to zero for divisors above ~8.5e37 in float32 (~4.5e307 in float64):
+# x / n would be 0 for a norm of 1e38. divided() moves such a divisor (and a tiny one,
+# whose reciprocal overflows) into range by a power of two, applied to both sides.
+_DIVISOR_RANGE = {32: (2.0**-100, 2.0**100, 2.0**64), 64: (2.0**-900, 2.0**900, 2.0**512)}
+
+
+@jax.custom_jvp
+def divided(x: jax.Array, d: jax.Array) -> jax.Array:
+    """``x / d`` for a positive ``d`` broadcast against ``x``, right at any size of ``d``
+    (see ``_DIVISOR_RANGE``). Where ``d`` is outside it, values of ``x`` below its
+    rounding are lost: for a unit vector ``x / ||x||``, those below 2^-64 of 1.
+
+    Its derivative is ``(dx - (x / d) dd) / d``: JAX differentiates a division through
+    ``d**-2``, which overflows for ``d`` below ~5e-20 in float32 and flushes above ~2e19
+    (a second derivative of a norm passes through it).
+    """
+    low, high, shift = _DIVISOR_RANGE[jnp.finfo(d.dtype).bits]
+    pre = jnp.where(d > high, 1 / shift, jnp.where(d < low, shift, 1)).astype(d.dtype)
+    return (x * pre) / (d * pre)
+
+
+@divided.defjvp
+def _divided_jvp(primals, tangents):
+    x, d = primals
+    dx, dd = tangents
+    ratio = divided(x, d)
+    return ratio, divided(dx - ratio * dd, d)
 
 
 # Compile time grows with the number of kernels, and a reduction per leaf is one
@@ -622,6 +654,27 @@ def _sums_over_devices(
     )
 
 
+def reduce_over_devices(
+    values: Sequence[jax.Array], flags: Sequence[bool], axis_name: AxisName, op: Callable
+) -> jax.Array:
+    """Stacks per-leaf scalars, reducing across devices those whose leaf is sharded.
+
+    Replicated leaves (flag False) already hold the whole value on every device and
+    are counted once. All flagged entries travel in one collective. The replicated
+    entries are kept out of it (not stacked with the sharded ones first), so that
+    under ``shard_map(check_vma=True)`` the result is device-invariant and a
+    replicated leaf scaled by it can still be returned with a replicated out_spec.
+    """
+    if axis_name is None or not any(flags):
+        return jnp.stack(values)
+    sharded_at = [i for i, flag in enumerate(flags) if flag]
+    reduced = op(jnp.stack([values[i] for i in sharded_at]), axis_name)
+    out = list(values)
+    for j, i in enumerate(sharded_at):
+        out[i] = reduced[j]
+    return jnp.stack(out)
+
+
 def leaf_and_global_norms(
     leaves: Sequence[jax.Array],
     *,
@@ -669,7 +722,69 @@ def leaf_and_global_norms(
     flags = tuple(flags) or (True,) * len(leaves)
     if axis_name is None and leaves and not any(isinstance(x, jax.core.Tracer) for x in leaves):
         return _compiled_norms(list(leaves), flags, leaf_norms, target_platform(leaves))
+    return _differentiable_norms(list(leaves), axis_name, flags, leaf_norms)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _differentiable_norms(
+    leaves: list[jax.Array], axis_name: AxisName, flags: tuple[bool, ...], leaf_norms: bool
+) -> tuple[jax.Array | None, jax.Array]:
+    """:func:`_traced_norms`, differentiated by its own rule (:func:`_norms_jvp`)."""
     return _traced_norms(leaves, axis_name=axis_name, flags=flags, leaf_norms=leaf_norms)
+
+
+@_differentiable_norms.defjvp
+def _norms_jvp(axis_name, flags, leaf_norms, primals, tangents):
+    """``d||x|| = <x / ||x||, dx>`` for each leaf's norm and for the global one (0 at a
+    zero norm, where the norm is not differentiable and ``safe_sqrt`` says 0).
+
+    Differentiated through its sums of squares, the norm's cotangent ``ct`` reaches the
+    values as ``2 x * (ct / (2 ||x||))``: the middle factor flushes to zero when ``ct``
+    is small and the norm big (a clip to 1 of a gradient of norm 5e18: ``ct`` is about
+    ``1 / ||x||``), and the gradient through a clip lost the norm's part. ``x / ||x||``
+    is at most 1 and ``ct * x / ||x||`` keeps it. The rule also keeps derivatives out of
+    the rescue's sums and the branches not taken (the where-NaN trap).
+
+    The global norm's tangent is read from the leaves' when they are asked for,
+    ``sum (||x_i|| / ||x||) d||x_i||``, so that each leaf is read once.
+    """
+    (leaves,), (dleaves,) = primals, tangents
+    per_leaf, norm = _differentiable_norms(leaves, axis_name, flags, leaf_norms)
+    acc = norm.dtype
+    if leaf_norms:
+        denoms = jnp.where(per_leaf > 0, per_leaf, 1)
+        dots = [
+            unit_dot(x, dx, denoms[i], acc)
+            for i, (x, dx) in enumerate(zip(leaves, dleaves, strict=True))
+        ]
+    else:
+        denom = jnp.where(norm > 0, norm, 1)
+        dots = [unit_dot(x, dx, denom, acc) for x, dx in zip(leaves, dleaves, strict=True)]
+    if not dots:
+        return (per_leaf, norm), (per_leaf, jnp.zeros_like(norm))
+    d_leaves = reduce_over_devices(dots, flags, axis_name, jax.lax.psum)
+    if not leaf_norms:
+        return (None, norm), (None, jnp.sum(d_leaves))
+    shares = divided(per_leaf, jnp.where(norm > 0, norm, 1))
+    return (per_leaf, norm), (d_leaves, jnp.sum(shares * d_leaves))
+
+
+def unit_dot(
+    x: jax.Array, dx: jax.Array, norm: jax.Array, acc: jnp.dtype, axis: Any = None
+) -> jax.Array:
+    """``<x / norm, dx>`` (its real part, for complex ``x``) summed over ``axis`` (all
+    axes when None; kept as size 1 otherwise) in the accumulation dtype: the tangent of
+    the norm ``norm`` of ``x``, with ``norm`` positive and broadcast against the sum's
+    result. ``x / norm`` is at most 1: nothing overflows at any scale."""
+    if jnp.iscomplexobj(x):
+        parts = [(jnp.real(x), jnp.real(dx)), (jnp.imag(x), jnp.imag(dx))]
+    else:
+        parts = [(x, dx)]
+    keep = axis is not None
+    return sum(
+        jnp.sum(divided(p.astype(acc), norm) * dp.astype(acc), axis=axis, keepdims=keep)
+        for p, dp in parts
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -852,44 +967,26 @@ def _traced_norms(
     return per_leaf, norm
 
 
-@jax.custom_jvp
-def _up_scaled_sum(y: jax.Array, up: jax.Array) -> jax.Array:
-    """``sum((up * y)^2)`` of a real array in its accumulation dtype, read only where
-    every ``|y|`` lies below ``_UP_BOUND``; elsewhere it may overflow (harmlessly: it is
-    not read), and its derivative clamps ``y`` to that bound, so that it stays finite
-    and a gradient through the norm does not turn NaN.
-
-    The clamp sits in the derivative, not in the sum, because on the CUDA compiler a
-    clamp in one of a leaf's three sums kept it out of the kernel of the other two: at
-    300 leaves of 10,000 (adamw) it wrote the clamped squares out and read them back,
-    114.5 MiB of HBM traffic against Optax's 91.6 (unclamped: 91.6).
-    """
-    scaled = y * up
-    return jnp.sum(scaled * scaled)
-
-
-@_up_scaled_sum.defjvp
-def _up_scaled_sum_jvp(primals, tangents):
-    y, up = primals
-    dy, _ = tangents  # up is a constant (behind a barrier): no tangent of its own
-    bound = _UP_BOUND[jnp.finfo(y.dtype).bits]
-    clamped = jnp.clip(y, -bound, bound) * up
-    # dy * up first: multiplied the other way, the derivative of this rule (a second
-    # derivative of the norm) forms up * up, which overflows (2^128; 2^1080 in float64).
-    return _up_scaled_sum(y, up), jnp.sum(2 * clamped * (dy * up))
-
-
 def _sums_at_three_scales(
     x: jax.Array, acc: jnp.dtype, down: jax.Array, up: jax.Array
 ) -> list[jax.Array]:
     """``[sum |x|^2, sum |down x|^2, sum |up x|^2]`` in the accumulation dtype: three
-    reductions of one operand, for the CUDA compiler to fuse into one read (see
-    :func:`_up_scaled_sum` for why it is not :func:`three_squares`)."""
+    reductions of one operand, for the CUDA compiler to fuse into one read.
+
+    The up-scaled sum is read only where every ``|x|`` lies below ``_UP_BOUND``;
+    elsewhere it may overflow, harmlessly. It is not clamped as :func:`three_squares`
+    clamps it: on the CUDA compiler a clamp in one of a leaf's three sums kept it out of
+    the kernel of the other two (at 300 leaves of 10,000, adamw, it wrote the clamped
+    squares out and read them back: 114.5 MiB of HBM traffic against Optax's 91.6;
+    unclamped, 91.6). No derivative passes through it: the norms have their own rule
+    (:func:`_norms_jvp`).
+    """
     parts = [jnp.real(x), jnp.imag(x)] if jnp.iscomplexobj(x) else [x]
     parts = [part.astype(acc) for part in parts]
     plain = sum(p * p for p in parts)
     scaled_down = sum((p * down) * (p * down) for p in parts)
-    return [jnp.sum(plain), jnp.sum(scaled_down), sum(_up_scaled_sum(p, up) for p in parts)]
+    scaled_up = sum((p * up) * (p * up) for p in parts)
+    return [jnp.sum(plain), jnp.sum(scaled_down), jnp.sum(scaled_up)]
 
 
 def _norms_at_three_scales(
@@ -924,8 +1021,8 @@ def _norms_at_three_scales(
 
     The per-leaf norm takes its up-scaled sum below ``_TINY_LEAF``, the total below
     ``_TINY_TOTAL`` (:func:`is_tiny`), as the other layouts' rescues do; the clamp of
-    the up-scaled values (in the buckets' :func:`three_squares`, in the derivative of
-    :func:`_up_scaled_sum`) binds only where the up-scaled sum is not read. Under
+    the buckets' up-scaled values (:func:`three_squares`) binds only where the up-scaled
+    sum is not read. Under
     ``shard_map``/``pmap`` the sharded leaves' sums are ``psum``-ed (the big leaves' in
     one ``psum``, the buckets' in another: XLA combines the two), the replicated leaves'
     kept out of it (device-invariant under ``check_vma``). Empty leaves are not reduced:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -26,8 +25,10 @@ from optaxclip._norm_engine import (
     AxisName,
     abs_sq,
     accumulation_dtype,
+    divided,
     leaf_and_global_norms,
     safe_sqrt,
+    unit_dot,
 )
 from optaxclip._validation import check_float_leaves, resolve_per_leaf
 
@@ -43,27 +44,6 @@ def _divide_in(x: jax.Array, denom: jax.Array, acc: jnp.dtype) -> jax.Array:
     return x.astype(acc) / denom
 
 
-def reduce_over_devices(
-    values: Sequence[jax.Array], flags: Sequence[bool], axis_name: AxisName, op: Callable
-) -> jax.Array:
-    """Stacks per-leaf scalars, reducing across devices those whose leaf is sharded.
-
-    Replicated leaves (flag False) already hold the whole value on every device and
-    are counted once. All flagged entries travel in one collective. The replicated
-    entries are kept out of it (not stacked with the sharded ones first), so that
-    under ``shard_map(check_vma=True)`` the result is device-invariant and a
-    replicated leaf scaled by it can still be returned with a replicated out_spec.
-    """
-    if axis_name is None or not any(flags):
-        return jnp.stack(values)
-    sharded_at = [i for i, flag in enumerate(flags) if flag]
-    reduced = op(jnp.stack([values[i] for i in sharded_at]), axis_name)
-    out = list(values)
-    for j, i in enumerate(sharded_at):
-        out[i] = reduced[j]
-    return jnp.stack(out)
-
-
 def vector_norm(v: jax.Array) -> jax.Array:
     """Overflow-safe L2 norm of a short vector of non-negative finite-or-not scalars."""
     if v.shape[0] == 0:
@@ -73,7 +53,7 @@ def vector_norm(v: jax.Array) -> jax.Array:
     # The norm does not depend on the scale factor; without stop_gradient its
     # derivative would need big**2, which overflows exactly where this path runs.
     denom = jax.lax.stop_gradient(jnp.where(ok, big, 1))
-    return jnp.where(ok, denom * safe_sqrt(jnp.sum(jnp.square(v / denom))), big)
+    return jnp.where(ok, denom * safe_sqrt(jnp.sum(jnp.square(divided(v, denom)))), big)
 
 
 def sharded_flags(tree: Any, sharded: Sharded) -> list[bool]:
@@ -300,17 +280,9 @@ def _unit_norms_jvp(axes, axis_name, reduced, tiny, primals, tangents):
     norms = unit_norms(axes, axis_name, reduced, tiny, xs)
     parts = []
     for x, dx, norm, ax in zip(xs, dxs, norms, axes, strict=True):
-        acc = norm.dtype
-        # x / ||x|| is at most 1: no overflow at any scale. A zero unit has x = 0.
+        # A zero unit has x = 0: any positive denominator gives its tangent, 0.
         denom = jnp.where(norm > 0, norm, 1)
-        if jnp.iscomplexobj(x):
-            x, dx = jnp.asarray(x), jnp.asarray(dx)
-            dot = (jnp.real(x).astype(acc) / denom) * jnp.real(dx).astype(acc) + (
-                jnp.imag(x).astype(acc) / denom
-            ) * jnp.imag(dx).astype(acc)
-        else:
-            dot = (x.astype(acc) / denom) * dx.astype(acc)
-        parts.append((jnp.sum(dot, axis=ax, keepdims=True),))
+        parts.append((unit_dot(jnp.asarray(x), jnp.asarray(dx), denom, norm.dtype, ax),))
     return norms, [t for (t,) in _psum_some(parts, reduced, axis_name)]
 
 

@@ -151,3 +151,13 @@ def test_clipped_norm_statistic_survives_a_scale_below_the_smallest_normal(facto
     out, state = tx.update(grads, tx.init(grads))
     np.testing.assert_allclose(np64(out["w"]), [5e-7] * 4, rtol=1e-6)
     np.testing.assert_allclose(float(state.stats.clipped_norm), 1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("run", [lambda f: f, jax.jit], ids=["eager", "jit"])
+def test_clipped_norm_statistic_of_norms_near_the_float32_maximum(run):
+    # The norms are added as (norm / largest)^2; XLA divides by a broadcast scalar
+    # through its reciprocal, 1 / 1e38 flushed to zero and the statistic read 0 eagerly.
+    tx = optaxclip.clip_by_block_norm(3e38)
+    grads = {"a": jnp.array([1e38], jnp.float32), "b": jnp.array([6e37, 8e37], jnp.float32)}
+    _, state = run(tx.update)(grads, tx.init(grads))
+    np.testing.assert_allclose(float(state.stats.clipped_norm), np.sqrt(2) * 1e38, rtol=1e-6)

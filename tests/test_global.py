@@ -122,46 +122,55 @@ def test_gradient_through_clip_matches_finite_differences_when_clipping():
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
 
 
-def _assert_clip_gradient_is_float64s(max_norm, scale):
-    """jax.grad of <w, clip(g)> against d/dg of <w, c g/|g|> in float64."""
-    tx = optaxclip.clip_by_global_norm(max_norm)
+def _assert_clip_gradient_is_float64s(max_norm, scale, factory, extra):
+    """jax.grad of <w, clip(g)> against d/dg of <w, c g/|g|> in float64, with ``extra``
+    leaves of zeros beside g (they change the engine's layout, not the norm)."""
+    tx = factory(max_norm)
     w = np.array([0.3, -0.7, 0.2])
     g0 = np.array([3.0, 4.0, 1.0]) * scale / 5.1
+    zeros = [jnp.zeros(size, jnp.float32) for size in extra]
 
     def f(g):
-        return jnp.dot(tx.update([g], tx.init(None))[0][0], jnp.asarray(w, jnp.float32))
+        return jnp.dot(tx.update([g, *zeros], tx.init(None))[0][0], jnp.asarray(w, jnp.float32))
 
-    grad = np.asarray(jax.grad(f)(jnp.asarray(g0, jnp.float32)), np.float64)
+    grad = np.asarray(jax.jit(jax.grad(f))(jnp.asarray(g0, jnp.float32)), np.float64)
     n = np.linalg.norm(g0)
     expected = max_norm * (w / n - g0 * np.dot(w, g0) / n**3)
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("scale", [1e20, 1e30, 1e35])
-def test_gradient_through_clip_beyond_float32_overflow_matches_float64(scale):
-    # d(t/n)/dn needs n^2, which overflows past ~1.8e19: the norm's part of the
-    # derivative used to vanish.
-    _assert_clip_gradient_is_float64s(1.0, scale)
-
-
-_BELOW_OVERFLOW_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="reverse mode where the plain sum of squares is taken and c / n**2 is below the "
-    "smallest normal float32: the sum's cotangent flushes to zero and the norm's part of "
-    "the derivative is lost (docs/guides/decisions.md)",
-)
+# Every pair clips, and its gradient, about max_norm / norm, is a normal float32. The
+# norm's part of it reaches the values as ct * g / |g| with ct about max_norm / norm:
+# through the sum of squares, as ct / (2 |g|) times 2 g, it flushed to zero from
+# c / n**2 < ~1e-38 (5e18 at c = 1; 1e16 at c = 1e-6) and past the square's overflow
+# (1.8e19) d(t/n)/dn needs n**2. Near 1e38, 1 / n flushes: XLA divides by a broadcast
+# scalar through its reciprocal.
+_FAR_FROM_ONE = [
+    (1.0, 1e18),
+    (1.0, 5e18),
+    (1.0, 1e19),
+    (1.0, 1e20),
+    (1.0, 1e30),
+    (1.0, 1e35),
+    (1e-6, 1e16),
+    (1e-6, 1e30),
+    (1e-20, 1e12),
+    (1e-20, 1e16),
+    (1e10, 1e38),
+]
 
 
 @pytest.mark.parametrize(
-    ("max_norm", "scale"),
-    [
-        (1.0, 1e18),
-        pytest.param(1.0, 5e18, marks=_BELOW_OVERFLOW_GAP),
-        pytest.param(1e-6, 1e16, marks=_BELOW_OVERFLOW_GAP),
-    ],
+    "extra", [(), (5000,), (2, 5000)], ids=["alone", "beside-a-big-leaf", "mixed"]
 )
-def test_gradient_through_clip_below_float32_overflow_matches_float64(max_norm, scale):
-    _assert_clip_gradient_is_float64s(max_norm, scale)
+@pytest.mark.parametrize(("max_norm", "scale"), _FAR_FROM_ONE)
+@pytest.mark.parametrize(
+    "factory",
+    [optaxclip.clip_by_global_norm, optaxclip.clip_by_block_norm],
+    ids=["global", "block"],
+)
+def test_gradient_through_a_clip_far_from_one_matches_float64(factory, max_norm, scale, extra):
+    _assert_clip_gradient_is_float64s(max_norm, scale, factory, extra)
 
 
 @pytest.mark.parametrize(

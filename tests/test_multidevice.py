@@ -85,6 +85,15 @@ def test_shard_map_spike_aware_clip_in_its_norm_first_layout_matches_one_device(
     assert_check_ok(report, f"shard_map/spike_aware_clip_{platform}_layout")
 
 
+@pytest.mark.parametrize("transform", ["clip_by_global_norm", "clip_by_block_norm"])
+def test_gradient_through_a_clip_under_shard_map_matches_float64(report, transform):
+    # jax.grad of a loss of the clipped gradient inside shard_map (sharded and replicated
+    # leaves; the CPU, TPU and GPU layouts), against float64: the norm's derivative rule
+    # psums the sharded leaves' <x / ||x||, dx>, and the norm's part of the gradient
+    # survives where it flushed to zero through the sums of squares.
+    assert_check_ok(report, f"shard_map/gradient/{transform}")
+
+
 def test_shard_map_tuple_axis_name_over_a_2x4_mesh(report):
     assert_check_ok(report, "shard_map/tuple_axis_name_over_a_2x4_mesh")
 

@@ -75,6 +75,21 @@ def test_gradient_of_norm_is_zero_at_zero_and_exact_when_overflowing():
     np.testing.assert_allclose(jax.grad(optaxclip.global_norm)(y), [0.6, 0.8], rtol=1e-6)
 
 
+def test_gradient_of_a_norm_near_the_float32_maximum_is_its_direction():
+    # 1 / 1e38 flushes to zero, and XLA divides by a broadcast scalar through its
+    # reciprocal: x / ||x|| read 0 for every unit of norm 1e38.
+    x = jnp.array([[6e37, 8e37], [3.0, 4.0]], jnp.float32)
+    direction = np.array([[0.6, 0.8], [0.6, 0.8]])
+    grad = jax.grad(lambda x: jnp.sum(optaxclip.unitwise_norm(x, axis=1)[:, 0]))(x)
+    np.testing.assert_allclose(grad, direction, rtol=1e-6)
+    norm = np.linalg.norm(np.asarray(x, np.float64))
+    np.testing.assert_allclose(
+        jax.grad(optaxclip.global_norm)(x), np.asarray(x, np.float64) / norm, rtol=1e-6, atol=0
+    )
+    grad = jax.grad(lambda x: optaxclip.block_norms({"a": x[0], "b": x[1]})["a"])(x)
+    np.testing.assert_allclose(grad, [[0.6, 0.8], [0.0, 0.0]], rtol=1e-6)
+
+
 def test_global_norm_of_float64_leaves_accumulates_in_float64():
     with jax.enable_x64(True):
         x = jnp.array([1.0, 1e-9], jnp.float64)
@@ -233,3 +248,23 @@ def test_an_eager_norm_is_one_compiled_program_per_tree_structure(fn):
     assert _programs_compiled(lambda: fn(overflowed)) == 0  # same structure: no compile
     want = norm64(overflowed) if fn is optaxclip.global_norm else [norm64(x) for x in overflowed]
     np.testing.assert_allclose(np.asarray(fn(overflowed), np.float64), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-25, 1e25, 1e30])
+def test_second_derivative_of_the_norm_matches_float64(scale):
+    # H v = (v - u <u, v>) / n with u = x / n. JAX's own derivative of a division goes
+    # through n**-2, which overflows below ~5e-20 and flushes above ~2e19 in float32.
+    rng = np.random.default_rng(12)
+    x = [rng.standard_normal(5000) * scale, rng.standard_normal(30) * scale]
+    v = [rng.standard_normal(5000), rng.standard_normal(30)]
+    tree = [jnp.asarray(a, jnp.float32) for a in x]
+    direction = [jnp.asarray(a, jnp.float32) for a in v]
+    grad = jax.grad(optaxclip.global_norm)
+    _, hv = jax.jit(lambda t, d: jax.jvp(grad, (t,), (d,)))(tree, direction)
+    x64 = np.concatenate([np64(a) for a in tree])
+    v64 = np.concatenate([np64(a) for a in direction])
+    n = np.linalg.norm(x64)
+    u = x64 / n
+    want = (v64 - u * (u @ v64)) / n
+    got = np.concatenate([np64(a) for a in hv])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

@@ -419,3 +419,30 @@ def test_a_lasting_level_shift_becomes_the_baseline_within_the_window(count_skip
     assert skipped[150]  # the shift looks like a spike at first
     assert not skipped[150 + window :].any()  # never skipped forever
     assert skipped[150:].sum() <= window // 2 + 1
+
+
+def test_spike_decisions_are_the_same_for_norms_near_the_float32_maximum():
+    # The history's mean and deviation are taken over norm / largest norm; XLA divides
+    # by a broadcast scalar through its reciprocal, which flushed to zero for 1e38: the
+    # mean read 0 and every step was skipped.
+    norms = _noisy_norms(120)
+    norms[90] *= 2.5  # 30 standard deviations
+    kw = dict(window=32, num_sigmas=6.0, min_history=16)
+    _, (_, skipped, threshold, _) = _run_spikes(norms, norms, False, **kw)
+    _, (_, skipped_big, threshold_big, _) = _run_spikes(norms * 1e38, norms, False, **kw)
+    assert skipped[90] and skipped.sum() == 1
+    np.testing.assert_array_equal(skipped_big, skipped)
+    np.testing.assert_allclose(threshold_big[16:], threshold[16:] * 1e38, rtol=1e-5)
+
+
+@pytest.mark.parametrize("run", [lambda f: f, jax.jit], ids=["eager", "jit"])
+def test_history_mean_and_deviation_of_norms_near_the_float32_maximum(run):
+    # The helper behind skip_spikes' threshold and ZClip's warm-up statistics. Called on
+    # its own (eagerly or jitted), its 1 / 2e38 flushed and both statistics read 0.
+    from optaxclip._mechanics import masked_mean_std
+
+    values = np.array([1e38, 2e38, 1.5e38, 3e38])
+    mask = np.array([True, True, True, False])
+    mean, std = run(masked_mean_std)(jnp.asarray(values, jnp.float32), jnp.asarray(mask))
+    np.testing.assert_allclose(float(mean), values[mask].mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(std), values[mask].std(), rtol=1e-5)
