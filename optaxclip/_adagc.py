@@ -13,6 +13,7 @@ from optaxclip._mechanics import (
     NONFINITE_POLICIES,
     apply_nonfinite_policy,
     finite_ema,
+    log_scale,
     measure_leaves,
     scale_blocks,
     scale_parts,
@@ -180,7 +181,8 @@ def adagc(
         candidate = ~unset & positive & jnp.isfinite(bound) & (leaf_norms > bound)
         # bound / (||g_i|| + eps) by the global clip's safe scale (finite derivative, split
         # below the smallest normal float); a non-candidate gets threshold = denom: 1.
-        h, _, h_hi, h_lo = scale_parts(denom, jnp.where(candidate, bound, denom))
+        leaf_threshold = jnp.where(candidate, bound, denom)
+        h, _, h_hi, h_lo = scale_parts(denom, leaf_threshold)
         leaf_over = candidate & (h < 1)
         # The EMA is fed min(||g_i||, ratio * gamma_i), never the eps-shrunk clipped norm;
         # an exactly-zero norm leaves gamma_i as it was.
@@ -205,7 +207,16 @@ def adagc(
         new_gamma = jnp.where(in_warmup, warm_gamma, ema_gamma)
         # A NaN/inf step leaves gamma as it was.
         new_gamma = jnp.where(finite, new_gamma, gamma)
-        scaled, _, scaled_norm = scale_blocks(leaves, leaf_norms, hi, lo)
+        # What the clip is differentiated by (see scale_leaves): the log of the scale
+        # chosen above, 0 where the factors are 1.
+        chosen_log = jnp.where(
+            in_warmup,
+            log_scale(norm, cap),
+            jnp.where(leaf_over, log_scale(denom, leaf_threshold), 0),
+        )
+        scaled, _, scaled_norm = scale_blocks(
+            leaves, leaf_norms, hi, lo, jnp.where(finite, chosen_log, 0)
+        )
         new_leaves, clipped_norm, over = apply_nonfinite_policy(
             scaled,
             finite,

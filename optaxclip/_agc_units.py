@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optaxclip._mechanics import scale_leaf, scale_parts
+from optaxclip._mechanics import log_scale, scale_parts, scale_per_unit
 from optaxclip._norms import AxisName, safe_sqrt, unit_norms, vector_norm
 from optaxclip._validation import resolve_per_leaf
 
@@ -89,17 +89,19 @@ def scale_units(
 
     A NaN/inf unit is left as it is (NaN > bound is False; inf is excluded).
     """
-    outs, afters, overs = [], [], []
-    for g, g_norm, w_norm in zip(gs, g_norms, w_norms, strict=True):
+    his, los, log_scales, afters, overs = [], [], [], [], []
+    for g_norm, w_norm in zip(g_norms, w_norms, strict=True):
         dtype = g_norm.dtype
         bound = limit.astype(dtype) * jnp.maximum(w_norm.astype(dtype), floor.astype(dtype))
         # The global clip's scale, per unit: split where it is below the smallest normal
-        # float, and with a derivative that does not go through g_norm**-2.
+        # float, and differentiated through its log (scale_per_unit), not g_norm**-2.
         _, over, hi, lo = scale_parts(g_norm, bound)
-        outs.append(scale_leaf(g, hi, lo))
+        his.append(hi)
+        los.append(lo)
+        log_scales.append(log_scale(g_norm, bound))
         afters.append(jax.lax.select(over, bound, g_norm))
         overs.append(over)
-    return outs, afters, overs
+    return scale_per_unit(gs, his, los, log_scales), afters, overs
 
 
 def _norm_across(local: jax.Array, axis_name: AxisName) -> jax.Array:

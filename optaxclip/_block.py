@@ -9,7 +9,13 @@ import jax.numpy as jnp
 import optax
 
 from optaxclip import _stats
-from optaxclip._mechanics import measure_leaves, scale_blocks, scale_parts, shares_scale
+from optaxclip._mechanics import (
+    log_scale,
+    measure_leaves,
+    scale_blocks,
+    scale_parts,
+    shares_scale,
+)
 from optaxclip._norms import AxisName, Sharded, sharded_flags
 from optaxclip._stats import ClipStats
 from optaxclip._validation import check_threshold, threshold_at
@@ -55,7 +61,9 @@ def clip_blocks(
     bounds = jnp.asarray(bounds_for(leaf_norms, leaves), leaf_norms.dtype)
     # The overflow- and underflow-safe scale of the global clip, one per leaf.
     _, over, hi, lo = scale_parts(leaf_norms, bounds, shared=shares_scale(leaves))
-    new_leaves, out_norms, clipped_norm = scale_blocks(leaves, leaf_norms, hi, lo)
+    new_leaves, out_norms, clipped_norm = scale_blocks(
+        leaves, leaf_norms, hi, lo, log_scale(leaf_norms, bounds)
+    )
     new_stats = _stats.record(
         prev,
         norm=norm,

@@ -12,6 +12,7 @@ from optaxclip import _stats
 from optaxclip._mechanics import (
     NONFINITE_POLICIES,
     clip_with_threshold,
+    log_scale,
     measure,
     scale_all,
     scale_parts,
@@ -167,5 +168,7 @@ def clip_tree_by_global_norm(
         norm = norm.astype(jnp.promote_types(norm.dtype, jnp.float32))
     leaves, treedef = jax.tree.flatten(tree)
     shared = shares_scale(leaves)
-    scale, _, hi, lo = scale_parts(norm, jnp.asarray(max_norm, jnp.float32), shared=shared)
-    return jax.tree.unflatten(treedef, scale_all(leaves, hi, lo, shared=shared)), scale
+    threshold = jnp.asarray(max_norm, jnp.float32)
+    scale, _, hi, lo = scale_parts(norm, threshold, shared=shared)
+    clipped = scale_all(leaves, hi, lo, log_scale(norm, threshold), shared=shared)
+    return jax.tree.unflatten(treedef, clipped), scale

@@ -179,16 +179,86 @@ def check_finite_at_runtime(who: str, finite: jax.Array, step: jax.Array, norm: 
     raise_at_runtime_if(~finite, _nonfinite_error(who), step, norm)
 
 
-def scale_all(
-    leaves: list[jax.Array], hi: jax.Array, lo: jax.Array, *, shared: bool
+def log_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
+    """``log(threshold / norm)`` where a clip to ``threshold`` scales (the norm is finite
+    and above it, the threshold positive), 0 elsewhere: what the scaling functions
+    below differentiate a clip by (:func:`_scaled`). Nothing reads its value, so a
+    program that takes no derivative drops it."""
+    t = threshold.astype(norm.dtype)
+    over = jnp.isfinite(norm) & (norm > t) & (t > 0)
+    return jnp.where(over, jnp.log(jnp.where(over, t, 1)) - jnp.log(jnp.where(over, norm, 1)), 0)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _scaled(
+    layout: tuple[str, bool], leaves: list[jax.Array], hi: Any, lo: Any, log_scales: Any
 ) -> list[jax.Array]:
-    """Every leaf times the scalars ``hi * lo`` (:func:`scale_leaf`), dtype kept.
+    """The leaves scaled by ``hi * lo`` in ``layout`` (:func:`_scale_in`), differentiated
+    as ``d(x s) = s dx + (x s) d(log s)`` with ``log s`` from ``log_scales``
+    (:func:`log_scale`); the tangents of ``hi`` and ``lo`` are not read.
+
+    Differentiated through the factors, the scale's own derivative, ``s dn / n`` (as
+    ``(t / n) dn / n``), is below the smallest normal float32 from a norm of ~1.8e19
+    (1e-61 at 1e30 with a threshold of 1), and forward mode lost the norm's part; here
+    ``x s`` (the clipped value) and ``dn / n`` are each representable."""
+    del log_scales
+    return _scale_in(layout, leaves, hi, lo)
+
+
+@_scaled.defjvp
+def _scaled_jvp(layout, primals, tangents):
+    leaves, hi, lo, log_scales = primals
+    dleaves, _, _, dlog = tangents  # the factors' own tangents are replaced by dlog
+    out = _scaled(layout, leaves, hi, lo, log_scales)
+    kind, _ = layout
+    n = len(leaves)
+    if kind == "all":
+        factors = [(hi, lo, dlog)] * n
+    elif kind == "leaves":
+        factors = [(hi[i], lo[i], dlog[i]) for i in range(n)]
+    else:  # "units": one array of factors per leaf
+        factors = list(zip(hi, lo, dlog, strict=True))
+    d = [
+        scale_leaf(dx, h, low) + scale_leaf(y, r)
+        for dx, y, (h, low, r) in zip(dleaves, out, factors, strict=True)
+    ]
+    return out, d
+
+
+def _scale_in(layout: tuple[str, bool], leaves: list[jax.Array], hi: Any, lo: Any):
+    kind, shared = layout
+    if kind == "all":
+        return _scale_all(leaves, hi, lo, shared=shared)
+    if kind == "leaves":
+        return _scale_leaves(leaves, hi, lo)
+    return [scale_leaf(x, h, low) for x, h, low in zip(leaves, hi, lo, strict=True)]
+
+
+def scale_all(
+    leaves: list[jax.Array], hi: jax.Array, lo: jax.Array, log_scales: jax.Array, *, shared: bool
+) -> list[jax.Array]:
+    """Every leaf times the scalars ``hi * lo`` (:func:`scale_leaf`), dtype kept, for a
+    clip whose :func:`log_scale` is ``log_scales`` (its derivative, :func:`_scaled`).
 
     With ``shared`` (:func:`shares_scale`), the two factors are broadcast once per leaf
     shape and dtype, and each leaf costs two multiplies: on XLA:CPU compile time grows
     with the number of operations, and a broadcast per leaf and factor cost about
     0.2 s at 2,000 leaves (``tests/test_norms_compile.py``).
     """
+    return _scaled(("all", shared), leaves, hi, lo, log_scales)
+
+
+def scale_per_unit(
+    leaves: list[jax.Array], his: list[jax.Array], los: list[jax.Array], log_scales: list
+) -> list[jax.Array]:
+    """Leaf ``i`` times ``his[i] * los[i]``, arrays of factors broadcast against it (one
+    per unit of AGC), for clips whose :func:`log_scale` are ``log_scales``."""
+    return _scaled(("units", False), leaves, his, los, log_scales)
+
+
+def _scale_all(
+    leaves: list[jax.Array], hi: jax.Array, lo: jax.Array, *, shared: bool
+) -> list[jax.Array]:
     if not shared:
         return [scale_leaf(x, hi, lo) for x in leaves]
     factors: dict[tuple[tuple[int, ...], jnp.dtype], list[jax.Array]] = {}
@@ -202,8 +272,11 @@ def scale_all(
     return out
 
 
-def scale_leaves(leaves: list[jax.Array], hi: jax.Array, lo: jax.Array) -> list[jax.Array]:
-    """Leaf ``i`` times ``hi[i] * lo[i]`` (per-leaf :func:`scale_parts`), dtype kept.
+def scale_leaves(
+    leaves: list[jax.Array], hi: jax.Array, lo: jax.Array, log_scales: jax.Array
+) -> list[jax.Array]:
+    """Leaf ``i`` times ``hi[i] * lo[i]`` (per-leaf :func:`scale_parts`), dtype kept, for
+    clips whose :func:`log_scale` are ``log_scales`` (one per leaf).
 
     Compiled for a GPU, each leaf's two factors are taken out of the vectors behind an
     optimization barrier, so that every leaf's kernel reads scalars of its own: with the
@@ -213,6 +286,10 @@ def scale_leaves(leaves: list[jax.Array], hi: jax.Array, lo: jax.Array) -> list[
     0.63-0.64 s against 0.47-0.48 s. The TPU compiler gained nothing from it (39-40 s at
     2,000 leaves) and kept 132 MiB of temp memory against 26.
     """
+    return _scaled(("leaves", False), leaves, hi, lo, log_scales)
+
+
+def _scale_leaves(leaves: list[jax.Array], hi: jax.Array, lo: jax.Array) -> list[jax.Array]:
     if target_platform(leaves) in GPU_PLATFORMS:
         his, los = jax.lax.optimization_barrier(
             ([hi[i] for i in range(len(leaves))], [lo[i] for i in range(len(leaves))])
@@ -222,16 +299,21 @@ def scale_leaves(leaves: list[jax.Array], hi: jax.Array, lo: jax.Array) -> list[
 
 
 def scale_blocks(
-    leaves: list[jax.Array], leaf_norms: jax.Array, hi: jax.Array, lo: jax.Array
+    leaves: list[jax.Array],
+    leaf_norms: jax.Array,
+    hi: jax.Array,
+    lo: jax.Array,
+    log_scales: jax.Array,
 ) -> tuple[list[jax.Array], jax.Array, jax.Array]:
-    """The per-block clip step: each leaf scaled by its ``hi * lo``, with what it measures.
+    """The per-block clip step: each leaf scaled by its ``hi * lo`` (:func:`scale_leaves`,
+    ``log_scales`` their :func:`log_scale`), with what it measures.
 
     Shared by the block clips and AdaGC. Returns ``(scaled leaves, their norms, their
     global norm)``; the norms are ``(leaf_norm * hi) * lo``, not ``leaf_norm * scale``,
     which flushes to 0 where the scale is below the smallest normal float.
     """
     out_norms = (leaf_norms * hi) * lo
-    return scale_leaves(leaves, hi, lo), out_norms, vector_norm(out_norms)
+    return scale_leaves(leaves, hi, lo, log_scales), out_norms, vector_norm(out_norms)
 
 
 def apply_nonfinite_policy(
@@ -280,7 +362,7 @@ def clip_with_threshold(
     shared = shares_scale(leaves)
     _, over, hi, lo = scale_parts(norm, threshold, shared=shared)
     leaves, clipped_norm, clipped = apply_nonfinite_policy(
-        scale_all(leaves, hi, lo, shared=shared),
+        scale_all(leaves, hi, lo, log_scale(norm, threshold), shared=shared),
         jnp.isfinite(norm),
         (norm * hi) * lo,  # norm * scale, which flushes to 0 where the scale is tiny
         over,
