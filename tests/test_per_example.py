@@ -362,3 +362,38 @@ def test_rescue_keeps_no_leaf_sized_temporary():
         compiled = jax.jit(fn).lower(grads, bound).compile()
         temp = compiled.memory_analysis().temp_size_in_bytes
         assert temp < leaf_bytes / 4, (fn.__name__, temp / 2**20)
+
+
+def _clipped_sum_derivatives64(x, d, w, bound):
+    """Float64 forward (direction d) and reverse (of <w, sum>) derivatives of
+    sum_i min(1, bound / n_i) x_i, one example per row of x."""
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    over = n > bound
+    safe = np.where(over, n, 1.0)
+    # d(b x / n) = b (dx / n - x <x, dx> / n^3) where clipped, dx elsewhere.
+    rows = np.where(over, bound * (d / safe - x * np.sum(x * d, 1, keepdims=True) / safe**3), d)
+    grad = np.where(over, bound * (w / safe - x * (x @ w)[:, None] / safe**3), w)
+    return rows.sum(0), grad
+
+
+@pytest.mark.parametrize("layer", [False, True], ids=["global", "layer"])
+@pytest.mark.parametrize("scale", [1.0, 1e18, 1e20, 1e30])
+def test_derivatives_of_the_clipped_sum_match_float64_far_from_one(scale, layer):
+    # Through the sums of squares the norm's cotangent flushed to zero for examples of
+    # norm ~1e18 (2% off); through the clip's factors the scale's own derivative,
+    # c dn / n^2, did from ~1e19 on (19% off in forward mode). Each has a rule of its own.
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((4, 5)) * scale
+    d, w = rng.standard_normal((4, 5)), rng.standard_normal(5)
+    clip = (
+        (lambda g: optaxclip.per_example_layer_norm_clip([g], 1.0, eps=0.0)[0][0])
+        if layer
+        else (lambda g: optaxclip.per_example_global_norm_clip([g], 1.0)[0][0])
+    )
+    g = jnp.asarray(x, jnp.float32)
+    _, forward = jax.jit(lambda g, d: jax.jvp(clip, (g,), (d,)))(g, jnp.asarray(d, jnp.float32))
+    reverse = jax.jit(jax.grad(lambda g: jnp.dot(clip(g), jnp.asarray(w, jnp.float32))))(g)
+    d32, w32 = (np64(jnp.asarray(v, jnp.float32)) for v in (d, w))
+    want_forward, want_reverse = _clipped_sum_derivatives64(np64(g), d32, w32, 1.0)
+    for got, want in ((forward, want_forward), (reverse, want_reverse)):
+        np.testing.assert_allclose(np64(got), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
