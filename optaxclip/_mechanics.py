@@ -200,7 +200,8 @@ def _scaled(
     Differentiated through the factors, the scale's own derivative, ``s dn / n`` (as
     ``(t / n) dn / n``), is below the smallest normal float32 from a norm of ~1.8e19
     (1e-61 at 1e30 with a threshold of 1), and forward mode lost the norm's part; here
-    ``x s`` (the clipped value) and ``dn / n`` are each representable."""
+    ``x s`` (the clipped value) and ``dn / n`` are each representable, unless the tangent
+    is below ~1e-38 of the norm (a known limit: ``docs/guides/decisions.md``)."""
     del log_scales
     return _scale_in(layout, leaves, hi, lo)
 

@@ -250,7 +250,7 @@ def _scaled_sum(
 
     Through the factors, ``d s_i = s_i (dt / t - dn_i / n_i)`` falls below the smallest
     normal float32 for an example of norm ~1e18 or more, and forward mode lost the
-    norm's part (19% off at 1e20); ``x_i d(log s_i)`` is representable. See
+    norm's part (19% off at 1e20); ``(s_i x_i) d(log s_i)`` is representable. See
     ``_scaled`` in ``_mechanics.py``, the same rule for the transforms."""
     del log_scales
     return _dot(weights, x) * lo_min
@@ -260,8 +260,13 @@ def _scaled_sum(
 def _scaled_sum_jvp(primals, tangents):
     x, weights, lo_min, log_scales = primals
     dx, _, _, dlog = tangents
-    moved = dx + x * dlog.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-    return _scaled_sum(x, weights, lo_min, log_scales), _dot(weights, moved) * lo_min
+    # Each example's clipped values s_i x_i, written out (a derivative's program only),
+    # then times d(log s_i): x_i d(log s_i) alone overflows where the bound is tiny
+    # (d(log s) = dt / t), and s_i d(log s_i) alone flushes where the norm is huge.
+    each = weights.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+    clipped = (x * each) * lo_min.astype(x.dtype)
+    moved = _dot(dlog.astype(x.dtype), clipped)
+    return _scaled_sum(x, weights, lo_min, log_scales), _dot(weights, dx) * lo_min + moved
 
 
 def per_example_global_norm_clip(grads: Any, l2_norm_clip: Any) -> tuple[Any, jax.Array]:

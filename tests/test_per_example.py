@@ -397,3 +397,26 @@ def test_derivatives_of_the_clipped_sum_match_float64_far_from_one(scale, layer)
     want_forward, want_reverse = _clipped_sum_derivatives64(np64(g), d32, w32, 1.0)
     for got, want in ((forward, want_forward), (reverse, want_reverse)):
         np.testing.assert_allclose(np64(got), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("layer", [False, True], ids=["global", "layer"])
+@pytest.mark.parametrize(
+    ("value", "bound"), [(3.0, 1.0), (1e20, 1e-20), (1e30, 1e-9), (1e35, 1e-4)]
+)
+def test_derivative_with_respect_to_the_bound_matches_float64(value, bound, layer):
+    # d/dC of C x / |x| is x / |x|. Where C / |x| is below the smallest normal float the
+    # scale is applied as two factors; the rule's x d(log s) = x dC / C overflowed there
+    # (forward mode gave inf) and s d(log s) flushed (reverse mode gave 0).
+    x = jnp.array([[value, value], [0.1, 0.2]], jnp.float32)
+
+    def clip(c):
+        if layer:
+            return optaxclip.per_example_layer_norm_clip([x], c, eps=0.0)[0][0]
+        return optaxclip.per_example_global_norm_clip([x], c)[0][0]
+
+    x64 = np64(x)
+    n = np.linalg.norm(x64, axis=1, keepdims=True)
+    want = np.sum(np.where(n > bound, x64 / n, 0.0), axis=0)  # kept examples: 0
+    _, forward = jax.jvp(clip, (jnp.float32(bound),), (jnp.float32(1.0),))
+    np.testing.assert_allclose(np64(forward), want, rtol=1e-6)
+    np.testing.assert_allclose(np64(jax.jacrev(clip)(jnp.float32(bound))), want, rtol=1e-6)
