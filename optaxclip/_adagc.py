@@ -11,12 +11,13 @@ import optax
 from optaxclip import _stats
 from optaxclip._mechanics import (
     NONFINITE_POLICIES,
+    ScaleSource,
     apply_nonfinite_policy,
     finite_ema,
-    log_scale,
     measure_leaves,
     scale_blocks,
     scale_parts,
+    scale_source,
     shares_scale,
 )
 from optaxclip._norms import AxisName, Sharded
@@ -207,16 +208,15 @@ def adagc(
         new_gamma = jnp.where(in_warmup, warm_gamma, ema_gamma)
         # A NaN/inf step leaves gamma as it was.
         new_gamma = jnp.where(finite, new_gamma, gamma)
-        # What the clip is differentiated by (see scale_leaves): the log of the scale
-        # chosen above, 0 where the factors are 1.
-        chosen_log = jnp.where(
-            in_warmup,
-            log_scale(norm, cap),
-            jnp.where(leaf_over, log_scale(denom, leaf_threshold), 0),
+        # What the clip is differentiated by (see scale_leaves): the scale chosen above,
+        # the global one in warm-up, each tensor's own after it (factors of 1 elsewhere).
+        warm, own = scale_source(norm, cap), scale_source(denom, leaf_threshold)
+        source = ScaleSource(
+            jnp.where(in_warmup, warm.threshold, own.threshold),
+            jnp.where(in_warmup, warm.norm, own.norm),
+            finite & jnp.where(in_warmup, warm.scales, leaf_over & own.scales),
         )
-        scaled, _, scaled_norm = scale_blocks(
-            leaves, leaf_norms, hi, lo, jnp.where(finite, chosen_log, 0)
-        )
+        scaled, _, scaled_norm = scale_blocks(leaves, leaf_norms, hi, lo, source)
         new_leaves, clipped_norm, over = apply_nonfinite_policy(
             scaled,
             finite,

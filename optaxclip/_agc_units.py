@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optaxclip._mechanics import log_scale, scale_parts, scale_per_unit
+from optaxclip._mechanics import scale_parts, scale_per_unit, scale_source
 from optaxclip._norms import AxisName, safe_sqrt, unit_norms, vector_norm
 from optaxclip._validation import resolve_per_leaf
 
@@ -89,19 +89,19 @@ def scale_units(
 
     A NaN/inf unit is left as it is (NaN > bound is False; inf is excluded).
     """
-    his, los, log_scales, afters, overs = [], [], [], [], []
+    his, los, sources, afters, overs = [], [], [], [], []
     for g_norm, w_norm in zip(g_norms, w_norms, strict=True):
         dtype = g_norm.dtype
         bound = limit.astype(dtype) * jnp.maximum(w_norm.astype(dtype), floor.astype(dtype))
         # The global clip's scale, per unit: split where it is below the smallest normal
-        # float, and differentiated through its log (scale_per_unit), not g_norm**-2.
+        # float, and differentiated by its source (scale_per_unit), not through g_norm**-2.
         _, over, hi, lo = scale_parts(g_norm, bound)
         his.append(hi)
         los.append(lo)
-        log_scales.append(log_scale(g_norm, bound))
+        sources.append(scale_source(g_norm, bound))
         afters.append(jax.lax.select(over, bound, g_norm))
         overs.append(over)
-    return scale_per_unit(gs, his, los, log_scales), afters, overs
+    return scale_per_unit(gs, his, los, sources), afters, overs
 
 
 def _norm_across(local: jax.Array, axis_name: AxisName) -> jax.Array:

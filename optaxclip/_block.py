@@ -10,10 +10,10 @@ import optax
 
 from optaxclip import _stats
 from optaxclip._mechanics import (
-    log_scale,
     measure_leaves,
     scale_blocks,
     scale_parts,
+    scale_source,
     shares_scale,
 )
 from optaxclip._norms import AxisName, Sharded, sharded_flags
@@ -62,7 +62,7 @@ def clip_blocks(
     # The overflow- and underflow-safe scale of the global clip, one per leaf.
     _, over, hi, lo = scale_parts(leaf_norms, bounds, shared=shares_scale(leaves))
     new_leaves, out_norms, clipped_norm = scale_blocks(
-        leaves, leaf_norms, hi, lo, log_scale(leaf_norms, bounds)
+        leaves, leaf_norms, hi, lo, scale_source(leaf_norms, bounds)
     )
     new_stats = _stats.record(
         prev,

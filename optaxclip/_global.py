@@ -12,10 +12,10 @@ from optaxclip import _stats
 from optaxclip._mechanics import (
     NONFINITE_POLICIES,
     clip_with_threshold,
-    log_scale,
     measure,
     scale_all,
     scale_parts,
+    scale_source,
     shares_scale,
 )
 from optaxclip._norms import AxisName, Sharded
@@ -170,5 +170,5 @@ def clip_tree_by_global_norm(
     shared = shares_scale(leaves)
     threshold = jnp.asarray(max_norm, jnp.float32)
     scale, _, hi, lo = scale_parts(norm, threshold, shared=shared)
-    clipped = scale_all(leaves, hi, lo, log_scale(norm, threshold), shared=shared)
+    clipped = scale_all(leaves, hi, lo, scale_source(norm, threshold), shared=shared)
     return jax.tree.unflatten(treedef, clipped), scale

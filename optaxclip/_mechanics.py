@@ -179,49 +179,85 @@ def check_finite_at_runtime(who: str, finite: jax.Array, step: jax.Array, norm: 
     raise_at_runtime_if(~finite, _nonfinite_error(who), step, norm)
 
 
-def log_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
-    """``log(threshold / norm)`` where a clip to ``threshold`` scales (the norm is finite
-    and above it, the threshold positive), 0 elsewhere: what the scaling functions
-    below differentiate a clip by (:func:`_scaled`). Nothing reads its value, so a
-    program that takes no derivative drops it."""
+class ScaleSource(NamedTuple):
+    """What a clip's scale was made of: where ``scales``, the leaves (or units) are
+    multiplied by ``threshold / norm``; elsewhere by 1, or by 0 for a zero threshold
+    (:func:`scale_parts`). The scaling functions below are differentiated by it
+    (:func:`_scaled`); nothing reads it otherwise, so a program that takes no
+    derivative drops it."""
+
+    threshold: Any
+    norm: Any
+    scales: Any
+
+
+def scale_source(norm: jax.Array, threshold: jax.Array) -> ScaleSource:
+    """The :class:`ScaleSource` of a clip of ``norm`` to ``threshold``: it scales where
+    the norm is finite and above a positive threshold (1 stands in for both elsewhere)."""
     t = threshold.astype(norm.dtype)
-    over = jnp.isfinite(norm) & (norm > t) & (t > 0)
-    return jnp.where(over, jnp.log(jnp.where(over, t, 1)) - jnp.log(jnp.where(over, norm, 1)), 0)
+    scales = jnp.isfinite(norm) & (norm > t) & (t > 0)
+    return ScaleSource(jnp.where(scales, t, 1), jnp.where(scales, norm, 1), scales)
+
+
+def relative_change(y: jax.Array, d: jax.Array, v: jax.Array) -> jax.Array:
+    """``y * d / v``, linear in ``d`` (a tangent), ``v`` positive and broadcast against
+    ``y``: as ``(y / v) * d`` where ``y / v`` is a normal float, else as
+    ``y * (d / v)``. The first keeps a tangent far smaller than ``v`` (a perturbation of
+    1e-9 of a norm of 1e30, whose ``d / v`` flushes to zero); the second keeps a scale
+    below the smallest normal float (``y / v`` flushes), where ``d / v`` is not tiny
+    unless the result is too."""
+    coefficient = divided(y, v)
+    normal = jnp.abs(coefficient) >= jnp.finfo(coefficient.dtype).tiny
+    return jnp.where(normal, coefficient * d, y * divided(d, v))
+
+
+def scale_change(y: jax.Array, source: ScaleSource, tangent: ScaleSource) -> jax.Array:
+    """The change of ``y = x * threshold / norm`` with its threshold and norm:
+    ``y (dt / t - dn / n)`` where ``source.scales``, 0 elsewhere, in ``y``'s dtype
+    (half precision computed in float32)."""
+    wide = y.astype(jnp.float32) if jnp.finfo(y.dtype).bits < 32 else y
+    real = _factor_dtype(wide.dtype)
+    t, n = (jnp.asarray(v, real) for v in (source.threshold, source.norm))
+    dt, dn = (jnp.asarray(v, real) for v in (tangent.threshold, tangent.norm))
+    change = relative_change(wide, dt, t) - relative_change(wide, dn, n)
+    return jnp.where(source.scales, change, 0).astype(y.dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _scaled(
-    layout: tuple[str, bool], leaves: list[jax.Array], hi: Any, lo: Any, log_scales: Any
+    layout: tuple[str, bool], leaves: list[jax.Array], hi: Any, lo: Any, source: Any
 ) -> list[jax.Array]:
     """The leaves scaled by ``hi * lo`` in ``layout`` (:func:`_scale_in`), differentiated
-    as ``d(x s) = s dx + (x s) d(log s)`` with ``log s`` from ``log_scales``
-    (:func:`log_scale`); the tangents of ``hi`` and ``lo`` are not read.
+    as ``d(x s) = s dx + (x s)(dt / t - dn / n)`` with ``t``, ``n`` from ``source`` (a
+    :class:`ScaleSource`, or one per leaf); the tangents of ``hi`` and ``lo`` are not
+    read.
 
     Differentiated through the factors, the scale's own derivative, ``s dn / n`` (as
     ``(t / n) dn / n``), is below the smallest normal float32 from a norm of ~1.8e19
     (1e-61 at 1e30 with a threshold of 1), and forward mode lost the norm's part; here
-    ``x s`` (the clipped value) and ``dn / n`` are each representable, unless the tangent
-    is below ~1e-38 of the norm (a known limit: ``docs/guides/decisions.md``)."""
-    del log_scales
+    ``x s`` (the clipped value) is multiplied by ``dn / n`` in the order that keeps it
+    (:func:`relative_change`)."""
+    del source
     return _scale_in(layout, leaves, hi, lo)
 
 
 @_scaled.defjvp
 def _scaled_jvp(layout, primals, tangents):
-    leaves, hi, lo, log_scales = primals
-    dleaves, _, _, dlog = tangents  # the factors' own tangents are replaced by dlog
-    out = _scaled(layout, leaves, hi, lo, log_scales)
+    leaves, hi, lo, source = primals
+    dleaves, _, _, dsource = tangents  # the factors' own tangents: see source
+    out = _scaled(layout, leaves, hi, lo, source)
     kind, _ = layout
     n = len(leaves)
     if kind == "all":
-        factors = [(hi, lo, dlog)] * n
+        factors = [(hi, lo, source, dsource)] * n
     elif kind == "leaves":
-        factors = [(hi[i], lo[i], dlog[i]) for i in range(n)]
-    else:  # "units": one array of factors per leaf
-        factors = list(zip(hi, lo, dlog, strict=True))
+        pick = [jax.tree.map(lambda v, i=i: v[i], (source, dsource)) for i in range(n)]
+        factors = [(hi[i], lo[i], *pick[i]) for i in range(n)]
+    else:  # "units": one array of factors and one source per leaf
+        factors = list(zip(hi, lo, source, dsource, strict=True))
     d = [
-        scale_leaf(dx, h, low) + scale_leaf(y, r)
-        for dx, y, (h, low, r) in zip(dleaves, out, factors, strict=True)
+        scale_leaf(dx, h, low) + scale_change(y, src, dsrc)
+        for dx, y, (h, low, src, dsrc) in zip(dleaves, out, factors, strict=True)
     ]
     return out, d
 
@@ -236,25 +272,25 @@ def _scale_in(layout: tuple[str, bool], leaves: list[jax.Array], hi: Any, lo: An
 
 
 def scale_all(
-    leaves: list[jax.Array], hi: jax.Array, lo: jax.Array, log_scales: jax.Array, *, shared: bool
+    leaves: list[jax.Array], hi: jax.Array, lo: jax.Array, source: ScaleSource, *, shared: bool
 ) -> list[jax.Array]:
     """Every leaf times the scalars ``hi * lo`` (:func:`scale_leaf`), dtype kept, for a
-    clip whose :func:`log_scale` is ``log_scales`` (its derivative, :func:`_scaled`).
+    clip made of ``source`` (:func:`scale_source`; its derivative, :func:`_scaled`).
 
     With ``shared`` (:func:`shares_scale`), the two factors are broadcast once per leaf
     shape and dtype, and each leaf costs two multiplies: on XLA:CPU compile time grows
     with the number of operations, and a broadcast per leaf and factor cost about
     0.2 s at 2,000 leaves (``tests/test_norms_compile.py``).
     """
-    return _scaled(("all", shared), leaves, hi, lo, log_scales)
+    return _scaled(("all", shared), leaves, hi, lo, source)
 
 
 def scale_per_unit(
-    leaves: list[jax.Array], his: list[jax.Array], los: list[jax.Array], log_scales: list
+    leaves: list[jax.Array], his: list[jax.Array], los: list[jax.Array], sources: list
 ) -> list[jax.Array]:
     """Leaf ``i`` times ``his[i] * los[i]``, arrays of factors broadcast against it (one
-    per unit of AGC), for clips whose :func:`log_scale` are ``log_scales``."""
-    return _scaled(("units", False), leaves, his, los, log_scales)
+    per unit of AGC), for clips made of ``sources[i]`` (:func:`scale_source`)."""
+    return _scaled(("units", False), leaves, his, los, sources)
 
 
 def _scale_all(
@@ -274,10 +310,10 @@ def _scale_all(
 
 
 def scale_leaves(
-    leaves: list[jax.Array], hi: jax.Array, lo: jax.Array, log_scales: jax.Array
+    leaves: list[jax.Array], hi: jax.Array, lo: jax.Array, source: ScaleSource
 ) -> list[jax.Array]:
     """Leaf ``i`` times ``hi[i] * lo[i]`` (per-leaf :func:`scale_parts`), dtype kept, for
-    clips whose :func:`log_scale` are ``log_scales`` (one per leaf).
+    clips made of ``source`` (:func:`scale_source`, a vector in each field).
 
     Compiled for a GPU, each leaf's two factors are taken out of the vectors behind an
     optimization barrier, so that every leaf's kernel reads scalars of its own: with the
@@ -287,7 +323,7 @@ def scale_leaves(
     0.63-0.64 s against 0.47-0.48 s. The TPU compiler gained nothing from it (39-40 s at
     2,000 leaves) and kept 132 MiB of temp memory against 26.
     """
-    return _scaled(("leaves", False), leaves, hi, lo, log_scales)
+    return _scaled(("leaves", False), leaves, hi, lo, source)
 
 
 def _scale_leaves(leaves: list[jax.Array], hi: jax.Array, lo: jax.Array) -> list[jax.Array]:
@@ -304,17 +340,17 @@ def scale_blocks(
     leaf_norms: jax.Array,
     hi: jax.Array,
     lo: jax.Array,
-    log_scales: jax.Array,
+    source: ScaleSource,
 ) -> tuple[list[jax.Array], jax.Array, jax.Array]:
     """The per-block clip step: each leaf scaled by its ``hi * lo`` (:func:`scale_leaves`,
-    ``log_scales`` their :func:`log_scale`), with what it measures.
+    made of ``source``), with what it measures.
 
     Shared by the block clips and AdaGC. Returns ``(scaled leaves, their norms, their
     global norm)``; the norms are ``(leaf_norm * hi) * lo``, not ``leaf_norm * scale``,
     which flushes to 0 where the scale is below the smallest normal float.
     """
     out_norms = (leaf_norms * hi) * lo
-    return scale_leaves(leaves, hi, lo, log_scales), out_norms, vector_norm(out_norms)
+    return scale_leaves(leaves, hi, lo, source), out_norms, vector_norm(out_norms)
 
 
 def apply_nonfinite_policy(
@@ -363,7 +399,7 @@ def clip_with_threshold(
     shared = shares_scale(leaves)
     _, over, hi, lo = scale_parts(norm, threshold, shared=shared)
     leaves, clipped_norm, clipped = apply_nonfinite_policy(
-        scale_all(leaves, hi, lo, log_scale(norm, threshold), shared=shared),
+        scale_all(leaves, hi, lo, scale_source(norm, threshold), shared=shared),
         jnp.isfinite(norm),
         (norm * hi) * lo,  # norm * scale, which flushes to 0 where the scale is tiny
         over,

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optaxclip._mechanics import log_scale, scale_parts
+from optaxclip._mechanics import ScaleSource, scale_change, scale_parts, scale_source
 from optaxclip._norm_engine import (
     abs_sq,
     accumulation_dtype,
@@ -218,18 +218,16 @@ def _clip_and_sum(
         # normal float, so the bound is below ~4 sqrt(size).
         lo_min = jnp.min(lo, initial=1.0)  # 1 for a batch of no examples
         weights = jnp.where(lo != 1, hi, hi / lo_min)
-        log_scales = log_scale(norm, limit / (1 + jnp.asarray(eps, acc)))
+        source = scale_source(norm, limit / (1 + jnp.asarray(eps, acc)))
         if not (is_concrete(eps) and float(eps) == 0):
-            log_scales = jnp.where(keep, 0, log_scales)
+            source = source._replace(scales=source.scales & ~keep)
         for i in members:
             x = leaves[i]
             # Half precision is summed in float32 and rounded once; float32 beside
             # float64 leaves in float64, whose scale may not fit a float32.
             wide = x.astype(jnp.promote_types(x.dtype, acc))
             real = jnp.finfo(wide.dtype).dtype
-            total = _scaled_sum(
-                wide, weights.astype(real), lo_min.astype(real), log_scales.astype(real)
-            )
+            total = _scaled_sum(wide, weights.astype(real), lo_min.astype(real), source)
             sums[i] = total.astype(x.dtype)
         counts.append(jnp.sum(over).astype(jnp.int32))
     return sums, counts
@@ -242,31 +240,35 @@ def _dot(weights: jax.Array, x: jax.Array) -> jax.Array:
 
 @jax.custom_jvp
 def _scaled_sum(
-    x: jax.Array, weights: jax.Array, lo_min: jax.Array, log_scales: jax.Array
+    x: jax.Array, weights: jax.Array, lo_min: jax.Array, source: ScaleSource
 ) -> jax.Array:
     """``sum_i weights[i] lo_min x[i]`` over the examples (axis 0), differentiated as
-    ``sum_i s_i (dx_i + x_i d(log s_i))`` with ``s_i = weights[i] lo_min`` and
-    ``log s_i`` from ``log_scales`` (the tangents of the factors are not read).
+    ``sum_i s_i dx_i + (s_i x_i)(dt_i / t_i - dn_i / n_i)``, ``s_i = weights[i] lo_min``
+    being example ``i``'s clip made of ``source`` (its threshold and norm); the tangents
+    of the factors are not read.
 
     Through the factors, ``d s_i = s_i (dt / t - dn_i / n_i)`` falls below the smallest
     normal float32 for an example of norm ~1e18 or more, and forward mode lost the
-    norm's part (19% off at 1e20); ``(s_i x_i) d(log s_i)`` is representable. See
-    ``_scaled`` in ``_mechanics.py``, the same rule for the transforms."""
-    del log_scales
+    norm's part (19% off at 1e20). See ``_scaled`` in ``_mechanics.py``, the same rule
+    for the transforms."""
+    del source
     return _dot(weights, x) * lo_min
 
 
 @_scaled_sum.defjvp
 def _scaled_sum_jvp(primals, tangents):
-    x, weights, lo_min, log_scales = primals
-    dx, _, _, dlog = tangents
+    x, weights, lo_min, source = primals
+    dx, _, _, dsource = tangents
     # Each example's clipped values s_i x_i, written out (a derivative's program only),
-    # then times d(log s_i): x_i d(log s_i) alone overflows where the bound is tiny
-    # (d(log s) = dt / t), and s_i d(log s_i) alone flushes where the norm is huge.
-    each = weights.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-    clipped = (x * each) * lo_min.astype(x.dtype)
-    moved = _dot(dlog.astype(x.dtype), clipped)
-    return _scaled_sum(x, weights, lo_min, log_scales), _dot(weights, dx) * lo_min + moved
+    # then changed with its threshold and norm (scale_change).
+    along = (-1,) + (1,) * (x.ndim - 1)
+    clipped = (x * weights.reshape(along).astype(x.dtype)) * lo_min.astype(x.dtype)
+    each = ScaleSource(*(jnp.reshape(v, along) for v in source))
+    d_each = ScaleSource(
+        jnp.reshape(dsource.threshold, along), jnp.reshape(dsource.norm, along), None
+    )
+    moved = jnp.sum(scale_change(clipped, each, d_each), axis=0)
+    return _scaled_sum(x, weights, lo_min, source), _dot(weights, dx) * lo_min + moved
 
 
 def per_example_global_norm_clip(grads: Any, l2_norm_clip: Any) -> tuple[Any, jax.Array]:

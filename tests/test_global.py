@@ -202,7 +202,7 @@ def test_forward_mode_derivative_of_a_clip_matches_float64(case, scale):
     # The scale's own derivative, c dn / n**2, is below the smallest normal float32 from
     # a norm of ~1e18 on (1e-61 at 1e30): differentiated through the factors, jax.jvp
     # lost the norm's part (2% to 100% off). The clips are differentiated through the
-    # log of their scale instead (d(x s) = s dx + (x s) d(log s)).
+    # threshold and norm their scale is made of (d(x s) = s dx + (x s)(dc/c - dn/n)).
     _, clip, c = _forward_cases()[case]
     g0 = np.array([3.0, 4.0, 1.0]) * scale / 5.1
     direction = np.array([1.0, 0.0, -2.0])
@@ -212,6 +212,28 @@ def test_forward_mode_derivative_of_a_clip_matches_float64(case, scale):
     n = np.linalg.norm(g0)
     expected = c * (direction / n - g0 * np.dot(g0, direction) / n**3)
     np.testing.assert_allclose(np.asarray(jvp, np.float64), expected, rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("value", "max_norm", "size"), [(3e37, 1e30, 1.0), (5e29, 1e6, 1e-9)], ids=["1e38", "1e-9"]
+)
+@pytest.mark.parametrize("name", ["global", "block", "tree"])
+def test_forward_mode_keeps_a_tangent_far_smaller_than_the_norm(name, value, max_norm, size):
+    # dn / n is below the smallest normal float32 here (a unit tangent at a norm of 6e37;
+    # 1e-9 at 1e30), though (x s) dn / n is not: taken as one number, the norm's part of
+    # the JVP was lost and the JVP was not linear in its tangent.
+    if name == "tree":
+        clip = lambda g: optaxclip.clip_tree_by_global_norm([g], max_norm)[0][0]  # noqa: E731
+    else:
+        tx = getattr(optaxclip, f"clip_by_{name}_norm")(max_norm)
+        clip = lambda g: tx.update([g], tx.init([g]))[0][0]  # noqa: E731
+    g = jnp.full(4, value, jnp.float32)
+    direction = np.eye(4)[0] * size
+    _, jvp = jax.jvp(clip, (g,), (jnp.asarray(direction, jnp.float32),))
+    g64, d64 = np64(g), np64(jnp.asarray(direction, jnp.float32))
+    n = np.linalg.norm(g64)
+    expected = max_norm * (d64 / n - g64 * np.dot(g64, d64) / n**3)
+    np.testing.assert_allclose(np64(jvp), expected, rtol=2e-5, atol=0)
 
 
 def test_zero_threshold_has_zero_gradient_at_zero_where_the_clip_is_identically_zero():

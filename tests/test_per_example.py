@@ -405,8 +405,8 @@ def test_derivatives_of_the_clipped_sum_match_float64_far_from_one(scale, layer)
 )
 def test_derivative_with_respect_to_the_bound_matches_float64(value, bound, layer):
     # d/dC of C x / |x| is x / |x|. Where C / |x| is below the smallest normal float the
-    # scale is applied as two factors; the rule's x d(log s) = x dC / C overflowed there
-    # (forward mode gave inf) and s d(log s) flushed (reverse mode gave 0).
+    # scale is applied as two factors; a rule forming x dC / C overflowed there (forward
+    # mode gave inf) and one forming s dC / C flushed (reverse mode gave 0).
     x = jnp.array([[value, value], [0.1, 0.2]], jnp.float32)
 
     def clip(c):
