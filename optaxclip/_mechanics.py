@@ -193,9 +193,10 @@ class ScaleSource(NamedTuple):
 
 def scale_source(norm: jax.Array, threshold: jax.Array) -> ScaleSource:
     """The :class:`ScaleSource` of a clip of ``norm`` to ``threshold``: it scales where
-    the norm is finite and above a positive threshold (1 stands in for both elsewhere)."""
+    the norm is finite and above the threshold, a threshold of 0 included (whose clip
+    is 0, and changes as ``x / n`` with it); 1 stands in for both elsewhere."""
     t = threshold.astype(norm.dtype)
-    scales = jnp.isfinite(norm) & (norm > t) & (t > 0)
+    scales = jnp.isfinite(norm) & (norm > t) & (t >= 0)
     return ScaleSource(jnp.where(scales, t, 1), jnp.where(scales, norm, 1), scales)
 
 
@@ -211,15 +212,30 @@ def relative_change(y: jax.Array, d: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.where(normal, coefficient * d, y * divided(d, v))
 
 
-def scale_change(y: jax.Array, source: ScaleSource, tangent: ScaleSource) -> jax.Array:
-    """The change of ``y = x * threshold / norm`` with its threshold and norm:
-    ``y (dt / t - dn / n)`` where ``source.scales``, 0 elsewhere, in ``y``'s dtype
-    (half precision computed in float32)."""
-    wide = y.astype(jnp.float32) if jnp.finfo(y.dtype).bits < 32 else y
-    real = _factor_dtype(wide.dtype)
-    t, n = (jnp.asarray(v, real) for v in (source.threshold, source.norm))
+def scale_change(
+    x: jax.Array, y: jax.Array, source: ScaleSource, tangent: ScaleSource
+) -> jax.Array:
+    """The change of ``y = x * t / n`` with its threshold ``t`` and norm ``n``,
+    ``(x / n) dt - y (dn / n)``, where ``source.scales``, 0 elsewhere, in ``y``'s dtype
+    (half precision computed in float32). Nothing divides by ``t``, which may be 0."""
+
+    def wide(a: jax.Array) -> jax.Array:
+        return a.astype(jnp.float32) if jnp.finfo(a.dtype).bits < 32 else a
+
+    x, y = wide(x), wide(y)
+    real = _factor_dtype(y.dtype)
+    n = jnp.asarray(source.norm, real)
     dt, dn = (jnp.asarray(v, real) for v in (tangent.threshold, tangent.norm))
-    change = relative_change(wide, dt, t) - relative_change(wide, dn, n)
+
+    def change_of(x_part: jax.Array, y_part: jax.Array) -> jax.Array:
+        return relative_change(x_part, dt, n) - relative_change(y_part, dn, n)
+
+    if jnp.iscomplexobj(y):  # each part in its own order: one may be tiny, the other not
+        change = jax.lax.complex(
+            change_of(jnp.real(x), jnp.real(y)), change_of(jnp.imag(x), jnp.imag(y))
+        )
+    else:
+        change = change_of(x, y)
     return jnp.where(source.scales, change, 0).astype(y.dtype)
 
 
@@ -228,7 +244,7 @@ def _scaled(
     layout: tuple[str, bool], leaves: list[jax.Array], hi: Any, lo: Any, source: Any
 ) -> list[jax.Array]:
     """The leaves scaled by ``hi * lo`` in ``layout`` (:func:`_scale_in`), differentiated
-    as ``d(x s) = s dx + (x s)(dt / t - dn / n)`` with ``t``, ``n`` from ``source`` (a
+    as ``d(x s) = s dx + (x / n) dt - (x s)(dn / n)`` with ``t``, ``n`` from ``source`` (a
     :class:`ScaleSource`, or one per leaf); the tangents of ``hi`` and ``lo`` are not
     read.
 
@@ -256,8 +272,8 @@ def _scaled_jvp(layout, primals, tangents):
     else:  # "units": one array of factors and one source per leaf
         factors = list(zip(hi, lo, source, dsource, strict=True))
     d = [
-        scale_leaf(dx, h, low) + scale_change(y, src, dsrc)
-        for dx, y, (h, low, src, dsrc) in zip(dleaves, out, factors, strict=True)
+        scale_leaf(dx, h, low) + scale_change(x, y, src, dsrc)
+        for x, dx, y, (h, low, src, dsrc) in zip(leaves, dleaves, out, factors, strict=True)
     ]
     return out, d
 

@@ -267,7 +267,7 @@ def _scaled_sum_jvp(primals, tangents):
     d_each = ScaleSource(
         jnp.reshape(dsource.threshold, along), jnp.reshape(dsource.norm, along), None
     )
-    moved = jnp.sum(scale_change(clipped, each, d_each), axis=0)
+    moved = jnp.sum(scale_change(x, clipped, each, d_each), axis=0)
     return _scaled_sum(x, weights, lo_min, source), _dot(weights, dx) * lo_min + moved
 
 

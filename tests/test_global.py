@@ -236,6 +236,37 @@ def test_forward_mode_keeps_a_tangent_far_smaller_than_the_norm(name, value, max
     np.testing.assert_allclose(np64(jvp), expected, rtol=2e-5, atol=0)
 
 
+def test_forward_mode_keeps_each_part_of_a_complex_leaf():
+    # x s dn / n is formed in the order that keeps it, chosen element by element; for a
+    # complex element the choice is made for each part (its real part, 3.5e-11 here,
+    # is below the smallest normal float times the other).
+    g = jnp.array([1e-9 + 1e30j, 1e30], jnp.complex64)
+    d = jnp.array([0, 1e30], jnp.complex64)
+    _, jvp = jax.jvp(lambda v: optaxclip.clip_tree_by_global_norm([v], 1e29)[0][0], (g,), (d,))
+    g64, d64 = np.asarray(g, np.complex128), np.asarray(d, np.complex128)
+    n = np.linalg.norm(g64)
+    expected = 1e29 * (d64 / n - g64 * np.real(np.vdot(g64, d64)) / n**3)
+    got = np.asarray(jvp, np.complex128)
+    np.testing.assert_allclose(got.real, expected.real, rtol=1e-5, atol=0)
+    np.testing.assert_allclose(got.imag, expected.imag, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_derivative_with_respect_to_a_zero_threshold_is_the_direction(mode):
+    # clip(c) = c g / |g| for 0 <= c < |g|: at c = 0 its (one-sided) derivative is g / |g|,
+    # as everywhere below |g|; it read 0 there.
+    g = jnp.array([3.0, 4.0])
+
+    def clip(c):
+        return optaxclip.clip_tree_by_global_norm([g], c)[0][0]
+
+    if mode == "forward":
+        got = jax.jvp(clip, (jnp.float32(0.0),), (jnp.float32(1.0),))[1]
+    else:
+        got = jax.jacrev(clip)(jnp.float32(0.0))
+    np.testing.assert_allclose(np64(got), [0.6, 0.8], rtol=1e-6)
+
+
 def test_zero_threshold_has_zero_gradient_at_zero_where_the_clip_is_identically_zero():
     tx = optaxclip.clip_by_global_norm(0.0)
     grad = jax.grad(lambda g: jnp.sum(tx.update([g], tx.init(None))[0][0]))(jnp.zeros(3))
