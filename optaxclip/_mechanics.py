@@ -224,11 +224,14 @@ def scale_change(
 
     x, y = wide(x), wide(y)
     real = _factor_dtype(y.dtype)
-    n = jnp.asarray(source.norm, real)
+    t, n = (jnp.asarray(v, real) for v in (source.threshold, source.norm))
     dt, dn = (jnp.asarray(v, real) for v in (tangent.threshold, tangent.norm))
+    # y is 0 for a zero threshold: its term is 0 whatever n, and with n = 1 there its
+    # own derivative (a second derivative of the clip) stays finite at a tiny norm.
+    n_of_y = jnp.where(t > 0, n, 1)
 
     def change_of(x_part: jax.Array, y_part: jax.Array) -> jax.Array:
-        return relative_change(x_part, dt, n) - relative_change(y_part, dn, n)
+        return relative_change(x_part, dt, n) - relative_change(y_part, dn, n_of_y)
 
     if jnp.iscomplexobj(y):  # each part in its own order: one may be tiny, the other not
         change = jax.lax.complex(

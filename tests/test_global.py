@@ -267,6 +267,17 @@ def test_derivative_with_respect_to_a_zero_threshold_is_the_direction(mode):
     np.testing.assert_allclose(np64(got), [0.6, 0.8], rtol=1e-6)
 
 
+def test_hessian_of_a_zero_threshold_clip_is_zero_at_a_tiny_norm():
+    # The clip is identically 0 there. Its rule's term in dn / n, whose own derivative
+    # is about 1 / n**2 (1e40 here), is kept out where the threshold is 0.
+    tx = optaxclip.clip_by_global_norm(0.0)
+    w = jnp.array([0.3, -1.2])
+    hessian = jax.hessian(lambda g: jnp.dot(w, tx.update([g], tx.init([g]))[0][0]))(
+        jnp.array([1e-20, 0.0], jnp.float32)
+    )
+    np.testing.assert_array_equal(np64(hessian), 0.0)
+
+
 def test_zero_threshold_has_zero_gradient_at_zero_where_the_clip_is_identically_zero():
     tx = optaxclip.clip_by_global_norm(0.0)
     grad = jax.grad(lambda g: jnp.sum(tx.update([g], tx.init(None))[0][0]))(jnp.zeros(3))
