@@ -108,6 +108,14 @@ def test_gradient_through_clip_is_finite_at_zero():
     np.testing.assert_allclose(grad, np.ones(4))  # scale is 1 below the threshold
 
 
+def _clip_derivative64(g, d, c=1.0):
+    """In float64, the derivative of c g / |g| at g in direction d (complex g and d too):
+    c (d / |g| - g Re<g, d> / |g|^3). The Jacobian is symmetric, so with d = w it is also
+    the gradient of <w, c g / |g|>."""
+    n = np.linalg.norm(g)
+    return c * (d / n - g * np.real(np.vdot(g, d)) / n**3)
+
+
 def test_gradient_through_clip_matches_finite_differences_when_clipping():
     tx = optaxclip.clip_by_global_norm(1.0)
     w = np.array([0.3, -0.7, 0.2])
@@ -117,8 +125,7 @@ def test_gradient_through_clip_matches_finite_differences_when_clipping():
 
     g0 = np.array([3.0, 4.0, 1.0])
     grad = np.asarray(jax.grad(f)(jnp.asarray(g0, jnp.float32)))
-    n = np.linalg.norm(g0)
-    expected = w / n - g0 * np.dot(w, g0) / n**3  # d/dg of <w, g/|g|>
+    expected = _clip_derivative64(g0, w)  # d/dg of <w, g/|g|>
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
 
 
@@ -134,8 +141,7 @@ def _assert_clip_gradient_is_float64s(max_norm, scale, factory, extra):
         return jnp.dot(tx.update([g, *zeros], tx.init(None))[0][0], jnp.asarray(w, jnp.float32))
 
     grad = np.asarray(jax.jit(jax.grad(f))(jnp.asarray(g0, jnp.float32)), np.float64)
-    n = np.linalg.norm(g0)
-    expected = max_norm * (w / n - g0 * np.dot(w, g0) / n**3)
+    expected = _clip_derivative64(g0, w, max_norm)
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=0)
 
 
@@ -209,8 +215,7 @@ def test_forward_mode_derivative_of_a_clip_matches_float64(case, scale):
     _, jvp = jax.jit(lambda g, d: jax.jvp(clip, (g,), (d,)))(
         jnp.asarray(g0, jnp.float32), jnp.asarray(direction, jnp.float32)
     )
-    n = np.linalg.norm(g0)
-    expected = c * (direction / n - g0 * np.dot(g0, direction) / n**3)
+    expected = _clip_derivative64(g0, direction, c)
     np.testing.assert_allclose(np.asarray(jvp, np.float64), expected, rtol=2e-5, atol=0)
 
 
@@ -230,9 +235,7 @@ def test_forward_mode_keeps_a_tangent_far_smaller_than_the_norm(name, value, max
     g = jnp.full(4, value, jnp.float32)
     direction = np.eye(4)[0] * size
     _, jvp = jax.jvp(clip, (g,), (jnp.asarray(direction, jnp.float32),))
-    g64, d64 = np64(g), np64(jnp.asarray(direction, jnp.float32))
-    n = np.linalg.norm(g64)
-    expected = max_norm * (d64 / n - g64 * np.dot(g64, d64) / n**3)
+    expected = _clip_derivative64(np64(g), np64(jnp.asarray(direction, jnp.float32)), max_norm)
     np.testing.assert_allclose(np64(jvp), expected, rtol=2e-5, atol=0)
 
 
@@ -243,9 +246,7 @@ def test_forward_mode_keeps_each_part_of_a_complex_leaf():
     g = jnp.array([1e-9 + 1e30j, 1e30], jnp.complex64)
     d = jnp.array([0, 1e30], jnp.complex64)
     _, jvp = jax.jvp(lambda v: optaxclip.clip_tree_by_global_norm([v], 1e29)[0][0], (g,), (d,))
-    g64, d64 = np.asarray(g, np.complex128), np.asarray(d, np.complex128)
-    n = np.linalg.norm(g64)
-    expected = 1e29 * (d64 / n - g64 * np.real(np.vdot(g64, d64)) / n**3)
+    expected = _clip_derivative64(np.asarray(g, np.complex128), np.asarray(d, np.complex128), 1e29)
     got = np.asarray(jvp, np.complex128)
     np.testing.assert_allclose(got.real, expected.real, rtol=1e-5, atol=0)
     np.testing.assert_allclose(got.imag, expected.imag, rtol=1e-5, atol=0)
