@@ -100,8 +100,12 @@ def scale_for(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Arr
 
 # A scale below the smallest normal float flushes to 0 (threshold 1e-10 over a norm of
 # 1e30), though the clipped values it makes are representable: it is then applied as
-# (scale * 2^64) * 2^-64.
-_SCALE_SPLIT = {32: 2.0**64, 64: 2.0**512}
+# (scale * 2^126) * 2^-126, 2^-126 being the smallest normal float32 (2^-1022 in
+# float64). Two normal factors carry any scale down to 2^-252 (~1.4e-76; 2^-2044 in
+# float64): a threshold of 1e-30 over a norm of 1e30 (1e-60), 1e-37 over 3e38. A
+# tinier scale needs a threshold below ~5e-38 and a norm near the largest float; its
+# factor then flushes to 0. The first factor is below 1, so x * hi never overflows.
+_SCALE_SPLIT = {32: 2.0**126, 64: 2.0**1022}
 
 # On XLA:CPU, from this many leaf kernels reading a scale up, it comes out of a lax.cond.
 # XLA fuses cheap producers into each consumer, so computed inline the scale's compares
@@ -121,7 +125,11 @@ def shares_scale(leaves: list[jax.Array]) -> bool:
 
 
 def scale_parts(
-    norm: jax.Array, threshold: jax.Array, *, shared: bool = False
+    norm: jax.Array,
+    threshold: jax.Array,
+    *,
+    shared: bool = False,
+    split: dict[int, float] = _SCALE_SPLIT,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """``(scale, over, hi, lo)`` for a clip of a tree of global norm ``norm``.
 
@@ -135,12 +143,14 @@ def scale_parts(
 
     ``norm`` and ``threshold`` may be scalars or (broadcastable) vectors. With
     ``shared`` (:func:`shares_scale` of the leaves to be scaled), ``hi`` and ``lo`` are
-    a ``lax.cond``'s outputs (see :data:`SHARED_SCALE_LEAVES`).
+    a ``lax.cond``'s outputs (see :data:`SHARED_SCALE_LEAVES`). ``split``: the power of
+    two a tiny scale is split by, per dtype bits (``_SCALE_SPLIT``; ``lo`` is its
+    inverse).
     """
     scale, over = scale_for(norm, threshold)
     dtype = norm.dtype
     info = jnp.finfo(dtype)
-    split = _SCALE_SPLIT[info.bits]
+    split = split[info.bits]
     t = threshold.astype(dtype)
     tiny = over & (scale < info.tiny)
     zero = (t == 0) & jnp.isfinite(norm)

@@ -44,6 +44,13 @@ __all__ = ["per_example_global_norm_clip", "per_example_layer_norm_clip"]
 # least this large, so reading its norm low changes nothing.
 _TINY_NORM = {32: 2.0**-19, 64: 2.0**-199}
 
+# The examples' scales are summed as one dot product that takes every weight over the
+# smallest lo (see _clip_and_sum), so a tiny scale is split by 2^64, not by the
+# transforms' 2^126 (_mechanics._SCALE_SPLIT): an unclipped example's weight then grows
+# by at most 2^64, and the batch's sum cannot overflow. Scales below ~2^-190 (2^-1534
+# in float64) flush to 0 here.
+_SUM_SPLIT = {32: 2.0**64, 64: 2.0**512}
+
 
 def _examples(grads: Any, who: str) -> tuple[list[jax.Array], Any]:
     """The leaves of ``grads`` and its treedef, after checking the examples' axis."""
@@ -203,7 +210,8 @@ def _clip_and_sum(
     for members, norm, bound in zip(groups, norms, bounds, strict=True):
         limit = jnp.broadcast_to(bound, norm.shape)
         # A clipped slice ends at limit / (1 + eps): just inside its bound at every scale.
-        _, _, hi, lo = scale_parts(norm, limit / (1 + jnp.asarray(eps, acc)))
+        cap = limit / (1 + jnp.asarray(eps, acc))
+        _, _, hi, lo = scale_parts(norm, cap, split=_SUM_SPLIT)
         over = jnp.isfinite(norm) & (norm > limit)
         if not (is_concrete(eps) and float(eps) == 0):
             # A norm between limit / (1 + eps) and limit is not clipped: no scale there.
@@ -218,7 +226,7 @@ def _clip_and_sum(
         # normal float, so the bound is below ~4 sqrt(size).
         lo_min = jnp.min(lo, initial=1.0)  # 1 for a batch of no examples
         weights = jnp.where(lo != 1, hi, hi / lo_min)
-        source = scale_source(norm, limit / (1 + jnp.asarray(eps, acc)))
+        source = scale_source(norm, cap)
         if not (is_concrete(eps) and float(eps) == 0):
             source = source._replace(scales=source.scales & ~keep)
         for i in members:

@@ -258,3 +258,19 @@ def test_a_unit_scale_below_the_smallest_normal_float_does_not_flush_the_unit():
         out, state = tx.update({"w": jnp.full((4,), size)}, tx.init(params), params)
         np.testing.assert_allclose(np.asarray(out["w"], np.float64), [5e-7] * 4, rtol=1e-5)
         np.testing.assert_allclose(float(state.stats.clipped_norm), 1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("weight", "update"), [(1e-10, 1e30), (1e-30, 1e30), (1e-36, 3e38)])
+def test_a_unit_scale_below_the_square_of_the_smallest_normal_float_does_not_flush(
+    weight, update
+):
+    # The bound (clipping 1 times the weight norm, eps 0) over the update norm is 1e-40
+    # down to 3.3e-75, below 2^64 times float32's smallest normal number too (~6e-58),
+    # while the clipped unit (the weight's norm along the update's direction) is
+    # representable. The kernel's second unit is not clipped and passes as it is.
+    w = jnp.array([[0.6 * weight, 1.0], [0.8 * weight, 0.0]], jnp.float32)
+    g = jnp.array([[0.6 * update, 0.5], [0.8 * update, 0.0]], jnp.float32)
+    tx = optaxclip.adaptive_grad_clip(1.0, eps=0.0)
+    out, _ = tx.update({"w": g}, tx.init({"w": w}), {"w": w})
+    want = np.array([[0.6 * weight, 0.5], [0.8 * weight, 0.0]])
+    np.testing.assert_allclose(np.asarray(out["w"], np.float64), want, rtol=1e-5)

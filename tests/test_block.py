@@ -113,17 +113,19 @@ def test_block_transforms_under_inject_hyperparams_and_scan(factory):
 
 @pytest.mark.parametrize("extra_leaves", [0, SHARED_SCALE_LEAVES], ids=["inline", "shared"])
 @pytest.mark.parametrize("factory", [optaxclip.clip_by_block_norm, optaxclip.clip_by_block_rms])
+@pytest.mark.parametrize(("threshold", "big"), [(1e-10, 1e30), (1e-30, 1e30), (1e-36, 3e38)])
 def test_a_scale_below_the_smallest_normal_float_does_not_flush_the_leaf_to_zero(
-    factory, extra_leaves
+    factory, threshold, big, extra_leaves
 ):
-    # 1e-10 / 1e30 = 1e-40 is below float32's smallest normal number; the clipped values
-    # themselves (1e-10, or 1e-10 * sqrt(2) for the rms bound) are representable. From
+    # 1e-10 / 1e30 = 1e-40 is below float32's smallest normal number (1e-30 / 1e30 and
+    # 1e-36 / 3e38 below its square root too); the clipped values themselves (the
+    # threshold, or the threshold * sqrt(2) for the rms bound) are representable. From
     # SHARED_SCALE_LEAVES leaves up the scales come out of a lax.cond.
-    tx = factory(1e-10)
-    grads = {"a": jnp.array([1e30, 0.0]), "b": jnp.array([3.0, 4.0])}
+    tx = factory(threshold)
+    grads = {"a": jnp.array([big, 0.0]), "b": jnp.array([3.0, 4.0])}
     grads.update({f"zero{i:03d}": jnp.zeros(2) for i in range(extra_leaves)})
     out, _ = tx.update(grads, tx.init(grads))
-    bound = 1e-10 * (np.sqrt(2) if factory is optaxclip.clip_by_block_rms else 1)
+    bound = threshold * (np.sqrt(2) if factory is optaxclip.clip_by_block_rms else 1)
     np.testing.assert_allclose(np64(out["a"]), [bound, 0.0], rtol=1e-6)
     np.testing.assert_allclose(np64(out["b"]), np.array([3.0, 4.0]) / 5 * bound, rtol=1e-6)
 

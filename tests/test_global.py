@@ -291,13 +291,17 @@ def test_zero_threshold_zeroes_tiny_gradients():
 
 
 @pytest.mark.parametrize("extra_leaves", [0, SHARED_SCALE_LEAVES], ids=["inline", "shared"])
-@pytest.mark.parametrize(("max_norm", "big"), [(1e-10, 1e30), (1e-30, 1e10), (1e-20, 1e25)])
+@pytest.mark.parametrize(
+    ("max_norm", "big"),
+    [(1e-10, 1e30), (1e-30, 1e10), (1e-20, 1e25), (1e-30, 1e30), (1e-36, 3e38)],
+)
 def test_a_clip_whose_result_is_representable_does_not_underflow_to_zero(
     max_norm, big, extra_leaves
 ):
-    # The scale max_norm / norm is below the smallest normal float here (1e-40), but
-    # [max_norm, 0] is representable. From SHARED_SCALE_LEAVES leaves up the scale's two
-    # factors come out of a lax.cond instead of being computed inline.
+    # The scale max_norm / norm is below the smallest normal float here (1e-40 down to
+    # 3.3e-75, below the product of 2^64 and float32's smallest normal number, ~6e-58),
+    # but [max_norm, 0] is representable. From SHARED_SCALE_LEAVES leaves up the scale's
+    # two factors come out of a lax.cond instead of being computed inline.
     g = [jnp.array([big, 0.0], jnp.float32)] + [jnp.zeros(2, jnp.float32)] * extra_leaves
     out, _ = _apply(optaxclip.clip_by_global_norm(max_norm), g)
     np.testing.assert_allclose(np64(out[0]), [max_norm, 0.0], rtol=1e-6)
