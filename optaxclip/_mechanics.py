@@ -245,6 +245,7 @@ def scale_change(
     def wide(a: jax.Array) -> jax.Array:
         return a.astype(jnp.float32) if jnp.finfo(a.dtype).bits < 32 else a
 
+    out_dtype = y.dtype
     x, y = wide(x), wide(y)
     real = _factor_dtype(y.dtype)
     t, n = (jnp.asarray(v, real) for v in (source.threshold, source.norm))
@@ -262,7 +263,7 @@ def scale_change(
         )
     else:
         change = change_of(x, y)
-    return jnp.where(source.scales, change, 0).astype(y.dtype)
+    return jnp.where(source.scales, change, 0).astype(out_dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
