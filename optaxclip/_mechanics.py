@@ -169,8 +169,12 @@ def scale_parts(
     zero = (t == 0) & jnp.isfinite(norm)
 
     def split_scale(_):
-        # Only where t / norm < tiny: then t < norm * tiny, so t * split cannot overflow.
-        ratio = _ratio(jnp.where(tiny, t, 0) * split, jnp.where(over, norm, 1))
+        # t / (norm / split), where t / norm < tiny: norm / split (exact, a power of two)
+        # is then above t, a normal float unless t is 0 (then hi is 0 anyway). Not
+        # (t * split) / norm: the tangent of t * split overflows for a |dt| above ~4.
+        shrunk = jnp.where(over, norm, 1) / split
+        at = tiny & (shrunk > 0)
+        ratio = _ratio(jnp.where(at, t, 0), jnp.where(at, shrunk, 1))
         hi = jnp.where(zero, 0, jnp.where(tiny, ratio, scale)).astype(dtype)
         return hi, jnp.where(tiny, 1 / split, 1).astype(dtype)
 
@@ -184,6 +188,15 @@ def scale_parts(
 
     hi, lo = jax.lax.cond(jnp.any(tiny), split_scale, common, None)
     return scale, over, hi, lo
+
+
+def clipped_norm_of(norm: jax.Array, hi: jax.Array, lo: jax.Array) -> jax.Array:
+    """``norm`` times the scale ``hi * lo`` of :func:`scale_parts`: the norm of what a
+    clip returns. Not ``norm * scale``, which flushes to 0 where the scale is tiny, and
+    not ``(norm * hi) * lo``, whose tangent passes through ``dt * 2^126`` there (inf
+    for a threshold's tangent above ~4): ``norm * lo`` is ``norm / 2^126``, which
+    :func:`scale_parts` divided ``t`` by to make ``hi``."""
+    return (norm * lo) * hi
 
 
 def _nonfinite_error(who: str) -> Callable[..., Exception]:
@@ -389,10 +402,10 @@ def scale_blocks(
     made of ``source``), with what it measures.
 
     Shared by the block clips and AdaGC. Returns ``(scaled leaves, their norms, their
-    global norm)``; the norms are ``(leaf_norm * hi) * lo``, not ``leaf_norm * scale``,
+    global norm)``; the norms are ``(leaf_norm * lo) * hi``, not ``leaf_norm * scale``,
     which flushes to 0 where the scale is below the smallest normal float.
     """
-    out_norms = (leaf_norms * hi) * lo
+    out_norms = clipped_norm_of(leaf_norms, hi, lo)
     return scale_leaves(leaves, hi, lo, source), out_norms, vector_norm(out_norms)
 
 
@@ -444,7 +457,7 @@ def clip_with_threshold(
     leaves, clipped_norm, clipped = apply_nonfinite_policy(
         scale_all(leaves, hi, lo, scale_source(norm, threshold), shared=shared),
         jnp.isfinite(norm),
-        (norm * hi) * lo,  # norm * scale, which flushes to 0 where the scale is tiny
+        clipped_norm_of(norm, hi, lo),
         over,
         nonfinite=nonfinite,
         who=who,

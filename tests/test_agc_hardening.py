@@ -261,16 +261,38 @@ def test_a_unit_scale_below_the_smallest_normal_float_does_not_flush_the_unit():
 
 
 @pytest.mark.parametrize(("weight", "update"), [(1e-10, 1e30), (1e-30, 1e30), (1e-36, 3e38)])
-def test_a_unit_scale_below_the_square_of_the_smallest_normal_float_does_not_flush(
-    weight, update
-):
+def test_a_unit_scale_far_below_the_smallest_normal_float_does_not_flush(weight, update):
     # The bound (clipping 1 times the weight norm, eps 0) over the update norm is 1e-40
-    # down to 3.3e-75, below 2^64 times float32's smallest normal number too (~6e-58),
-    # while the clipped unit (the weight's norm along the update's direction) is
-    # representable. The kernel's second unit is not clipped and passes as it is.
+    # down to 3.3e-75 (below 2^-190, ~6e-58, the reach of a split by 2^64), while the
+    # clipped unit (the weight's norm along the update's direction) is representable.
+    # The kernel's second unit is not clipped and passes as it is.
     w = jnp.array([[0.6 * weight, 1.0], [0.8 * weight, 0.0]], jnp.float32)
     g = jnp.array([[0.6 * update, 0.5], [0.8 * update, 0.0]], jnp.float32)
     tx = optaxclip.adaptive_grad_clip(1.0, eps=0.0)
     out, _ = tx.update({"w": g}, tx.init({"w": w}), {"w": w})
     want = np.array([[0.6 * weight, 0.5], [0.8 * weight, 0.0]])
     np.testing.assert_allclose(np.asarray(out["w"], np.float64), want, rtol=1e-5)
+
+
+def test_second_derivative_at_a_tiny_unit_scale_matches_float64():
+    # Forward over forward through AGC with respect to the weights, where the unit's
+    # scale (bound 1e-10 over an update norm of 1e30) is split in two factors: the
+    # first factor's tangent is dt / (n / 2^126), never dt * 2^126 (inf above |dt| ~4,
+    # which made this NaN). The clipped unit is |w| g/|g| (clipping 1, eps 0), so its
+    # second derivative along u and v is g/|g| (u.v/|w| - (w.v)(w.u)/|w|^3).
+    w = jnp.array([[0.6e-10, 1.0], [0.8e-10, 0.0]], jnp.float32)
+    g = jnp.array([[0.6e30, 0.5], [0.8e30, 0.0]], jnp.float32)
+    tx = optaxclip.adaptive_grad_clip(1.0, eps=0.0)
+
+    def clipped(w):
+        return tx.update({"w": g}, tx.init({"w": w}), {"w": w})[0]["w"]
+
+    v = jnp.array([[6.0, 0.0], [-8.0, 0.0]], jnp.float32)
+    u = jnp.array([[8.0, 0.0], [6.0, 0.0]], jnp.float32)
+    second = jax.jvp(lambda w: jax.jvp(clipped, (w,), (v,))[1], (w,), (u,))[1]
+    w0, v0, u0 = (np.asarray(a, np.float64)[:, 0] for a in (w, v, u))
+    g0 = np.asarray(g, np.float64)[:, 0]
+    nw = np.linalg.norm(w0)
+    want = g0 / np.linalg.norm(g0) * ((u0 @ v0) / nw - (w0 @ v0) * (w0 @ u0) / nw**3)
+    np.testing.assert_allclose(np.asarray(second, np.float64)[:, 0], want, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(second)[:, 1], 0.0)

@@ -118,9 +118,10 @@ def test_a_scale_below_the_smallest_normal_float_does_not_flush_the_leaf_to_zero
     factory, threshold, big, extra_leaves
 ):
     # 1e-10 / 1e30 = 1e-40 is below float32's smallest normal number (1e-30 / 1e30 and
-    # 1e-36 / 3e38 below its square root too); the clipped values themselves (the
-    # threshold, or the threshold * sqrt(2) for the rms bound) are representable. From
-    # SHARED_SCALE_LEAVES leaves up the scales come out of a lax.cond.
+    # 1e-36 / 3e38 below 2^-190 too, the reach of a split by 2^64); the clipped values
+    # themselves (the threshold, or the threshold * sqrt(2) for the rms bound) are
+    # representable. From SHARED_SCALE_LEAVES leaves up the scales come out of a
+    # lax.cond.
     tx = factory(threshold)
     grads = {"a": jnp.array([big, 0.0]), "b": jnp.array([3.0, 4.0])}
     grads.update({f"zero{i:03d}": jnp.zeros(2) for i in range(extra_leaves)})

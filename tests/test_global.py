@@ -290,6 +290,25 @@ def test_zero_threshold_zeroes_tiny_gradients():
     assert np.array_equal(out[0], [0.0])
 
 
+@pytest.mark.parametrize("factory", [optaxclip.clip_by_global_norm, optaxclip.clip_by_block_norm])
+@pytest.mark.parametrize(("threshold", "tangent"), [(1e-10, 10.0), (1e-20, 100.0), (1e-30, 1e3)])
+def test_derivative_of_the_clipped_norm_at_a_tiny_scale_is_one(factory, threshold, tangent):
+    # The recorded clipped_norm is the threshold when clipped, so its derivative with
+    # respect to the threshold is 1. The scale threshold / 1e30 is split in two factors
+    # there: formed as (norm * hi) * lo, the forward tangent passed through
+    # tangent * 2^126, inf above ~4.
+    g = {"a": jnp.array([1e30, 0.0], jnp.float32)}
+
+    def clipped_norm(t):
+        tx = factory(t)
+        return tx.update(g, tx.init(g))[1].stats.clipped_norm
+
+    t = jnp.float32(threshold)
+    _, forward = jax.jvp(clipped_norm, (t,), (jnp.float32(tangent),))
+    np.testing.assert_allclose(float(forward), tangent, rtol=1e-5)
+    np.testing.assert_allclose(float(jax.grad(clipped_norm)(t)), 1.0, rtol=1e-5)
+
+
 @pytest.mark.parametrize("extra_leaves", [0, SHARED_SCALE_LEAVES], ids=["inline", "shared"])
 @pytest.mark.parametrize(
     ("max_norm", "big"),
@@ -299,8 +318,8 @@ def test_a_clip_whose_result_is_representable_does_not_underflow_to_zero(
     max_norm, big, extra_leaves
 ):
     # The scale max_norm / norm is below the smallest normal float here (1e-40 down to
-    # 3.3e-75, below the product of 2^64 and float32's smallest normal number, ~6e-58),
-    # but [max_norm, 0] is representable. From SHARED_SCALE_LEAVES leaves up the scale's
+    # 3.3e-75, below 2^-190 (~6e-58), the reach of a split by 2^64), but [max_norm, 0]
+    # is representable. From SHARED_SCALE_LEAVES leaves up the scale's
     # two factors come out of a lax.cond instead of being computed inline.
     g = [jnp.array([big, 0.0], jnp.float32)] + [jnp.zeros(2, jnp.float32)] * extra_leaves
     out, _ = _apply(optaxclip.clip_by_global_norm(max_norm), g)
