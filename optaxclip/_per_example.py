@@ -251,9 +251,10 @@ def _scaled_sum(
     x: jax.Array, weights: jax.Array, lo_min: jax.Array, source: ScaleSource
 ) -> jax.Array:
     """``sum_i weights[i] lo_min x[i]`` over the examples (axis 0), differentiated as
-    ``sum_i s_i dx_i + (s_i x_i)(dt_i / t_i - dn_i / n_i)``, ``s_i = weights[i] lo_min``
-    being example ``i``'s clip made of ``source`` (its threshold and norm); the tangents
-    of the factors are not read.
+    ``sum_i s_i dx_i + (x_i / n_i) dt_i - (s_i x_i) dn_i / n_i`` (:func:`scale_change`),
+    ``s_i = weights[i] lo_min`` being example ``i``'s scale, ``t_i / n_i`` from its
+    threshold and norm in ``source`` where that clips it (elsewhere the last two terms
+    are 0); the tangents of the factors are not read.
 
     Through the factors, ``d s_i = s_i (dt / t - dn_i / n_i)`` falls below the smallest
     normal float32 for an example of norm ~1e18 or more, and forward mode lost the
