@@ -13,6 +13,7 @@ from optaxclip._mechanics import (
     NONFINITE_POLICIES,
     ScaleSource,
     apply_nonfinite_policy,
+    factor_bits,
     finite_ema,
     measure_leaves,
     scale_blocks,
@@ -163,7 +164,9 @@ def adagc(
         in_warmup = state.stats.count - state.stats.nonfinite_count < warmup_steps
 
         # Warm-up: one global clip; gamma tracks the smallest non-zero leaf norm after it.
-        global_scale, global_over, global_hi, global_lo = scale_parts(norm, cap)
+        global_scale, global_over, global_hi, global_lo = scale_parts(
+            norm, cap, leaf_bits=factor_bits(leaves)
+        )
         warm_norms = leaf_norms * global_scale
         warm_gamma = jnp.where(warm_norms > 0, jnp.minimum(gamma, warm_norms), gamma)
 
@@ -183,7 +186,9 @@ def adagc(
         # bound / (||g_i|| + eps) by the global clip's safe scale (finite derivative, split
         # below the smallest normal float); a non-candidate gets threshold = denom: 1.
         leaf_threshold = jnp.where(candidate, bound, denom)
-        h, _, h_hi, h_lo = scale_parts(denom, leaf_threshold)
+        h, _, h_hi, h_lo = scale_parts(
+            denom, leaf_threshold, leaf_bits=factor_bits(leaves, per_leaf=True)
+        )
         leaf_over = candidate & (h < 1)
         # The EMA is fed min(||g_i||, ratio * gamma_i), never the eps-shrunk clipped norm;
         # an exactly-zero norm leaves gamma_i as it was.

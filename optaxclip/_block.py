@@ -10,6 +10,7 @@ import optax
 
 from optaxclip import _stats
 from optaxclip._mechanics import (
+    factor_bits,
     measure_leaves,
     scale_blocks,
     scale_parts,
@@ -60,7 +61,12 @@ def clip_blocks(
         return updates, new_stats, leaf_norms
     bounds = jnp.asarray(bounds_for(leaf_norms, leaves), leaf_norms.dtype)
     # The overflow- and underflow-safe scale of the global clip, one per leaf.
-    _, over, hi, lo = scale_parts(leaf_norms, bounds, shared=shares_scale(leaves))
+    _, over, hi, lo = scale_parts(
+        leaf_norms,
+        bounds,
+        shared=shares_scale(leaves),
+        leaf_bits=factor_bits(leaves, per_leaf=True),
+    )
     new_leaves, out_norms, clipped_norm = scale_blocks(
         leaves, leaf_norms, hi, lo, scale_source(leaf_norms, bounds)
     )

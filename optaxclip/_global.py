@@ -12,6 +12,7 @@ from optaxclip import _stats
 from optaxclip._mechanics import (
     NONFINITE_POLICIES,
     clip_with_threshold,
+    factor_bits,
     measure,
     scale_all,
     scale_parts,
@@ -169,6 +170,6 @@ def clip_tree_by_global_norm(
     leaves, treedef = jax.tree.flatten(tree)
     shared = shares_scale(leaves)
     threshold = jnp.asarray(max_norm, jnp.float32)
-    scale, _, hi, lo = scale_parts(norm, threshold, shared=shared)
+    scale, _, hi, lo = scale_parts(norm, threshold, shared=shared, leaf_bits=factor_bits(leaves))
     clipped = scale_all(leaves, hi, lo, scale_source(norm, threshold), shared=shared)
     return jax.tree.unflatten(treedef, clipped), scale

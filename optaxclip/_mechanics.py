@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optaxclip import _stats
 from optaxclip._norm_engine import (
@@ -137,12 +138,22 @@ def shares_scale(leaves: list[jax.Array]) -> bool:
     return len(leaves) >= SHARED_SCALE_LEAVES and target_platform(leaves) == "cpu"
 
 
+def factor_bits(leaves: list[jax.Array], *, per_leaf: bool = False) -> Any:
+    """The bits (32 or 64) of the real dtype each leaf is scaled in (:func:`scale_leaf`):
+    the narrowest, or with ``per_leaf`` a NumPy array of one per leaf. Under x64 a
+    float32 leaf beside a float64 one is scaled by a factor computed in float64, which
+    must be split where it is below float32's smallest normal number, not float64's."""
+    bits = [jnp.finfo(_factor_dtype(x.dtype)).bits for x in leaves]
+    return np.array(bits) if per_leaf else min(bits, default=32)
+
+
 def scale_parts(
     norm: jax.Array,
     threshold: jax.Array,
     *,
     shared: bool = False,
     split: dict[int, float] = _SCALE_SPLIT,
+    leaf_bits: Any = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """``(scale, over, hi, lo)`` for a clip of a tree of global norm ``norm``.
 
@@ -158,14 +169,20 @@ def scale_parts(
     ``shared`` (:func:`shares_scale` of the leaves to be scaled), ``hi`` and ``lo`` are
     a ``lax.cond``'s outputs (see :data:`SHARED_SCALE_LEAVES`). ``split``: the power of
     two a tiny scale is split by, per dtype bits (``_SCALE_SPLIT``; ``lo`` is its
-    inverse).
+    inverse). ``leaf_bits``: the bits of the dtype the leaves are scaled in
+    (:func:`factor_bits`, one for all or one per entry of ``norm``) where it may be
+    narrower than ``norm``'s; a scale is tiny below that dtype's smallest normal number.
     """
     scale, over = scale_for(norm, threshold)
     dtype = norm.dtype
-    info = jnp.finfo(dtype)
-    split = split[info.bits]
+    own_bits = jnp.finfo(dtype).bits
+    bits = np.minimum(own_bits if leaf_bits is None else leaf_bits, own_bits)
+    smallest = jnp.asarray(
+        np.where(bits == 64, np.finfo(np.float64).tiny, np.finfo(np.float32).tiny), dtype
+    )
+    split = jnp.asarray(np.where(bits == 64, split[64], split[32]), dtype)
     t = threshold.astype(dtype)
-    tiny = over & (scale < info.tiny)
+    tiny = over & (scale < smallest)
     zero = (t == 0) & jnp.isfinite(norm)
 
     def split_scale(_):
@@ -453,7 +470,7 @@ def clip_with_threshold(
     """
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     shared = shares_scale(leaves)
-    _, over, hi, lo = scale_parts(norm, threshold, shared=shared)
+    _, over, hi, lo = scale_parts(norm, threshold, shared=shared, leaf_bits=factor_bits(leaves))
     leaves, clipped_norm, clipped = apply_nonfinite_policy(
         scale_all(leaves, hi, lo, scale_source(norm, threshold), shared=shared),
         jnp.isfinite(norm),

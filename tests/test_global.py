@@ -290,6 +290,29 @@ def test_zero_threshold_zeroes_tiny_gradients():
     assert np.array_equal(out[0], [0.0])
 
 
+@pytest.mark.parametrize(
+    "factory",
+    [
+        optaxclip.clip_by_global_norm,
+        optaxclip.clip_by_block_norm,
+        lambda t: optaxclip.adagc(warmup_steps=1, warmup_max_norm=t, eps=0.0),
+        lambda t: lambda g: optaxclip.clip_tree_by_global_norm(g, t),
+    ],
+    ids=["global", "block", "adagc", "tree"],
+)
+def test_a_float32_leaf_beside_a_float64_one_gets_its_tiny_scale_split(factory):
+    # Under x64 the norm, and so the scale 1e-10 / 1e30, is float64, where 1e-40 is a
+    # normal number; the float32 leaf is scaled by it cast to float32, where it is not.
+    # The split is decided for the dtype the leaf is scaled in (factor_bits).
+    with jax.enable_x64(True):
+        g = {"a": jnp.array([6e29, 8e29], jnp.float32), "b": jnp.zeros(2, jnp.float64)}
+        tx = factory(1e-10)
+        out = tx(g)[0] if not hasattr(tx, "update") else tx.update(g, tx.init(g))[0]
+        assert out["a"].dtype == jnp.float32
+        np.testing.assert_allclose(np64(out["a"]), [6e-11, 8e-11], rtol=1e-6)
+        np.testing.assert_array_equal(np64(out["b"]), 0.0)
+
+
 @pytest.mark.parametrize("factory", [optaxclip.clip_by_global_norm, optaxclip.clip_by_block_norm])
 @pytest.mark.parametrize(("threshold", "tangent"), [(1e-10, 10.0), (1e-20, 100.0), (1e-30, 1e3)])
 def test_derivative_of_the_clipped_norm_at_a_tiny_scale_is_one(factory, threshold, tangent):
