@@ -164,8 +164,9 @@ def adagc(
         in_warmup = state.stats.count - state.stats.nonfinite_count < warmup_steps
 
         # Warm-up: one global clip; gamma tracks the smallest non-zero leaf norm after it.
+        bits = factor_bits(leaves, per_leaf=True)
         global_scale, global_over, global_hi, global_lo = scale_parts(
-            norm, cap, leaf_bits=factor_bits(leaves)
+            norm, cap, leaf_bits=bits.min()
         )
         warm_norms = leaf_norms * global_scale
         warm_gamma = jnp.where(warm_norms > 0, jnp.minimum(gamma, warm_norms), gamma)
@@ -187,7 +188,7 @@ def adagc(
         # below the smallest normal float); a non-candidate gets threshold = denom: 1.
         leaf_threshold = jnp.where(candidate, bound, denom)
         h, _, h_hi, h_lo = scale_parts(
-            denom, leaf_threshold, leaf_bits=factor_bits(leaves, per_leaf=True)
+            denom, leaf_threshold, leaf_bits=bits
         )
         leaf_over = candidate & (h < 1)
         # The EMA is fed min(||g_i||, ratio * gamma_i), never the eps-shrunk clipped norm;

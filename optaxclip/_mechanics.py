@@ -58,13 +58,17 @@ def scale_leaf(x: jax.Array, scale: jax.Array, lo: jax.Array | None = None) -> j
     small for one float (see :func:`scale_parts`); multiplying by 1 changes nothing.
     The factors are scalars or already broadcast to x's shape (:func:`scale_all`).
     """
-    half = jnp.finfo(x.dtype).bits < 32
-    wide = jax.lax.convert_element_type(x, jnp.float32) if half else x
     real = _factor_dtype(x.dtype)
-    out = _times(wide, scale, real)
+    out = _times(_widened(x), scale, real)
     if lo is not None:
         out = _times(out, lo, real)
-    return jax.lax.convert_element_type(out, x.dtype) if half else out
+    return jax.lax.convert_element_type(out, x.dtype) if out.dtype != x.dtype else out
+
+
+def _widened(x: jax.Array) -> jax.Array:
+    """``x`` in float32 where it is half precision (bf16, fp16), else as it is: the
+    dtype a leaf is scaled, and its scale's change computed, in."""
+    return jax.lax.convert_element_type(x, jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
 
 
 def _times(x: jax.Array, factor: jax.Array, real: jnp.dtype) -> jax.Array:
@@ -271,12 +275,8 @@ def scale_change(
     """The change of ``y = x * t / n`` with its threshold ``t`` and norm ``n``,
     ``(x / n) dt - y (dn / n)``, where ``source.scales``, 0 elsewhere, in ``y``'s dtype
     (half precision computed in float32). Nothing divides by ``t``, which may be 0."""
-
-    def wide(a: jax.Array) -> jax.Array:
-        return a.astype(jnp.float32) if jnp.finfo(a.dtype).bits < 32 else a
-
     out_dtype = y.dtype
-    x, y = wide(x), wide(y)
+    x, y = _widened(x), _widened(y)
     real = _factor_dtype(y.dtype)
     t, n = (jnp.asarray(v, real) for v in (source.threshold, source.norm))
     dt, dn = (jnp.asarray(v, real) for v in (tangent.threshold, tangent.norm))

@@ -212,11 +212,13 @@ def _clip_and_sum(
         # A clipped slice ends at limit / (1 + eps): just inside its bound at every scale.
         cap = limit / (1 + jnp.asarray(eps, acc))
         _, _, hi, lo = scale_parts(norm, cap, split=_SUM_SPLIT)
+        source = scale_source(norm, cap)
         over = jnp.isfinite(norm) & (norm > limit)
         if not (is_concrete(eps) and float(eps) == 0):
             # A norm between limit / (1 + eps) and limit is not clipped: no scale there.
             keep = ~over & (limit != 0)
             hi, lo = jnp.where(keep, 1, hi), jnp.where(keep, 1, lo)
+            source = source._replace(scales=source.scales & ~keep)
         # sum_i hi_i lo_i x_i as one dot product per leaf (a multiply and a sum over
         # axis 0 runs ~10x slower on XLA:CPU), at full precision (TPUs default to
         # bfloat16 passes). lo is 1 except where a scale is too small for one float
@@ -226,9 +228,6 @@ def _clip_and_sum(
         # normal float, so the bound is below ~4 sqrt(size).
         lo_min = jnp.min(lo, initial=1.0)  # 1 for a batch of no examples
         weights = jnp.where(lo != 1, hi, hi / lo_min)
-        source = scale_source(norm, cap)
-        if not (is_concrete(eps) and float(eps) == 0):
-            source = source._replace(scales=source.scales & ~keep)
         for i in members:
             x = leaves[i]
             # Half precision is summed in float32 and rounded once; float32 beside
