@@ -153,7 +153,7 @@ def adagc(
                 f"{state.gamma.shape[0]}; call init with the params tree the updates match."
             )
         finite = jnp.isfinite(norm)
-        cap = threshold_at(warmup_max_norm, state.stats.count, "warmup_max_norm")
+        cap = threshold_at(warmup_max_norm, state.stats.count, "warmup_max_norm", norm.dtype)
         if not leaves:
             new_stats = _stats.record(
                 state.stats, norm=norm, clipped_norm=norm, threshold=cap, clipped=False

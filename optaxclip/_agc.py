@@ -13,9 +13,11 @@ import optax
 
 from optaxclip import _stats
 from optaxclip._agc_units import check_sharded_axis, clip_units, split_axes
+from optaxclip._norm_engine import accumulation_dtype
 from optaxclip._norms import AxisName, unit_axes
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
+    as_threshold,
     check_float_leaves,
     check_threshold,
     resolve_per_leaf,
@@ -266,8 +268,10 @@ def adaptive_grad_clip(
         paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
         depths = resolve_per_leaf(stacked_axes, updates, "stacked_axes", 0)
         splits = None if axis_name is None else split_axes(sharded_axis, updates)
-        limit = threshold_at(clipping, state.stats.count, "clipping")
-        floor = jnp.asarray(eps, jnp.float32)
+        # The units' dtype: float32 unless an update is float64 (under x64).
+        acc = accumulation_dtype([g for g in all_leaves if g is not None])
+        limit = threshold_at(clipping, state.stats.count, "clipping", acc)
+        floor = as_threshold(eps, acc)
 
         present, axes = [], []
         i = 0

@@ -37,7 +37,7 @@ import optax
 from optaxclip import _stats
 from optaxclip._mechanics import NONFINITE_POLICIES, clip_with_threshold, measure, ring_write
 from optaxclip._norms import AxisName, Sharded
-from optaxclip._stats import ClipStats, as_float32
+from optaxclip._stats import ClipStats, as_float32, threshold_for_norm
 from optaxclip._validation import (
     check_choice,
     check_range,
@@ -256,10 +256,12 @@ def autoclip(
         adaptive = _percentile(value_at, n, p)
         in_warmup = recorded < warmup_steps
         adaptive = jnp.where(in_warmup | (n == 0), jnp.inf, adaptive)
+        adaptive = threshold_for_norm(adaptive, norm)
         if max_norm is None:
             threshold = adaptive
         else:
-            threshold = jnp.minimum(adaptive, threshold_at(max_norm, state.stats.count, "max_norm"))
+            cap = threshold_at(max_norm, state.stats.count, "max_norm", norm.dtype)
+            threshold = jnp.minimum(adaptive, cap)
 
         updates, new_stats = clip_with_threshold(
             updates, norm, threshold, state.stats, nonfinite=nonfinite, who="autoclip"

@@ -17,9 +17,10 @@ from optaxclip._mechanics import (
     scale_source,
     shares_scale,
 )
+from optaxclip._norm_engine import accumulation_dtype
 from optaxclip._norms import AxisName, Sharded, sharded_flags
 from optaxclip._stats import ClipStats
-from optaxclip._validation import check_threshold, threshold_at
+from optaxclip._validation import check_float_leaves, check_threshold, threshold_at
 
 __all__ = [
     "ClipByBlockNormState",
@@ -95,6 +96,14 @@ class ClipByBlockNormState(NamedTuple):
         return self.clip_by_block_norm
 
 
+def _limit_at(value: Any, count: jax.Array, name: str, updates: Any) -> jax.Array:
+    """The per-leaf bound in force, in the dtype the leaves' norms are compared in
+    (float64 where a leaf is float64): the leaves are checked first, so that an integer
+    leaf is named rather than failing on its dtype."""
+    check_float_leaves(updates)
+    return threshold_at(value, count, name, accumulation_dtype(jax.tree.leaves(updates)))
+
+
 def clip_by_block_norm(
     max_norm: Any, *, axis_name: AxisName = None, sharded: Sharded = None
 ) -> optax.GradientTransformationExtraArgs:
@@ -139,7 +148,7 @@ def clip_by_block_norm(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        limit = threshold_at(max_norm, state.stats.count, "max_norm")
+        limit = _limit_at(max_norm, state.stats.count, "max_norm", updates)
         updates, new_stats, _ = clip_blocks(
             updates,
             lambda norms, leaves: jnp.broadcast_to(limit, norms.shape),
@@ -212,7 +221,7 @@ def clip_by_block_rms(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        limit = threshold_at(threshold, state.stats.count, "threshold")
+        limit = _limit_at(threshold, state.stats.count, "threshold", updates)
         flags = sharded_flags(updates, sharded)
 
         def bounds(norms, leaves):

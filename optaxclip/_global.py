@@ -22,6 +22,7 @@ from optaxclip._mechanics import (
 from optaxclip._norms import AxisName, Sharded
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
+    as_threshold,
     check_choice,
     check_float_leaves,
     check_threshold,
@@ -105,7 +106,7 @@ def clip_by_global_norm(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         norm = measure(updates, axis_name, sharded)
-        threshold = threshold_at(max_norm, state.stats.count, "max_norm")
+        threshold = threshold_at(max_norm, state.stats.count, "max_norm", norm.dtype)
         updates, new_stats = clip_with_threshold(
             updates, norm, threshold, state.stats, nonfinite=nonfinite, who="clip_by_global_norm"
         )
@@ -169,7 +170,7 @@ def clip_tree_by_global_norm(
         norm = norm.astype(jnp.promote_types(norm.dtype, jnp.float32))
     leaves, treedef = jax.tree.flatten(tree)
     shared = shares_scale(leaves)
-    threshold = jnp.asarray(max_norm, jnp.float32)
+    threshold = as_threshold(max_norm, norm.dtype)
     scale, _, hi, lo = scale_parts(norm, threshold, shared=shared, leaf_bits=factor_bits(leaves))
     clipped = scale_all(leaves, hi, lo, scale_source(norm, threshold), shared=shared)
     return jax.tree.unflatten(treedef, clipped), scale

@@ -75,5 +75,5 @@ def skip_nonfinite_microbatch(
     skip = ~jnp.isfinite(norm)
     if max_norm is not None:
         step = jnp.asarray(gradient_step, jnp.int32)
-        skip = skip | (norm > threshold_at(max_norm, step, "max_norm"))
+        skip = skip | (norm > threshold_at(max_norm, step, "max_norm", norm.dtype))
     return skip, {"should_skip": skip, "norm": as_float32(norm)}

@@ -229,8 +229,27 @@ def positive_at(name: str, value: Any, count: jax.Array, *, allow_zero: bool = F
     return x
 
 
-def threshold_at(value: ThresholdLike, count: jax.Array, name: str = "threshold") -> jax.Array:
-    """The threshold in force at step ``count`` as a float32 scalar.
+def as_threshold(value: Any, dtype: Any = jnp.float32) -> jax.Array:
+    """A threshold as a scalar of ``dtype``: a concrete one rounded once from its exact
+    value, and above the dtype's largest finite number read as inf without NumPy's
+    overflow warning (a ``max_norm`` of 1e39 clips nothing a float32 tree can hold)."""
+    if is_concrete(value):
+        exact = float(np.asarray(value))
+        if abs(exact) > float(jnp.finfo(dtype).max):
+            exact = math.copysign(math.inf, exact)
+        return jnp.asarray(exact, dtype)
+    return jnp.asarray(value).astype(dtype)
+
+
+def threshold_at(
+    value: ThresholdLike, count: jax.Array, name: str = "threshold", dtype: Any = jnp.float32
+) -> jax.Array:
+    """The threshold in force at step ``count`` as a scalar of ``dtype``.
+
+    ``dtype`` is the one the clip's arithmetic runs in: float64 where the tree has a
+    float64 leaf (under ``JAX_ENABLE_X64``), so that a threshold of 1e-40 or 1e39 is not
+    flushed to 0 or raised to inf on its way to a float64 norm. The statistics record it
+    as float32 whatever it is (:class:`ClipStats`).
 
     A callable is an ``optax.Schedule`` evaluated at the transform's own count. A
     schedule's value, or a traced one (injected with ``optax.inject_hyperparams`` under
@@ -240,8 +259,8 @@ def threshold_at(value: ThresholdLike, count: jax.Array, name: str = "threshold"
     if callable(value) and not is_concrete(value):
         value = value(count)
     elif is_concrete(value):
-        return jnp.asarray(value, dtype=jnp.float32)
-    t = jnp.asarray(value, dtype=jnp.float32)
+        return as_threshold(value, dtype)
+    t = as_threshold(value, dtype)
     raise_at_runtime_if(jnp.isnan(t) | (t < 0), _bad_threshold(name), count + 1, t)
     return t
 

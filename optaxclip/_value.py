@@ -10,6 +10,7 @@ import optax
 
 from optaxclip import _stats
 from optaxclip._mechanics import map_and_measure
+from optaxclip._norm_engine import accumulation_dtype
 from optaxclip._norms import AxisName, Sharded, sharded_flags
 from optaxclip._stats import ClipStats
 from optaxclip._validation import check_float_leaves, check_threshold, threshold_at
@@ -97,8 +98,8 @@ def clip_by_value(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         check_float_leaves(updates)
-        limit = threshold_at(max_delta, state.stats.count, "max_delta")
         leaves, treedef = jax.tree_util.tree_flatten(updates)
+        limit = threshold_at(max_delta, state.stats.count, "max_delta", accumulation_dtype(leaves))
         flags = sharded_flags(updates, sharded)
         new_leaves, norm, clipped_norm, n_clipped = map_and_measure(
             leaves, lambda x: _clip_elements(x, limit), axis_name=axis_name, flags=flags

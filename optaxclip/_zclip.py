@@ -18,7 +18,7 @@ from optaxclip._mechanics import (
     ring_write,
 )
 from optaxclip._norms import AxisName, Sharded, safe_sqrt
-from optaxclip._stats import ClipStats, as_float32
+from optaxclip._stats import ClipStats, as_float32, threshold_for_norm
 from optaxclip._validation import (
     check_choice,
     check_range,
@@ -228,7 +228,7 @@ def zclip(
         if max_norm is None:
             cap = jnp.full((), jnp.inf, jnp.float32)
         else:
-            cap = threshold_at(max_norm, state.stats.count, "max_norm")
+            cap = threshold_at(max_norm, state.stats.count, "max_norm", norm.dtype)
 
         # Warm-up: buffer the norm; the step that fills the buffer starts the EMA.
         buffer = ring_write(state.buffer, seen, g, takes & in_warmup)
@@ -267,7 +267,7 @@ def zclip(
         adapting = takes & ~in_warmup
         # skip_update_on_spike, as in the reference: a spike leaves the EMA as it was.
         moves = (adapting & ~spike) if skip_on_spike else adapting
-        threshold = jnp.where(adapting, jnp.minimum(x, cap), cap)
+        threshold = jnp.where(adapting, jnp.minimum(threshold_for_norm(x, norm), cap), cap)
         mean = jnp.where(start, start_mean, jnp.where(moves, new_mu, mu))
         var = jnp.where(start, start_var, jnp.where(moves, new_var, var))
         recorded = state.recorded + takes.astype(jnp.int32)

@@ -157,3 +157,110 @@ def test_an_injected_negative_num_sigmas_raises_instead_of_skipping_every_step()
     state.hyperparams["num_sigmas"] = jnp.asarray(-5.0, jnp.float32)
     with pytest.raises(Exception, match="num_sigmas is -5.0 at step 1"):
         jax.block_until_ready(jax.jit(tx.update)(G, state, G))
+
+
+# Under x64 a float64 tree is clipped in float64: a threshold outside float32's normal
+# range, or one float32 rounds (0.1), is not rounded to float32 on its way to the norm.
+# (transform at the threshold t, the float64 rule it applies to g with params w.)
+def _norm64(x):
+    big = np.max(np.abs(x))  # scaled first: the squares of 1e300 overflow float64
+    return big * np.sqrt(np.sum((x / big) ** 2))
+
+
+def _norm_clip(g, bound):
+    n = _norm64(g)  # (g / n) * bound: the scale 3e-39 / 5e300 is below float64's range
+    return g if n <= bound else (g / n) * bound
+
+
+FLOAT64_RULES = [
+    ("clip_by_global_norm", optaxclip.clip_by_global_norm, lambda g, w, t: _norm_clip(g, t)),
+    ("clip_by_value", optaxclip.clip_by_value, lambda g, w, t: np.clip(g, -t, t)),
+    ("clip_by_block_norm", optaxclip.clip_by_block_norm, lambda g, w, t: _norm_clip(g, t)),
+    (
+        "clip_by_block_rms",
+        optaxclip.clip_by_block_rms,
+        lambda g, w, t: _norm_clip(g, t * np.sqrt(g.size)),
+    ),
+    (
+        "adaptive_grad_clip",
+        optaxclip.adaptive_grad_clip,
+        lambda g, w, t: _norm_clip(g, t * max(_norm64(w), 1e-3)),
+    ),
+    (  # the cap of the first step, whose percentile is its own norm
+        "autoclip",
+        lambda t: optaxclip.autoclip(50.0, max_norm=t),
+        lambda g, w, t: _norm_clip(g, t),
+    ),
+    ("zclip", lambda t: optaxclip.zclip(max_norm=t), lambda g, w, t: _norm_clip(g, t)),
+    ("adagc", lambda t: optaxclip.adagc(warmup_max_norm=t), lambda g, w, t: _norm_clip(g, t)),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "factory", "rule"), FLOAT64_RULES, ids=[r[0] for r in FLOAT64_RULES]
+)
+@pytest.mark.parametrize(
+    ("threshold", "size"),
+    [(1e-40, 1.0), (1e39, 1e41), (0.1, 1.0), (3e-39, 1e300)],
+    ids=["below-float32-normals", "above-float32-max", "rounded-by-float32", "tiny-scale"],
+)
+def test_a_float64_tree_is_clipped_at_its_threshold_in_float64(
+    name, factory, rule, threshold, size
+):
+    # Before, every threshold was float32: 1e-40 flushed to 0 (the update was zeroed),
+    # 1e39 became inf (nothing was clipped), 0.1 was 1.5e-9 off.
+    with jax.enable_x64(True):
+        g = np.array([3.0, -4.0]) * size
+        w = np.array([3.0, 4.0])
+        tx = factory(threshold)
+        tree = {"w": jnp.asarray(g, jnp.float64)}
+        out, _ = jax.jit(tx.update)(tree, tx.init(tree), {"w": jnp.asarray(w, jnp.float64)})
+        assert out["w"].dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(out["w"]), rule(g, w, threshold), rtol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: optaxclip.zclip(warmup_steps=3, z_thresh=1e6, max_norm=None),
+        lambda: optaxclip.autoclip(100.0, history=4),
+        lambda: optaxclip.autoclip(100.0),
+    ],
+    ids=["zclip", "autoclip-window", "autoclip-sketch"],
+)
+def test_an_adaptive_threshold_never_clips_a_float64_step_by_its_own_rounding(factory):
+    # ZClip's threshold on a step that is no spike, and AutoClip's at the 100th
+    # percentile of a rising norm, is the step's own norm, recorded in float32: under
+    # x64 the record rounds below a float64 norm about half the time, and the step was
+    # clipped by ~6e-8 and counted as clipped (10 of 40 steps with the window).
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(1)
+        tx = factory()
+        tree = {"w": jnp.ones(5, jnp.float64)}
+        state, update = tx.init(tree), jax.jit(tx.update)
+        for step in range(40):
+            tree = {"w": jnp.asarray(rng.normal(size=5) * (1 + 0.5 * step))}
+            out, state = update(tree, state)
+            np.testing.assert_array_equal(np.asarray(out["w"]), np.asarray(tree["w"]))
+        assert int(optaxclip.stats(state)["clip_count"]) == 0
+
+
+def test_a_float64_micro_batch_is_skipped_at_its_max_norm_in_float64():
+    # The predicate compared a float64 norm with max_norm in float32, where 1e-40 is 0:
+    # every micro-batch was dropped.
+    with jax.enable_x64(True):
+        step = jnp.zeros((), jnp.int32)
+        for g, skipped in (([3e-41, 4e-41], False), ([3e-40, 4e-40], True)):
+            tree = {"w": jnp.asarray(g, jnp.float64)}
+            skip, _ = optaxclip.skip_nonfinite_microbatch(tree, step, tree, max_norm=1e-40)
+            assert bool(skip) is skipped
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("threshold", [1e39, np.float64(1e300)])
+def test_a_threshold_beyond_float32s_range_clips_nothing_and_warns_nothing(threshold):
+    # NumPy warned "overflow encountered in cast" when the threshold was made float32.
+    tx = optaxclip.clip_by_global_norm(threshold)
+    out, state = tx.update(G, tx.init(G))
+    np.testing.assert_array_equal(out["w"], G["w"])
+    assert not bool(optaxclip.stats(state)["clipped"])
