@@ -32,7 +32,7 @@ import numpy as np
 
 from optaxclip._mechanics import scale_parts, scale_per_unit, scale_source
 from optaxclip._norms import AxisName, safe_sqrt, unit_norms, vector_norm
-from optaxclip._validation import resolve_per_leaf
+from optaxclip._validation import as_threshold, resolve_per_leaf
 
 
 def _split_value(value: Any, where: str, ndim: int | None) -> int | None:
@@ -92,7 +92,9 @@ def scale_units(
     his, los, sources, afters, overs = [], [], [], [], []
     for g_norm, w_norm in zip(g_norms, w_norms, strict=True):
         dtype = g_norm.dtype
-        bound = limit.astype(dtype) * jnp.maximum(w_norm.astype(dtype), floor.astype(dtype))
+        bound = as_threshold(limit, dtype) * jnp.maximum(
+            w_norm.astype(dtype), as_threshold(floor, dtype)
+        )
         # The global clip's scale, per unit: split where it is below the smallest normal
         # float, and differentiated by its source (scale_per_unit), not through g_norm**-2.
         _, over, hi, lo = scale_parts(g_norm, bound)

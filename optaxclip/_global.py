@@ -22,10 +22,10 @@ from optaxclip._mechanics import (
 from optaxclip._norms import AxisName, Sharded
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
-    as_threshold,
     check_choice,
     check_float_leaves,
     check_threshold,
+    checked_bound,
     is_concrete,
     threshold_at,
 )
@@ -126,7 +126,9 @@ def clip_tree_by_global_norm(
 
     Args:
       tree: a pytree of floating point or complex arrays.
-      max_norm: the largest global norm let through (non-negative scalar).
+      max_norm: the largest global norm let through (non-negative scalar). A traced
+        one (passed through ``jit`` or ``vmap``) is checked at run time: negative or
+        NaN raises instead of flipping the tree's sign.
       norm: the tree's global norm if the caller already has it (saves a pass);
         computed with :func:`optaxclip.global_norm` when None.
 
@@ -159,7 +161,6 @@ def clip_tree_by_global_norm(
             "optaxclip.clip_by_global_norm(schedule) in an optax chain, or pass "
             "schedule(step) yourself."
         )
-    check_threshold("max_norm", max_norm)
     if norm is None:
         norm = measure(tree)
     else:
@@ -170,7 +171,9 @@ def clip_tree_by_global_norm(
         norm = norm.astype(jnp.promote_types(norm.dtype, jnp.float32))
     leaves, treedef = jax.tree.flatten(tree)
     shared = shares_scale(leaves)
-    threshold = as_threshold(max_norm, norm.dtype)
+    threshold = checked_bound(
+        "clip_tree_by_global_norm", "max_norm", max_norm, norm.dtype, "the tree keeps"
+    )
     scale, _, hi, lo = scale_parts(norm, threshold, shared=shared, leaf_bits=factor_bits(leaves))
     clipped = scale_all(leaves, hi, lo, scale_source(norm, threshold), shared=shared)
     return jax.tree.unflatten(treedef, clipped), scale

@@ -29,11 +29,11 @@ from optaxclip._norm_engine import (
     unit_dot,
 )
 from optaxclip._validation import (
-    _as_float,
+    as_threshold,
     check_float_leaves,
     check_range,
+    checked_bound,
     is_concrete,
-    raise_at_runtime_if,
 )
 
 __all__ = ["per_example_global_norm_clip", "per_example_layer_norm_clip"]
@@ -75,32 +75,6 @@ def _examples(grads: Any, who: str) -> tuple[list[jax.Array], Any]:
                 f"so {np.shape(first)[0]}: every leaf needs the same examples on axis 0."
             )
     return leaves, treedef
-
-
-def _bound(who: str, name: str, value: Any, acc: jnp.dtype) -> jax.Array:
-    """A non-negative clip norm as a scalar of ``acc``: checked now, or at run time if traced."""
-    if callable(value) and not is_concrete(value):
-        raise TypeError(
-            f"{who}: {name} must be a number, got a callable. Pass schedule(step) for a "
-            "clip norm that changes during training."
-        )
-    x = _as_float(name, value)  # TypeError for anything but a real scalar, naming it
-    if x is not None and (math.isnan(x) or x < 0):
-        raise ValueError(
-            f"{who}: {name} must be a non-negative number (the largest L2 norm an "
-            f"example's gradient keeps), got {value!r}."
-        )
-    t = jnp.asarray(value, acc)
-    if x is None:
-
-        def make(v: Any) -> Exception:
-            return ValueError(
-                f"{who}: {name} is {float(v)}; it must be non-negative and not NaN (a "
-                "negative bound would flip the sign of every clipped example)."
-            )
-
-        raise_at_runtime_if(jnp.isnan(t) | (t < 0), make, t)
-    return t
 
 
 def _example_sums(x: jax.Array, acc: jnp.dtype, factor: jax.Array | None = None) -> jax.Array:
@@ -324,7 +298,7 @@ def per_example_global_norm_clip(grads: Any, l2_norm_clip: Any) -> tuple[Any, ja
     who = "per_example_global_norm_clip"
     leaves, treedef = _examples(grads, who)
     acc = accumulation_dtype(leaves)
-    bound = _bound(who, "l2_norm_clip", l2_norm_clip, acc)
+    bound = checked_bound(who, "l2_norm_clip", l2_norm_clip, acc, "an example keeps")
     if not leaves:
         return grads, jnp.zeros((), jnp.int32)
     sums, clipped = _clip_and_sum(leaves, [list(range(len(leaves)))], [bound], 0, acc)
@@ -388,7 +362,9 @@ def per_example_layer_norm_clip(
         raise TypeError(f"{who}: uniform must be a bool (True or False), got {uniform!r}.")
     check_range("eps", eps, 0.0, math.inf)
     acc = accumulation_dtype(leaves)
-    bound = _bound(who, "global_l2_norm_clip", global_l2_norm_clip, acc)
+    bound = checked_bound(
+        who, "global_l2_norm_clip", global_l2_norm_clip, acc, "an example keeps"
+    )
     if not leaves:
         return grads, grads
     sizes = np.array([math.prod(np.shape(x)[1:]) for x in leaves], np.float64)
@@ -397,7 +373,7 @@ def per_example_layer_norm_clip(
     else:
         fractions = sizes / sizes.sum()
     if is_concrete(global_l2_norm_clip):  # in float64 first, as Optax's Python floats are
-        bounds = [jnp.asarray(float(global_l2_norm_clip) * f, acc) for f in np.sqrt(fractions)]
+        bounds = [as_threshold(float(global_l2_norm_clip) * f, acc) for f in np.sqrt(fractions)]
     else:
         bounds = [bound * jnp.asarray(f, acc) for f in np.sqrt(fractions)]
     groups = [[i] for i in range(len(leaves))]

@@ -17,10 +17,17 @@ from optaxclip._mechanics import (
     map_and_measure,
     map_and_measure_mapped,
 )
-from optaxclip._norm_engine import GPU_PLATFORMS, leaf_and_global_norms, safe_sqrt, target_platform
+from optaxclip._norm_engine import (
+    GPU_PLATFORMS,
+    accumulation_dtype,
+    leaf_and_global_norms,
+    safe_sqrt,
+    target_platform,
+)
 from optaxclip._norms import AxisName, Sharded, sharded_flags
 from optaxclip._stats import ClipStats
 from optaxclip._validation import (
+    as_threshold,
     check_choice,
     check_float_leaves,
     check_range,
@@ -209,10 +216,12 @@ def _check_warmup(value: Any) -> None:
 
 
 def _hyperparameters(
-    threshold: Any, beta: Any, count: jax.Array
-) -> tuple[jax.Array, Callable[[Any], tuple]]:
-    """The threshold in force (float32, for the statistics), and a function giving
-    ``(sqrt(threshold), beta, 1 - beta)`` in a leaf's working dtype.
+    threshold: Any, beta: Any, count: jax.Array, dtype: Any
+) -> tuple[jax.Array, Any, Callable[[Any], tuple]]:
+    """The threshold in force, in ``dtype`` (the widest working dtype of the leaves:
+    under x64 an injected 1e-40 or 1e39 reaches a float64 leaf as it is), whether it is
+    above 0, and a function giving ``(sqrt(threshold), beta, 1 - beta)`` in a leaf's
+    working dtype.
 
     Constants are rounded once, from their exact values, to each working dtype (a
     float64 leaf gets float64 ones), and ``1 - beta`` too: ``1 - float32(0.999)`` is
@@ -220,8 +229,10 @@ def _hyperparameters(
     injected value is float32 (checked at run time: a traced ``beta`` outside (0, 1)
     raises, naming the step).
     """
-    t = threshold_at(threshold, count, "threshold")
+    t = threshold_at(threshold, count, "threshold", dtype)
     exact_t = float(np.asarray(threshold)) if is_concrete(threshold) else None
+    # From the exact value: 1e-46 is 0 in float32, but its root 1e-23 is not.
+    positive = t > 0 if exact_t is None else exact_t > 0
     if is_concrete(beta):
         exact_b = float(np.asarray(beta))
         b = rest = None
@@ -231,12 +242,12 @@ def _hyperparameters(
         rest = 1 - b
 
     def in_dtype(dtype: Any) -> tuple:
-        root = jnp.sqrt(t.astype(dtype)) if exact_t is None else jnp.asarray(exact_t**0.5, dtype)
+        root = jnp.sqrt(t.astype(dtype)) if exact_t is None else as_threshold(exact_t**0.5, dtype)
         if exact_b is None:
             return root, b.astype(dtype), rest.astype(dtype)
         return root, jnp.asarray(exact_b, dtype), jnp.asarray(1.0 - exact_b, dtype)
 
-    return t, in_dtype
+    return t, positive, in_dtype
 
 
 def _checked_beta(beta: Any, count: jax.Array) -> jax.Array:
@@ -374,8 +385,10 @@ def spike_aware_clip(
             )
         flags = sharded_flags(updates, sharded)
         count = state.stats.count
-        t, hyper = _hyperparameters(threshold, beta, count)
-        may_clip = (state.recorded >= warmup_steps) & (t > 0)
+        t, positive, hyper = _hyperparameters(
+            threshold, beta, count, accumulation_dtype([*leaves, *rms_leaves])
+        )
+        may_clip = (state.recorded >= warmup_steps) & positive
 
         def clip_leaf(x: jax.Array, r: jax.Array) -> tuple[jax.Array, jax.Array]:
             # Measured as returned (a bf16 leaf's clipped norm is that of bf16 values).

@@ -72,18 +72,21 @@ def as_float32(x: Any) -> jax.Array:
 def threshold_for_norm(threshold: jax.Array, norm: jax.Array) -> jax.Array:
     """An adaptive threshold, computed in float32 from float32 records of the norms, as
     the threshold for ``norm`` in the norm's own dtype: where the float32 record of the
-    norm does not exceed it, the norm itself (nothing is clipped).
+    norm differs from it by rounding alone and does not exceed the threshold, the norm
+    itself (nothing is clipped).
 
     Under x64 the float32 record of a float64 norm may round below it, and a threshold
     equal to that record (ZClip's on a step that is no spike, AutoClip's where the
     percentile falls on this step) would otherwise clip the step by its own rounding
-    (~6e-8 relative) and count it as clipped. A float32 norm is its own record: the
-    threshold passes unchanged.
+    (~6e-8 relative) and count it as clipped. A norm above float32's largest value is
+    recorded as that value (:func:`as_float32`), which is no rounding: it is clipped.
+    A float32 norm is its own record: the threshold passes unchanged.
     """
     if jnp.finfo(norm.dtype).bits <= 32:
         return threshold
     wide = jnp.asarray(threshold).astype(norm.dtype)
-    return jnp.where(as_float32(norm) <= threshold, jnp.maximum(wide, norm), wide)
+    rounded = (norm <= jnp.finfo(jnp.float32).max) & (as_float32(norm) <= threshold)
+    return jnp.where(rounded, jnp.maximum(wide, norm), wide)
 
 
 def record(

@@ -238,7 +238,40 @@ def as_threshold(value: Any, dtype: Any = jnp.float32) -> jax.Array:
         if abs(exact) > float(jnp.finfo(dtype).max):
             exact = math.copysign(math.inf, exact)
         return jnp.asarray(exact, dtype)
-    return jnp.asarray(value).astype(dtype)
+    # Under jit a constant threshold may arrive as a tracer whose cast JAX still folds
+    # with NumPy, which warns where float64's 1e39 becomes float32's inf.
+    with np.errstate(over="ignore"):
+        return jnp.asarray(value).astype(dtype)
+
+
+def checked_bound(who: str, name: str, value: Any, dtype: Any, keeper: str) -> jax.Array:
+    """A non-negative clip norm of a function (not a transform: no schedule, no step) as
+    a scalar of ``dtype``: checked now, or at run time where it is traced (a bound passed
+    through ``jit`` or ``vmap``), so that a negative bound raises instead of flipping the
+    sign of what it clips. ``keeper`` says what keeps at most that norm ("an example
+    keeps")."""
+    if callable(value) and not is_concrete(value):
+        raise TypeError(
+            f"{who}: {name} must be a number, got a callable. Pass schedule(step) for a "
+            "clip norm that changes during training."
+        )
+    x = _as_float(name, value)  # TypeError for anything but a real scalar, naming it
+    if x is not None and (math.isnan(x) or x < 0):
+        raise ValueError(
+            f"{who}: {name} must be a non-negative number (the largest L2 norm {keeper}), "
+            f"got {value!r}."
+        )
+    t = as_threshold(value, dtype)
+    if x is None:
+
+        def make(v: Any) -> Exception:
+            return ValueError(
+                f"{who}: {name} is {float(v)}; it must be non-negative and not NaN (a "
+                "negative bound would flip the sign of what it clips)."
+            )
+
+        raise_at_runtime_if(jnp.isnan(t) | (t < 0), make, t)
+    return t
 
 
 def threshold_at(

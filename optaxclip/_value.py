@@ -13,7 +13,7 @@ from optaxclip._mechanics import map_and_measure
 from optaxclip._norm_engine import accumulation_dtype
 from optaxclip._norms import AxisName, Sharded, sharded_flags
 from optaxclip._stats import ClipStats
-from optaxclip._validation import check_float_leaves, check_threshold, threshold_at
+from optaxclip._validation import as_threshold, check_float_leaves, check_threshold, threshold_at
 
 __all__ = ["ClipByValueState", "clip_by_value"]
 
@@ -39,11 +39,14 @@ def _clip_elements(x: jax.Array, limit: jax.Array) -> tuple[jax.Array, jax.Array
         # Cap the magnitude and keep the phase.
         real = jnp.finfo(x.dtype).dtype
         mag = jnp.abs(x)
-        lim = limit.astype(real)
+        lim = as_threshold(limit, real)
         over = mag > lim
-        factor = jnp.where(over, lim / jnp.where(over, mag, 1), 1)
-        return x * factor, over
-    lim = limit.astype(x.dtype)
+        # (x / |x|) * lim, each part divided apart: the factor lim / |x| flushes to 0 for
+        # a limit of 1e-10 over |x| = 1e30 in complex64, though the result is not tiny.
+        safe = jnp.where(over, mag, 1)
+        phase = jax.lax.complex(jnp.real(x) / safe, jnp.imag(x) / safe)
+        return jnp.where(over, phase * lim, x), over
+    lim = as_threshold(limit, x.dtype)
     return jnp.clip(x, -lim, lim), jnp.abs(x) > lim
 
 

@@ -773,3 +773,23 @@ def test_v_is_the_ema_of_g_squared_over_sixty_decades(decades, beta):
     for row in g.astype(np.float64):
         v = b * v + (1 - b) * row**2
     np.testing.assert_allclose(np64(final.rms["g"]), np.sqrt(v), rtol=1e-5)
+
+
+@pytest.mark.parametrize("inject", [False, True], ids=["concrete", "injected"])
+@pytest.mark.parametrize(
+    ("threshold", "spike"), [(1e39, 1e300), (1e-40, 1e30), (1e-46, 1e30)]
+)
+def test_a_float64_leaf_is_clipped_at_its_threshold_in_float64(threshold, spike, inject):
+    # SPAM's rule after one step of g = 1 (v = (1 - beta) * 1): a spike is cut to
+    # sqrt(threshold * v). The threshold was float32: injected, 1e39 became inf (the
+    # 1e300 spike passed) and 1e-40 flushed to 0; concrete, 1e-46 (0 in float32) turned
+    # the clip off.
+    with jax.enable_x64(True):
+        build = lambda threshold: optaxclip.spike_aware_clip(threshold, warmup_steps=1)
+        tx = optax.inject_hyperparams(build)(threshold=threshold) if inject else build(threshold)
+        one = {"w": jnp.ones(1, jnp.float64)}
+        state, update = tx.init(one), jax.jit(tx.update)
+        _, state = update(one, state)
+        out, _ = update({"w": jnp.full(1, spike, jnp.float64)}, state)
+        want = np.sqrt(threshold) * np.sqrt(1 - 0.999)
+        np.testing.assert_allclose(np.asarray(out["w"]), [want], rtol=1e-12)

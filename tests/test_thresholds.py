@@ -186,10 +186,11 @@ FLOAT64_RULES = [
         optaxclip.adaptive_grad_clip,
         lambda g, w, t: _norm_clip(g, t * max(_norm64(w), 1e-3)),
     ),
-    (  # the cap of the first step, whose percentile is its own norm
+    (  # the cap of the first step, whose percentile is its own norm; its history is
+        # float32, where a norm beyond float32's range is held at float32's largest value
         "autoclip",
         lambda t: optaxclip.autoclip(50.0, max_norm=t),
-        lambda g, w, t: _norm_clip(g, t),
+        lambda g, w, t: _norm_clip(g, min(t, float(np.finfo(np.float32).max))),
     ),
     ("zclip", lambda t: optaxclip.zclip(max_norm=t), lambda g, w, t: _norm_clip(g, t)),
     ("adagc", lambda t: optaxclip.adagc(warmup_max_norm=t), lambda g, w, t: _norm_clip(g, t)),
@@ -264,3 +265,65 @@ def test_a_threshold_beyond_float32s_range_clips_nothing_and_warns_nothing(thres
     out, state = tx.update(G, tx.init(G))
     np.testing.assert_array_equal(out["w"], G["w"])
     assert not bool(optaxclip.stats(state)["clipped"])
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: optaxclip.autoclip(50.0, history=4),
+        lambda: optaxclip.zclip(warmup_steps=3, max_norm=None),
+    ],
+    ids=["autoclip", "zclip"],
+)
+def test_an_adaptive_clip_still_clips_a_float64_norm_beyond_float32(factory):
+    # Such a norm is recorded as float32's largest value, which is no rounding: a step
+    # of 1e300 after norms of 1e39-3e39 is clipped there (threshold_for_norm let it
+    # through while its record equalled the threshold).
+    with jax.enable_x64(True):
+        tx = factory()
+        state, update = tx.init(None), jax.jit(tx.update)
+        for norm in (1e39, 2e39, 3e39, 1e300):
+            out, state = update({"w": jnp.asarray([norm])}, state)
+        big = float(np.finfo(np.float32).max)
+        np.testing.assert_allclose(float(out["w"][0]), big, rtol=1e-7)
+        assert bool(state.stats.clipped)
+
+
+def _jitted_update(tx, g):
+    return jax.jit(tx.update)(g, tx.init(g), g)[0]
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize(
+    "clip",
+    [
+        lambda g: _jitted_update(optaxclip.clip_by_value(1e39), g),
+        lambda g: _jitted_update(optaxclip.adaptive_grad_clip(1e39), g),
+        lambda g: optaxclip.per_example_global_norm_clip(g, 1e39)[0],
+        lambda g: optaxclip.per_example_layer_norm_clip(g, 1e39)[0],
+    ],
+    ids=["clip_by_value", "adaptive_grad_clip", "per_example_global", "per_example_layer"],
+)
+@pytest.mark.parametrize("wide", [False, True], ids=["float32", "float32-and-float64"])
+def test_a_threshold_beyond_float32_reaches_float32_leaves_quietly(clip, wide):
+    # Made float32 for the per-example functions, or cast to a float32 leaf's dtype
+    # inside jit beside a float64 leaf, 1e39 was folded by NumPy, which warned
+    # "overflow encountered in cast" (the values were right: inf clips nothing).
+    with jax.enable_x64(True):
+        g = [jnp.full((2, 2), 1e30, jnp.float32), jnp.full((2, 2), 1.0, jnp.float32)]
+        if wide:
+            g[1] = g[1].astype(jnp.float64)
+        out = clip(g)
+        # Nothing is clipped (the per-example functions sum their two examples).
+        for x, clipped in zip(g, out, strict=True):
+            want = x if clipped.shape == x.shape else x.sum(axis=0)
+            assert clipped.dtype == x.dtype
+            np.testing.assert_array_equal(np.asarray(clipped), np.asarray(want))
+
+
+def test_clip_tree_by_global_norm_refuses_a_negative_bound_passed_through_jit():
+    # Only a concrete max_norm was checked: a traced -1 flipped the tree's sign.
+    clip = jax.jit(lambda tree, bound: optaxclip.clip_tree_by_global_norm(tree, bound)[0])
+    np.testing.assert_allclose(clip(G, 1.0)["w"], [0.6, 0.8], rtol=1e-6)
+    with pytest.raises(Exception, match="max_norm is -1.0; it must be non-negative"):
+        jax.block_until_ready(clip(G, -1.0))

@@ -41,6 +41,20 @@ def test_value_clipping_bends_the_direction():
     assert cosine < 0.8  # [1, 1] against [10, 1]
 
 
+@pytest.mark.parametrize(
+    ("dtype", "limit", "size"),
+    [(jnp.complex64, 1e-10, 1e30), (jnp.complex64, 1e-30, 3e37), (jnp.complex128, 3e-300, 1e300)],
+)
+def test_a_complex_value_far_above_a_tiny_limit_keeps_its_phase_at_the_limit(dtype, limit, size):
+    # The factor limit / |z| (1e-40 and below) flushed to 0: the clip returned zeros,
+    # though limit * z / |z| is a normal number. Each part is now divided by |z| first.
+    with jax.enable_x64(dtype == jnp.complex128):
+        z = np.array([3 + 4j, -5j, 1e-3 * limit]) * np.array([size, size, 1.0])
+        out, _ = _apply(optaxclip.clip_by_value(limit), [jnp.asarray(z, dtype)])
+        want = np.where(np.abs(z) > limit, z / np.abs(z) * limit, z)
+        np.testing.assert_allclose(np.asarray(out[0]), want, rtol=1e-6)
+
+
 def test_complex_magnitude_is_capped_and_phase_kept():
     z = jnp.array([3 + 4j, 0.3 + 0.4j, 0j], jnp.complex64)
     out, _ = _apply(optaxclip.clip_by_value(1.0), [z])
