@@ -226,8 +226,8 @@ def _hyperparameters(
     Constants are rounded once, from their exact values, to each working dtype (a
     float64 leaf gets float64 ones), and ``1 - beta`` too: ``1 - float32(0.999)`` is
     1.3e-5 off 0.001, an error that would scale ``v`` for good. A schedule's or an
-    injected value is float32 (checked at run time: a traced ``beta`` outside (0, 1)
-    raises, naming the step).
+    injected threshold is cast to ``dtype``, an injected ``beta`` to float32 (both
+    checked at run time: a traced ``beta`` outside (0, 1) raises, naming the step).
     """
     t = threshold_at(threshold, count, "threshold", dtype)
     exact_t = float(np.asarray(threshold)) if is_concrete(threshold) else None
