@@ -187,9 +187,7 @@ def adagc(
         # bound / (||g_i|| + eps) by the global clip's safe scale (finite derivative, split
         # below the smallest normal float); a non-candidate gets threshold = denom: 1.
         leaf_threshold = jnp.where(candidate, bound, denom)
-        h, _, h_hi, h_lo = scale_parts(
-            denom, leaf_threshold, leaf_bits=bits
-        )
+        h, _, h_hi, h_lo = scale_parts(denom, leaf_threshold, leaf_bits=bits)
         leaf_over = candidate & (h < 1)
         # The EMA is fed min(||g_i||, ratio * gamma_i), never the eps-shrunk clipped norm;
         # an exactly-zero norm leaves gamma_i as it was.

@@ -17,10 +17,9 @@ from optaxclip._mechanics import (
     scale_source,
     shares_scale,
 )
-from optaxclip._norm_engine import accumulation_dtype
 from optaxclip._norms import AxisName, Sharded, sharded_flags
 from optaxclip._stats import ClipStats
-from optaxclip._validation import check_float_leaves, check_threshold, threshold_at
+from optaxclip._validation import check_threshold, threshold_at
 
 __all__ = [
     "ClipByBlockNormState",
@@ -35,7 +34,8 @@ def clip_blocks(
     updates: Any,
     bounds_for: Any,
     prev: ClipStats,
-    threshold: jax.Array,
+    threshold: Any,
+    name: str,
     *,
     axis_name: AxisName = None,
     sharded: Sharded = None,
@@ -44,9 +44,13 @@ def clip_blocks(
 
     Args:
       updates: the pytree of updates.
-      bounds_for: ``(leaf_norms, leaves) -> per-leaf bounds`` (a vector).
+      bounds_for: ``(leaf_norms, leaves, limit) -> per-leaf bounds`` (a vector).
       prev: the statistics so far.
-      threshold: the value recorded as ``ClipStats.threshold``.
+      threshold: the transform's threshold argument (a scalar or a schedule), read at
+        this step as ``limit`` in the norms' dtype (float64 where a leaf is float64:
+        under x64 a bound of 1e-40 or 1e39 is not rounded through float32) and
+        recorded as ``ClipStats.threshold``.
+      name: the argument's name, for the run-time check of a schedule's value.
       axis_name: mapped axis over which sharded leaves' norms are summed.
       sharded: which leaves are sharded along ``axis_name``.
 
@@ -55,12 +59,13 @@ def clip_blocks(
       is NaN/inf is left as it is.
     """
     leaves, treedef, leaf_norms, norm = measure_leaves(updates, axis_name, sharded)
+    limit = threshold_at(threshold, prev.count, name, norm.dtype)
     if not leaves:
         new_stats = _stats.record(
-            prev, norm=norm, clipped_norm=norm, threshold=threshold, clipped=False
+            prev, norm=norm, clipped_norm=norm, threshold=limit, clipped=False
         )
         return updates, new_stats, leaf_norms
-    bounds = jnp.asarray(bounds_for(leaf_norms, leaves), leaf_norms.dtype)
+    bounds = jnp.asarray(bounds_for(leaf_norms, leaves, limit), leaf_norms.dtype)
     # The overflow- and underflow-safe scale of the global clip, one per leaf.
     _, over, hi, lo = scale_parts(
         leaf_norms,
@@ -75,7 +80,7 @@ def clip_blocks(
         prev,
         norm=norm,
         clipped_norm=clipped_norm,
-        threshold=threshold,
+        threshold=limit,
         clipped=jnp.any(over),
     )
     return jax.tree_util.tree_unflatten(treedef, new_leaves), new_stats, out_norms
@@ -94,14 +99,6 @@ class ClipByBlockNormState(NamedTuple):
     @property
     def stats(self) -> ClipStats:
         return self.clip_by_block_norm
-
-
-def _limit_at(value: Any, count: jax.Array, name: str, updates: Any) -> jax.Array:
-    """The per-leaf bound in force, in the dtype the leaves' norms are compared in
-    (float64 where a leaf is float64): the leaves are checked first, so that an integer
-    leaf is named rather than failing on its dtype."""
-    check_float_leaves(updates)
-    return threshold_at(value, count, name, accumulation_dtype(jax.tree.leaves(updates)))
 
 
 def clip_by_block_norm(
@@ -148,12 +145,12 @@ def clip_by_block_norm(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        limit = _limit_at(max_norm, state.stats.count, "max_norm", updates)
         updates, new_stats, _ = clip_blocks(
             updates,
-            lambda norms, leaves: jnp.broadcast_to(limit, norms.shape),
+            lambda norms, leaves, limit: jnp.broadcast_to(limit, norms.shape),
             state.stats,
-            limit,
+            max_norm,
+            "max_norm",
             axis_name=axis_name,
             sharded=sharded,
         )
@@ -221,10 +218,9 @@ def clip_by_block_rms(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        limit = _limit_at(threshold, state.stats.count, "threshold", updates)
         flags = sharded_flags(updates, sharded)
 
-        def bounds(norms, leaves):
+        def bounds(norms, leaves, limit):
             sizes = []
             for x, flag in zip(leaves, flags, strict=True):
                 n = jnp.asarray(x.size, norms.dtype)
@@ -234,7 +230,13 @@ def clip_by_block_rms(
             return limit.astype(norms.dtype) * jnp.sqrt(jnp.stack(sizes))
 
         updates, new_stats, _ = clip_blocks(
-            updates, bounds, state.stats, limit, axis_name=axis_name, sharded=sharded
+            updates,
+            bounds,
+            state.stats,
+            threshold,
+            "threshold",
+            axis_name=axis_name,
+            sharded=sharded,
         )
         return updates, ClipByBlockRmsState(new_stats)
 
